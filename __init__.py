@@ -1,0 +1,29 @@
+"""tilefuse: recognize attention, norms and RoPE in PyTorch graphs and run them as fused, tiled kernels.
+
+`torch.compile(model, backend="tilefuse")` works once the package is installed; `tilefuse.compile`,
+`tilefuse.export` and `tilefuse.explain` are the Python entry points.
+"""
+
+from __future__ import annotations
+
+from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers the tilefuse:: ops)
+from .compiler.api import explain, export
+from .compiler.backend import GLOBAL_REPORT, TilefuseBackend, compile
+from .compiler.options import Options
+from .compiler.report import FusionReport
+from .specs import AttentionSpec, NormSpec, RopeSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GLOBAL_REPORT",
+    "AttentionSpec",
+    "FusionReport",
+    "NormSpec",
+    "Options",
+    "RopeSpec",
+    "TilefuseBackend",
+    "compile",
+    "explain",
+    "export",
+]

@@ -1,0 +1,1 @@
+"""Kernels behind the tilefuse:: custom ops: reference implementations now, Triton kernels for CUDA tensors."""

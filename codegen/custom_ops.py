@@ -1,0 +1,222 @@
+"""The `tilefuse::*` custom ops that rewritten graphs call, with fake kernels and autograd.
+
+Each op has a reference implementation (codegen/reference.py) used for CPU tensors; the Triton kernels plug in
+behind the same ops for CUDA tensors. Backward passes are ops of their own, so a traced backward graph holds one
+fused call per site instead of the unfused chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+@torch.library.custom_op("tilefuse::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
+    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
+    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+) -> Tensor:
+    """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument."""
+    return ref.attention_forward(
+        q, k, v, mask, alibi_slopes, cos, sin, scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim
+    )
+
+
+@attention.register_fake
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> Tensor:
+    shape = (*q.shape[:-1], v.shape[-1])
+    return q.new_empty(shape, dtype=torch.result_type(q, v))
+
+
+@torch.library.custom_op("tilefuse::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
+    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
+    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return ref.attention_backward(
+        grad_out, q, k, v, mask, alibi_slopes, cos, sin, scale, causal, bottom_right, window, softcap,
+        rope_layout, rotary_dim,
+    )
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    q, k, v, mask, alibi, cos, sin = inputs[:7]
+    ctx.save_for_backward(q, k, v, mask, alibi, cos, sin)
+    ctx.flags = inputs[7:]
+
+
+def _attention_grad(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    q, k, v, mask, alibi, cos, sin = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, *ctx.flags)
+    return (dq, dk, dv) + (None,) * 11
+
+
+attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+# ----------------------------------------------------------------------------------------------------- RoPE
+
+
+@torch.library.custom_op("tilefuse::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
+    """Rotary embedding of the first `rotary_dim` features of x (layout 0: rotate-half, 1: interleaved)."""
+    return ref.rope_forward(x, cos, sin, layout, rotary_dim)
+
+
+@rope.register_fake
+def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
+    return x.new_empty(x.shape, dtype=torch.result_type(x, cos))
+
+
+@torch.library.custom_op("tilefuse::rope_backward", mutates_args=())
+def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype) -> Tensor:
+    return ref.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype)
+
+
+@rope_backward.register_fake
+def _rope_backward_fake(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype) -> Tensor:
+    return grad.new_empty(grad.shape, dtype=x_dtype)
+
+
+def _rope_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, cos, sin, layout, rotary_dim = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.layout, ctx.rotary_dim, ctx.x_dtype = layout, rotary_dim, x.dtype
+
+
+def _rope_grad(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    cos, sin = ctx.saved_tensors
+    return rope_backward(grad, cos, sin, ctx.layout, ctx.rotary_dim, ctx.x_dtype), None, None, None, None
+
+
+rope.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+# ----------------------------------------------------------------------------------------------------- norms
+
+
+@torch.library.custom_op("tilefuse::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
+    """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32."""
+    return ref.norm_forward(x, weight, None, eps, weight_offset, rms=True)[0]
+
+
+@torch.library.custom_op("tilefuse::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """(x - mean) · rsqrt(var + eps) · weight + bias over the last axis, statistics in fp32."""
+    return ref.norm_forward(x, weight, bias, eps, 0.0, rms=False)[0]
+
+
+@torch.library.custom_op("tilefuse::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+    """s = x + residual; returns (rms_norm(s), s)."""
+    total = x + residual
+    return ref.norm_forward(total, weight, None, eps, weight_offset, rms=True)[0], total
+
+
+@torch.library.custom_op("tilefuse::add_layer_norm", mutates_args=())
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """s = x + residual; returns (layer_norm(s), s)."""
+    total = x + residual
+    return ref.norm_forward(total, weight, bias, eps, 0.0, rms=False)[0], total
+
+
+@torch.library.custom_op("tilefuse::norm_backward", mutates_args=())
+def norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); statistics are recomputed from x. dweight is empty when there is no weight."""
+    _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms)
+    dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms)
+    empty = x.new_empty((0,))
+    return dx, dweight if dweight is not None else empty, dbias.to(x.dtype)
+
+
+def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
+    dtype = x.dtype
+    for p in params:
+        if p is not None:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
+    return _norm_out_fake(x, weight)
+
+
+@layer_norm.register_fake
+def _layer_norm_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    return _norm_out_fake(x, weight, bias)
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+    total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
+    return _norm_out_fake(total, weight), total
+
+
+@add_layer_norm.register_fake
+def _add_layer_norm_fake(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
+    return _norm_out_fake(total, weight, bias), total
+
+
+@norm_backward.register_fake
+def _norm_backward_fake(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dweight = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    return torch.empty_like(x), dweight, x.new_empty(x.shape[-1:])
+
+
+def _norm_param_grads(ctx: Any, dweight: Tensor, dbias: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    dw = dweight if ctx.has_weight else None
+    db = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return dw, db
+
+
+def _norm_setup(rms: bool, residual: bool) -> Any:
+    def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x = output[1] if residual else inputs[0]
+        weight = inputs[2] if residual else inputs[1]
+        bias = None if rms else inputs[3 if residual else 2]
+        ctx.save_for_backward(x, weight)
+        ctx.has_weight = weight is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.eps = inputs[-2] if rms else inputs[-1]
+        ctx.weight_offset = inputs[-1] if rms else 0.0
+        ctx.input_dtypes = (inputs[0].dtype, inputs[1].dtype) if residual else (inputs[0].dtype,)
+
+    return setup
+
+
+def _norm_grad(rms: bool, residual: bool) -> Any:
+    def grad_fn(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = norm_backward(grads[0], x, weight, ctx.eps, ctx.weight_offset, rms)
+        dw, db = _norm_param_grads(ctx, dweight, dbias)
+        params: tuple[Tensor | None, ...] = (dw,) if rms else (dw, db)
+        tail = (None, None) if rms else (None,)  # eps (and weight_offset) take no gradient
+        if not residual:
+            return (dx.to(ctx.input_dtypes[0]), *params, *tail)
+        total_grad = dx + grads[1] if grads[1] is not None else dx
+        x_dtype, r_dtype = ctx.input_dtypes
+        return (total_grad.to(x_dtype), total_grad.to(r_dtype), *params, *tail)
+
+    return grad_fn
+
+
+rms_norm.register_autograd(_norm_grad(True, False), setup_context=_norm_setup(True, False))
+layer_norm.register_autograd(_norm_grad(False, False), setup_context=_norm_setup(False, False))
+add_rms_norm.register_autograd(_norm_grad(True, True), setup_context=_norm_setup(True, True))
+add_layer_norm.register_autograd(_norm_grad(False, True), setup_context=_norm_setup(False, True))

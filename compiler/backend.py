@@ -1,0 +1,74 @@
+"""The `tilefuse` torch.compile backend: ATen capture → passes → AOTAutograd + inner compiler.
+
+A failure anywhere in tilefuse falls back to compiling the unfused graph, with a warning and a counter,
+unless `strict=True`. Dynamo's global `suppress_errors` is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .capture import dynamo_graph_to_aten
+from .options import Options
+from .pipeline import run_pipeline
+from .report import FusionReport
+
+log = logging.getLogger("tilefuse")
+
+# Sites seen by every `backend="tilefuse"` compile in this process (explain() and tilefuse.compile keep their own).
+GLOBAL_REPORT = FusionReport()
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Callable[..., Any]:
+    """AOTAutograd plus the inner compiler for everything tilefuse left in the graph."""
+    if options.inner == "eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, list(example_inputs))  # type: ignore[no-any-return]
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs))
+
+
+class TilefuseBackend:
+    """A backend instance with fixed options and its own FusionReport."""
+
+    def __init__(self, options: Options | None = None, report: FusionReport | None = None) -> None:
+        self.options = options or Options()
+        self.report = report if report is not None else FusionReport()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        logging.getLogger("tilefuse").setLevel(self.options.log_level.upper())
+        try:
+            fused = dynamo_graph_to_aten(gm, example_inputs)
+            fused, ctx = run_pipeline(fused, self.options)
+            self.report.extend(ctx.sites, ctx.counters)
+            log.info("tilefuse: %s", self.report.summary())
+            return inner_compile(fused, example_inputs, self.options)
+        except Exception as err:
+            if self.options.strict:
+                raise
+            log.warning("tilefuse: falling back to the unfused graph: %s: %s", type(err).__name__, err)
+            self.report.fallbacks.append(f"{type(err).__name__}: {err}")
+            self.report.counters["fallback"] += 1
+            return inner_compile(gm, example_inputs, self.options)
+
+
+def tilefuse_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | Options | None = None, **kwargs: Any
+) -> Callable[..., Any]:
+    """Entry point registered as `torch_dynamo_backends: tilefuse`; `options=` comes from torch.compile."""
+    kwargs.pop("mode", None)  # torch.compile(mode=...) has no meaning here
+    return TilefuseBackend(Options.from_any(options, **kwargs), GLOBAL_REPORT)(gm, example_inputs)
+
+
+def compile(model: Any, *, fullgraph: bool = False, dynamic: bool | None = None, **options: Any) -> Any:
+    """`torch.compile(model, backend="tilefuse")` with tilefuse options as keywords."""
+    backend = TilefuseBackend(Options.from_any(None, **options))
+    compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return compiled

@@ -1,0 +1,43 @@
+"""FusionReport: every candidate site of a capture, fused or declined with its reason."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..passes.base import Site
+
+
+@dataclass
+class FusionReport:
+    """What the passes did to one or more captured graphs."""
+
+    sites: list[Site] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+    graphs: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+    def extend(self, sites: list[Site], counters: Counter[str]) -> None:
+        self.sites.extend(sites)
+        self.counters.update(counters)
+        self.graphs += 1
+
+    def by_kind(self, kind: str) -> list[Site]:
+        return [s for s in self.sites if s.kind == kind]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """{kind: {"fused": n, "declined": m}}."""
+        out: dict[str, dict[str, int]] = {}
+        for site in self.sites:
+            out.setdefault(site.kind, {"fused": 0, "declined": 0})[site.status] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graphs": self.graphs,
+            "summary": self.summary(),
+            "counters": dict(self.counters),
+            "fallbacks": list(self.fallbacks),
+            "sites": [s.to_dict() for s in self.sites],
+        }

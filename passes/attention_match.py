@@ -1,0 +1,302 @@
+"""Match the semantic core of attention: softmax of a Q·Kᵀ contraction feeding a contraction with V.
+
+The matcher anchors on the softmax, walks outward through ops that do not change meaning (casts, copies, GQA
+repeats, transposes, eval-mode dropout) and records what it passes on the way (scale, softcap, masks). Anything
+it cannot account for ends the match with a Decline carrying the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from .base import Decline
+from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
+from .masks import is_very_negative
+
+CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy)
+SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
+VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
+
+
+@dataclass
+class AttentionMatch:
+    """Everything the rewrite needs about one site, before mask analysis."""
+
+    anchor: fx.Node
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: float | None = None  # None: SDPA's default 1/sqrt(head_dim)
+    softcap: float | None = None
+    additive: list[fx.Node] = field(default_factory=list)
+    keeps: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (cond, negated): keep = cond ^ negated
+    causal: bool = False
+    gqa_group: int = 1
+    dropout_p: float = 0.0
+    three_d: bool = False
+    source: str = "matmul"
+    enable_gqa: bool = False
+    rope_cos: fx.Node | None = None
+    rope_sin: fx.Node | None = None
+
+
+def skip_casts(node: Any) -> Any:
+    while is_op(node, *CASTS):
+        node = node.args[0]
+    return node
+
+
+def _dropout_p(node: fx.Node) -> float:
+    """p of a dropout node; Decline when it is active (training with p > 0)."""
+    p = float(arg(node, 1, "p", 0.0))
+    train = arg(node, 2, "train", False)
+    if train and p > 0:
+        raise Decline(f"attention dropout p={p} in training mode is not fused yet (eval mode or p=0 is)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------- probabilities → V
+def match_softmax_site(softmax: fx.Node) -> AttentionMatch:
+    """Match around one softmax node; raises Decline with a reason."""
+    dim = softmax.args[1]
+    rank = ndim(softmax)
+    if rank not in (3, 4) or dim not in (-1, rank - 1):
+        raise Decline(f"softmax over dim {dim} of a rank-{rank} tensor is not attention over keys")
+    pv, dropout_p = _find_pv(softmax)
+    match = AttentionMatch(anchor=softmax, output=pv, q=pv, k=pv, v=pv, dropout_p=dropout_p)
+    _peel_scores(softmax.args[0], match)
+    return match
+
+
+def _find_pv(softmax: fx.Node) -> tuple[fx.Node, float]:
+    node, dropout_p = softmax, 0.0
+    while True:
+        user = single_user(node)
+        if user is None:
+            raise Decline(f"attention probabilities ({node.name}) are used outside the attention")
+        if is_op(user, *CASTS):
+            node = user
+        elif is_op(user, aten.dropout):
+            dropout_p = _dropout_p(user)
+            node = user
+        elif is_op(user, aten.matmul, aten.bmm) and user.args[0] is node:
+            return user, dropout_p
+        else:
+            raise Decline(f"softmax output feeds {user.target}, not a contraction with V")
+
+
+# --------------------------------------------------------------------------------------- scores ← Q·Kᵀ
+def _peel_scores(node: Any, match: AttentionMatch) -> None:
+    """Walk from the softmax input back to the Q·Kᵀ contraction, recording ops from outside in."""
+    outer_to_inner: list[tuple[str, Any]] = []
+    while True:
+        if is_op(node, aten.matmul, aten.bmm):
+            break
+        if is_op(node, aten.baddbmm):
+            node = _peel_baddbmm(node, outer_to_inner)
+            break
+        step = _peel_one(node, outer_to_inner)
+        if step is None:
+            target = getattr(node, "target", node)
+            raise Decline(f"unsupported op {target} between Q·Kᵀ and softmax")
+        node = step
+    _apply_score_ops(list(reversed(outer_to_inner)), match)
+    _match_qk(node, match)
+
+
+def _peel_baddbmm(node: fx.Node, ops: list[tuple[str, Any]]) -> fx.Node:
+    beta, alpha = float(node.kwargs.get("beta", 1)), float(node.kwargs.get("alpha", 1))
+    if beta != 1.0:
+        raise Decline(f"baddbmm with beta={beta} is not an additive bias")
+    ops.append(("add", node.args[0]))
+    if alpha != 1.0:
+        ops.append(("scale", alpha))
+    return node
+
+
+def _peel_one(node: Any, ops: list[tuple[str, Any]]) -> Any:
+    if is_op(node, *CASTS):
+        return node.args[0]
+    if is_op(node, aten.mul, aten.div):
+        return _peel_mul(node, ops)
+    if is_op(node, aten.add):
+        return _peel_add(node, ops)
+    if is_op(node, aten.masked_fill):
+        if not is_very_negative(node.args[2]):
+            raise Decline(f"masked_fill with value {node.args[2]} is not a mask")
+        ops.append(("keep", (node.args[1], True)))
+        return node.args[0]
+    if is_op(node, aten.where):
+        return _peel_where(node, ops)
+    return None
+
+
+def _peel_mul(node: fx.Node, ops: list[tuple[str, Any]]) -> Any:
+    a, b = node.args[0], node.args[1]
+    softcap = _softcap_input(node)
+    if softcap is not None:
+        inner, cap = softcap
+        ops.append(("softcap", cap))
+        return inner
+    for x, c in ((a, b), (b, a)) if is_op(node, aten.mul) else ((a, b),):
+        value = scalar_value(c)
+        if value is not None:
+            ops.append(("scale", 1.0 / value if is_op(node, aten.div) else value))
+            return x
+    if tensor_val(b) is not None or tensor_val(a) is not None:
+        raise Decline("attention scores are scaled by a tensor-valued factor")
+    return None
+
+
+def _softcap_input(node: fx.Node) -> tuple[Any, float] | None:
+    """mul(tanh(x / c), c) -> (x, c)."""
+    if not is_op(node, aten.mul):
+        return None
+    tanh, cap = node.args[0], scalar_value(node.args[1])
+    if not is_op(tanh, aten.tanh) or cap is None:
+        return None
+    inner = tanh.args[0]
+    if is_op(inner, aten.div) and scalar_value(inner.args[1]) == cap:
+        return inner.args[0], cap
+    divisor = scalar_value(inner.args[1]) if is_op(inner, aten.mul) else None
+    if divisor is not None and abs(divisor * cap - 1.0) < 1e-6:
+        return inner.args[0], cap
+    return None
+
+
+def _peel_add(node: fx.Node, ops: list[tuple[str, Any]]) -> Any:
+    if node.kwargs.get("alpha", 1) != 1:
+        raise Decline("scores + alpha·mask with alpha != 1")
+    a, b = node.args[0], node.args[1]
+    if _leads_to_scores(a):
+        ops.append(("add", b))
+        return a
+    if _leads_to_scores(b):
+        ops.append(("add", a))
+        return b
+    return None
+
+
+def _peel_where(node: fx.Node, ops: list[tuple[str, Any]]) -> Any:
+    cond, a, b = node.args
+    if _leads_to_scores(a) and is_very_negative(b):
+        ops.append(("keep", (cond, False)))
+        return a
+    if _leads_to_scores(b) and is_very_negative(a):
+        ops.append(("keep", (cond, True)))
+        return b
+    raise Decline("where() on the scores whose other branch is not a large negative fill")
+
+
+def _leads_to_scores(node: Any, depth: int = 12) -> bool:
+    """Cheap look-ahead: does `node` reach a Q·Kᵀ contraction through score-chain ops?"""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        if is_op(node, aten.matmul, aten.bmm, aten.baddbmm):
+            return True
+        if is_op(node, *CASTS, aten.mul, aten.div, aten.masked_fill, aten.tanh):
+            node = node.args[0]
+        elif is_op(node, aten.add, aten.where):
+            operands = node.args[1:] if is_op(node, aten.where) else node.args
+            return any(_leads_to_scores(x, depth - 1) for x in operands)
+        else:
+            return False
+    return False
+
+
+def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatch) -> None:
+    """Accept scale → softcap → masks in that order (scales multiply); other orders change the math."""
+    scale, seen_softcap, seen_mask = 1.0, False, False
+    for kind, value in inner_to_outer:
+        if kind == "scale":
+            if seen_softcap or seen_mask:
+                raise Decline("scores are scaled after softcap or masking")
+            scale *= value
+        elif kind == "softcap":
+            if seen_mask or seen_softcap:
+                raise Decline("softcap applied after masking")
+            match.softcap, seen_softcap = value, True
+        elif kind == "add":
+            match.additive.append(value)
+            seen_mask = True
+        else:
+            match.keeps.append(value)
+            seen_mask = True
+    match.scale = scale
+
+
+# -------------------------------------------------------------------------------------------- Q, K and V
+def _match_qk(contraction: fx.Node, match: AttentionMatch) -> None:
+    a, b = contraction.args[1:3] if is_op(contraction, aten.baddbmm) else contraction.args[:2]
+    q, q_scale = _strip_scale(a)
+    kt, k_scale = _strip_scale(b)
+    k = _untranspose(kt)
+    if k is None:
+        raise Decline("second operand of Q·Kᵀ is not a transposed key tensor")
+    match.scale = (match.scale or 1.0) * q_scale * k_scale
+    v = match.output.args[1]
+    rank = ndim(contraction)
+    match.three_d = rank == 3
+    match.q, match.k, match.v = skip_casts(q), k, skip_casts(v)
+    if rank == 4:
+        match.k, k_group = walk_kv(match.k)
+        match.v, v_group = walk_kv(match.v)
+        if k_group != v_group:
+            raise Decline(f"K and V are repeated differently (groups {k_group} and {v_group})")
+        match.gqa_group = k_group
+
+
+def _strip_scale(node: Any) -> tuple[Any, float]:
+    scale = 1.0
+    while True:
+        node = skip_casts(node)
+        if is_op(node, aten.mul) and scalar_value(node.args[1]) is not None:
+            scale *= scalar_value(node.args[1]) or 0.0
+            node = node.args[0]
+        elif is_op(node, aten.div) and scalar_value(node.args[1]):
+            scale /= scalar_value(node.args[1]) or 1.0
+            node = node.args[0]
+        else:
+            return node, scale
+
+
+def _untranspose(node: Any) -> fx.Node | None:
+    """K from Kᵀ: transpose of the last two dims, permute swapping them, or t()."""
+    node = skip_casts(node)
+    rank = ndim(node)
+    if is_op(node, aten.transpose):
+        dims = {d % rank for d in node.args[1:3]}
+        return skip_casts(node.args[0]) if dims == {rank - 1, rank - 2} else None
+    if is_op(node, aten.permute):
+        perm = [d % rank for d in node.args[1]]
+        expected = [*range(rank - 2), rank - 1, rank - 2]
+        return skip_casts(node.args[0]) if perm == expected else None
+    return None
+
+
+def walk_kv(node: fx.Node) -> tuple[fx.Node, int]:
+    """(base, group): see through repeat_kv (unsqueeze→expand→reshape), repeat_interleave and MQA expand."""
+    node = skip_casts(node)
+    if is_op(node, *VIEWS):
+        source = skip_casts(node.args[0])
+        if is_op(source, aten.expand) and ndim(source) == 5:
+            inner = skip_casts(source.args[0])
+            while is_op(inner, aten.slice):
+                inner = inner.args[0]
+            if is_op(inner, aten.unsqueeze) and inner.args[1] in (2, -3):
+                group = static_shape(source)[2]
+                if group is not None:
+                    return skip_casts(inner.args[0]), group
+    if is_op(node, aten.repeat_interleave) and isinstance(arg(node, 1, "repeats"), int) and arg(node, 2, "dim") == 1:
+        return skip_casts(node.args[0]), node.args[1]
+    if is_op(node, aten.expand) and ndim(node) == 4:
+        base = skip_casts(node.args[0])
+        base_heads, heads = static_shape(base)[1], static_shape(node)[1]
+        if base_heads == 1 and heads is not None and ndim(base) == 4:
+            return base, heads
+    return node, 1

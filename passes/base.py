@@ -1,0 +1,90 @@
+"""What every pass shares: the PassResult it returns, the context it records sites in, and Site records.
+
+A pass is a callable `(GraphModule, PassContext) -> PassResult`. Recognizers decline by recording a Site with a
+reason; they never raise to say "no match".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch.fx as fx
+
+from ..specs import Spec
+
+SiteKind = Literal["attention", "rmsnorm", "layernorm", "rope"]
+FUSION_KINDS: tuple[str, ...] = ("attention", "rmsnorm", "layernorm", "rope", "residual")
+
+
+@dataclass
+class Site:
+    """One candidate site: where it is, what it became, and why not when declined."""
+
+    kind: SiteKind
+    status: Literal["fused", "declined"]
+    node: str
+    spec: Spec | None = None
+    reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "node": self.node,
+            "reason": self.reason,
+            "spec": self.spec.to_dict() if self.spec is not None else None,
+            **({"detail": self.detail} if self.detail else {}),
+        }
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one pipeline run: enabled fusions, training mode, site records, counters."""
+
+    enabled: frozenset[str] = frozenset(FUSION_KINDS)
+    training: bool = False
+    sites: list[Site] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def fused(self, kind: SiteKind, node: fx.Node, spec: Spec, **detail: Any) -> None:
+        self.sites.append(Site(kind, "fused", node.name, spec=spec, detail=detail))
+        self.counters[f"{kind}_fused"] += 1
+
+    def declined(self, kind: SiteKind, node: fx.Node, reason: str, spec: Spec | None = None) -> None:
+        self.sites.append(Site(kind, "declined", node.name, spec=spec, reason=reason))
+        self.counters[f"{kind}_declined"] += 1
+
+    def is_enabled(self, kind: str) -> bool:
+        return kind in self.enabled
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult: ...
+
+
+class Decline(Exception):
+    """Raised inside a matcher to abandon a candidate; the matcher's caller turns it into a declined Site.
+
+    Internal control flow only: it never leaves a pass.
+    """
+
+    def __init__(self, reason: str, spec: Spec | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.spec = spec
+
+
+def replace_spec(spec: Any, **changes: Any) -> Any:
+    return dataclasses.replace(spec, **changes)

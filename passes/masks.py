@@ -1,0 +1,302 @@
+"""Prove causal and sliding-window structure from how an attention mask is built.
+
+A mask is read as a conjunction of atoms. Atoms built from `arange` positions (comparisons, tril/triu of constant
+tensors) become linear constraints `cq·q + ck·k + c (<=|<|>=|>|==) 0` over query position q (axis -2 of the
+scores) and key position k (axis -1). Everything else is a data atom that stays a tensor the kernel reads.
+Causal and window flags let the kernel skip whole blocks instead of reading an N×N mask.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .graph import arg, aten, is_op, ndim, scalar_value
+
+# Fill values at or below this count as "masked out" (HF uses finfo.min; older code -1e4 or -1e9).
+NEG_FILL_LIMIT = -1e4
+_INT64_MAX = 2**63 - 1
+_CASTS = (aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy, aten.detach)
+
+
+@dataclass(frozen=True)
+class Affine:
+    """sum(coef[axis] · index_along_axis) + const on a tensor of rank `rank` (axes absolute)."""
+
+    coef: tuple[tuple[int, float], ...]
+    const: float
+    rank: int
+
+    def shifted(self, new_rank: int, moved_from: int | None = None) -> Affine:
+        """Re-index after `unsqueeze(moved_from)` (axes >= moved_from move up) or leading broadcast dims."""
+        if moved_from is None:
+            delta = new_rank - self.rank
+            return Affine(tuple((a + delta, c) for a, c in self.coef), self.const, new_rank)
+        return Affine(tuple((a + 1 if a >= moved_from else a, c) for a, c in self.coef), self.const, new_rank)
+
+    def combine(self, other: Affine, sign: float) -> Affine:
+        rank = max(self.rank, other.rank)
+        a, b = self.shifted(rank), other.shifted(rank)
+        coefs: dict[int, float] = dict(a.coef)
+        for axis, c in b.coef:
+            coefs[axis] = coefs.get(axis, 0.0) + sign * c
+        return Affine(tuple(sorted((k, v) for k, v in coefs.items() if v != 0)), a.const + sign * b.const, rank)
+
+    def scaled(self, factor: float) -> Affine:
+        return Affine(tuple((a, c * factor) for a, c in self.coef), self.const * factor, self.rank)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """cq·q + ck·k + c  <op>  0, with op one of le, lt, ge, gt, eq, ne; `node` (negated or not) built it."""
+
+    cq: float
+    ck: float
+    c: float
+    op: str
+    node: fx.Node | None = field(default=None, compare=False)
+    negated: bool = field(default=False, compare=False)
+
+
+@dataclass
+class MaskFacts:
+    """A conjunction: linear constraints plus data atoms (node, negated)."""
+
+    constraints: list[Constraint] = field(default_factory=list)
+    data: list[tuple[fx.Node, bool]] = field(default_factory=list)
+
+    def merge(self, other: MaskFacts) -> MaskFacts:
+        return MaskFacts(self.constraints + other.constraints, self.data + other.data)
+
+
+# ------------------------------------------------------------------------------------------ index tensors
+def index_expr(node: Any) -> Affine | None:
+    """The node as an affine function of arange positions, or None when it is not one."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return Affine((), float(node), 0)
+    if not isinstance(node, fx.Node):
+        return None
+    if is_op(node, aten.arange):
+        return _arange_expr(node)
+    if is_op(node, *_CASTS):
+        return index_expr(node.args[0])
+    if is_op(node, aten.unsqueeze):
+        inner = index_expr(node.args[0])
+        if inner is None:
+            return None
+        dim = node.args[1]
+        dim = dim + inner.rank + 1 if dim < 0 else dim
+        return inner.shifted(inner.rank + 1, moved_from=dim)
+    if is_op(node, aten.expand):
+        inner = index_expr(node.args[0])
+        return inner.shifted(len(node.args[1])) if inner is not None else None
+    if is_op(node, aten.slice) and _is_full_slice(node):
+        return index_expr(node.args[0])
+    if is_op(node, aten.add, aten.sub):
+        return _add_expr(node)
+    if is_op(node, aten.mul):
+        return _mul_expr(node)
+    return None
+
+
+def _arange_expr(node: fx.Node) -> Affine | None:
+    args = [a for a in node.args]
+    if node.target == aten.arange.default:
+        return Affine(((0, 1.0),), 0.0, 1)
+    if node.target == aten.arange.start:
+        start = scalar_value(args[0])
+        return Affine(((0, 1.0),), start, 1) if start is not None else None
+    if node.target == aten.arange.start_step:
+        start, step = scalar_value(args[0]), scalar_value(args[2])
+        return Affine(((0, step),), start, 1) if start is not None and step is not None else None
+    return None
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    start, end, step = arg(node, 2, "start", 0), arg(node, 3, "end", _INT64_MAX), arg(node, 4, "step", 1)
+    return start in (0, None) and end in (_INT64_MAX, None) and step == 1
+
+
+def _add_expr(node: fx.Node) -> Affine | None:
+    alpha = node.kwargs.get("alpha", 1)
+    a, b = index_expr(node.args[0]), index_expr(node.args[1])
+    if a is None or b is None or not isinstance(alpha, (int, float)):
+        return None
+    sign = float(alpha) * (-1.0 if is_op(node, aten.sub) else 1.0)
+    return a.combine(b, sign)
+
+
+def _mul_expr(node: fx.Node) -> Affine | None:
+    a, b = index_expr(node.args[0]), index_expr(node.args[1])
+    if a is not None and b is not None and not b.coef:
+        return a.scaled(b.const)
+    if a is not None and b is not None and not a.coef:
+        return b.scaled(a.const)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- boolean masks
+_COMPARE = {aten.le: "le", aten.lt: "lt", aten.ge: "ge", aten.gt: "gt", aten.eq: "eq", aten.ne: "ne"}
+_NEGATE = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le", "eq": "ne", "ne": "eq"}
+
+
+def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
+    """Facts of a boolean keep-mask (True = attend). Never raises: unknown structure becomes a data atom."""
+    if not isinstance(node, fx.Node) or (_is_all_true(node) and not negate):
+        return MaskFacts()
+    for packet, name in _COMPARE.items():
+        if is_op(node, packet):
+            constraint = _compare(node, name, negate)
+            if constraint is not None:
+                return MaskFacts(constraints=[constraint])
+            return MaskFacts(data=[(node, negate)])
+    if is_op(node, aten.bitwise_not, aten.logical_not):
+        return analyze_keep(node.args[0], not negate)
+    conj = _conjunction_operands(node)
+    if conj is not None and not negate:
+        return analyze_keep(conj[0]).merge(analyze_keep(conj[1]))
+    if is_op(node, *_CASTS, aten.expand) or (is_op(node, aten.slice) and _is_full_slice(node)):
+        return analyze_keep(node.args[0], negate)
+    if is_op(node, aten.unsqueeze) and ndim(node) >= 2 and _unsqueeze_is_leading(node):
+        return analyze_keep(node.args[0], negate)
+    tri = _triangle(node)
+    if tri is not None:
+        return MaskFacts(constraints=[_maybe_negate(tri, negate)])
+    return MaskFacts(data=[(node, negate)])
+
+
+def _is_all_true(node: fx.Node) -> bool:
+    """A constant all-True (or all-ones) tensor, e.g. HF's `new_ones((), dtype=bool)` seed of a mask."""
+    if is_op(node, aten.new_ones, aten.ones, aten.ones_like):
+        return True
+    return is_op(node, aten.full, aten.new_full) and scalar_value(node.args[-1]) == 1.0
+
+
+def _unsqueeze_is_leading(node: fx.Node) -> bool:
+    """unsqueeze that adds an axis before the last two (the query/key axes keep their places from the end)."""
+    dim = node.args[1]
+    rank = ndim(node)
+    dim = dim + rank if dim < 0 else dim
+    return dim < rank - 2
+
+
+def _conjunction_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    if is_op(node, aten.bitwise_and, aten.logical_and, aten.mul, aten.__and__):
+        return node.args[0], node.args[1]
+    if node.op == "call_function" and node.target is operator.and_:
+        return node.args[0], node.args[1]
+    return None
+
+
+def _maybe_negate(c: Constraint, negate: bool) -> Constraint:
+    return Constraint(c.cq, c.ck, c.c, _NEGATE[c.op], c.node, negate) if negate else c
+
+
+def _compare(node: fx.Node, op: str, negate: bool) -> Constraint | None:
+    lhs, rhs = index_expr(node.args[0]), index_expr(node.args[1])
+    if lhs is None or rhs is None:
+        return None
+    diff = lhs.combine(rhs, -1.0)
+    rank = diff.rank
+    cq = ck = 0.0
+    for axis, coef in diff.coef:
+        if axis == rank - 1:
+            ck = coef
+        elif axis == rank - 2:
+            cq = coef
+        else:
+            return None  # depends on batch/head position: not a positional mask
+    return _maybe_negate(Constraint(cq, ck, diff.const, op, node), negate)
+
+
+def _triangle(node: fx.Node) -> Constraint | None:
+    """tril/triu of an all-ones (or all-True) constant: keep k - q <= d (tril) or k - q >= d (triu)."""
+    if not is_op(node, aten.tril, aten.triu):
+        return None
+    source = node.args[0]
+    while is_op(source, *_CASTS):
+        source = source.args[0]
+    if not (is_op(source, aten.ones) or (is_op(source, aten.full) and scalar_value(source.args[1]) == 1.0)):
+        return None
+    diagonal = float(arg(node, 1, "diagonal", 0))
+    op = "le" if is_op(node, aten.tril) else "ge"
+    return Constraint(-1.0, 1.0, -diagonal, op, node)
+
+
+# ------------------------------------------------------------------------------------------ additive masks
+def keep_from_additive(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """If `node` is where(pred, 0, -big) (or the swapped form), return (pred, negated)."""
+    if not is_op(node, aten.where) or len(node.args) != 3:
+        return None
+    pred, a, b = node.args
+    va, vb = scalar_value(a), scalar_value(b)
+    if va == 0.0 and vb is not None and vb <= NEG_FILL_LIMIT:
+        return pred, False
+    if vb == 0.0 and va is not None and va <= NEG_FILL_LIMIT:
+        return pred, True
+    return None
+
+
+def is_very_negative(value: Any) -> bool:
+    v = scalar_value(value)
+    return v is not None and v <= NEG_FILL_LIMIT
+
+
+@dataclass(frozen=True)
+class PositionalMask:
+    causal: bool = False
+    align: str = "top_left"
+    window: int | None = None
+
+
+def classify(constraints: list[Constraint], q_len: Any, kv_len: Any) -> tuple[PositionalMask, list[tuple[fx.Node, bool]]]:
+    """Causal/window flags from the constraints; constraints of another shape come back as data atoms."""
+    facts = PositionalMask()
+    leftover: list[tuple[fx.Node, bool]] = []
+    for c in constraints:
+        nxt = _classify_one(c, facts, q_len, kv_len)
+        if nxt is not None:
+            facts = nxt
+        elif c.node is not None:
+            leftover.append((c.node, c.negated))
+    return facts, leftover
+
+
+def _classify_one(c: Constraint, facts: PositionalMask, q_len: Any, kv_len: Any) -> PositionalMask | None:
+    # Normalize to k - q + off {<=, >} ... : scale so that ck == 1.
+    if c.ck == 0 or c.cq != -c.ck:
+        return None
+    op = c.op if c.ck > 0 else _NEGATE_FLIP[c.op]
+    off = c.c / c.ck  # constraint: (k - q) + off <op> 0
+    if op in ("le", "lt"):
+        limit = -off - (1 if op == "lt" else 0)  # k - q <= limit
+        align = _alignment(limit, q_len, kv_len)
+        if align is None:
+            return None
+        return PositionalMask(True, align, facts.window)
+    if op in ("gt", "ge"):
+        lower = -off + (1 if op == "gt" else 0)  # k - q >= lower, i.e. q - k <= -lower
+        if lower > 0 or lower != int(lower):
+            return None
+        return PositionalMask(facts.causal, facts.align, int(-lower) + 1)
+    return None
+
+
+_NEGATE_FLIP = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq", "ne": "ne"}
+
+
+def _alignment(limit: float, q_len: Any, kv_len: Any) -> str | None:
+    if limit == 0:
+        return "top_left"
+    if isinstance(q_len, int) and isinstance(kv_len, int) and limit == kv_len - q_len:
+        return "bottom_right"
+    return None
+
+
+def is_bool(node: Any) -> bool:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool

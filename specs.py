@@ -1,0 +1,151 @@
+"""Specs: the frozen, hashable, JSON-serializable description of one fused site.
+
+Passes produce a Spec for every site they rewrite; codegen, the cost model and the autotuner consume it. Nothing
+downstream looks at the FX graph again, so a Spec must say everything a kernel needs to know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+# A dimension is an int when static and None when the captured graph treats it as dynamic.
+Dim = Union[int, None]
+Shape = tuple[Dim, ...]
+
+RopeLayout = Literal["rotate_half", "interleaved"]
+MaskKind = Literal["none", "additive", "boolean", "key_padding"]
+CausalAlign = Literal["top_left", "bottom_right"]
+
+ROPE_LAYOUTS: tuple[str, ...] = ("rotate_half", "interleaved")
+MASK_KINDS: tuple[str, ...] = ("none", "additive", "boolean", "key_padding")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding over the first `rotary_dim` features of the last axis.
+
+    `rotate_half` pairs feature i with i + rotary_dim/2 (Llama, NeoX); `interleaved` pairs 2i with 2i+1 (GPT-J,
+    and the complex-multiply spelling after conversion). cos/sin have `rotary_dim` features.
+    """
+
+    layout: RopeLayout
+    rotary_dim: int
+    head_dim: int
+    shape: Shape = ()
+    dtype: str = "float32"
+    source: str = "rotate_half"  # how the model spelled it: rotate_half, interleaved, complex
+
+    kind: Literal["rope"] = "rope"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """softmax(scale * Q Kᵀ [softcap] [+ alibi] [+ mask]) V on [batch, heads, seq, head_dim] tensors.
+
+    Causal and window masks are keyed on positions: with `align="bottom_right"` query i sits at position
+    i + (kv_len - q_len), with `"top_left"` at position i. A key j is kept when j <= pos(i) (causal) and
+    pos(i) - j < window (window, when set). Fully masked rows produce zeros.
+    """
+
+    batch: Dim
+    q_heads: Dim
+    kv_heads: Dim
+    q_len: Dim
+    kv_len: Dim
+    head_dim: int
+    v_head_dim: int
+    dtype: str
+    scale: float
+    causal: bool = False
+    align: CausalAlign = "top_left"
+    window: int | None = None
+    softcap: float | None = None
+    alibi: bool = False
+    mask: MaskKind = "none"
+    mask_shape: Shape = ()
+    gqa_group: int = 1
+    dropout_p: float = 0.0
+    rope: RopeSpec | None = None
+    source: str = "matmul"  # how the model spelled it: matmul chain or an SDPA variant
+
+    kind: Literal["attention"] = "attention"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """RMSNorm or LayerNorm over the trailing `width` features, optionally after a fused residual add.
+
+    `weight_offset` is 1.0 for Gemma's `x * (1 + weight)` form. With `residual` the op computes
+    s = x + residual, returns (norm(s), s). `compute_dtype` is the dtype statistics are taken in.
+    """
+
+    norm: Literal["rmsnorm", "layernorm"]
+    width: int
+    shape: Shape
+    dtype: str
+    eps: float
+    has_weight: bool = True
+    has_bias: bool = False
+    weight_offset: float = 0.0
+    residual: bool = False
+    compute_dtype: str = "float32"
+    out_dtype: str = "float32"
+
+    @property
+    def kind(self) -> str:
+        return self.norm
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_dict(self)
+        out["kind"] = self.norm
+        return out
+
+
+Spec = Union[AttentionSpec, NormSpec, RopeSpec]
+
+
+def _to_dict(spec: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = _to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def spec_to_json(spec: Spec) -> str:
+    """Canonical JSON (sorted keys) of a Spec; equal Specs give equal strings."""
+    return json.dumps(spec.to_dict(), sort_keys=True)
+
+
+def spec_from_dict(data: dict[str, Any]) -> Spec:
+    """Inverse of `Spec.to_dict`; raises ValueError on an unknown kind."""
+    if not isinstance(data, dict):
+        raise TypeError(f"spec_from_dict: data must be a dict, got {type(data).__name__}")
+    fields = dict(data)
+    kind = fields.pop("kind", None)
+    if kind == "attention":
+        rope = fields.get("rope")
+        fields["rope"] = spec_from_dict(rope) if rope is not None else None
+        return AttentionSpec(**_tuplify(fields))
+    if kind == "rope":
+        return RopeSpec(**_tuplify(fields))
+    if kind in ("rmsnorm", "layernorm"):
+        return NormSpec(**_tuplify(fields))
+    raise ValueError(f"spec_from_dict: unknown kind {kind!r}; expected attention, rope, rmsnorm or layernorm")
+
+
+def _tuplify(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
