@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 # A dimension is an int when static and None when the captured graph treats it as dynamic.
-Dim = Union[int, None]
+Dim = int | None
 Shape = tuple[Dim, ...]
 
 RopeLayout = Literal["rotate_half", "interleaved"]
@@ -110,7 +110,7 @@ class NormSpec:
         return out
 
 
-Spec = Union[AttentionSpec, NormSpec, RopeSpec]
+Spec = AttentionSpec | NormSpec | RopeSpec
 
 
 def _to_dict(spec: Any) -> dict[str, Any]:

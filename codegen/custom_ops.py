@@ -14,19 +14,36 @@ from torch import Tensor
 
 from . import reference as ref
 
+
+def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Every op returns contiguous tensors, as its fake kernel promises, whatever the input strides."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 # ------------------------------------------------------------------------------------------------ attention
 
 
 @torch.library.custom_op("tilefuse::attention", mutates_args=())
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    scale: float,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: float,
+    rope_layout: int,
+    rotary_dim: int,
 ) -> Tensor:
     """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument."""
     return ref.attention_forward(
         q, k, v, mask, alibi_slopes, cos, sin, scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim
-    )
+    ).contiguous()
 
 
 @attention.register_fake
@@ -37,19 +54,47 @@ def _attention_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> Tensor:
 
 @torch.library.custom_op("tilefuse::attention_backward", mutates_args=())
 def attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    scale: float,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: float,
+    rope_layout: int,
+    rotary_dim: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return ref.attention_backward(
-        grad_out, q, k, v, mask, alibi_slopes, cos, sin, scale, causal, bottom_right, window, softcap,
-        rope_layout, rotary_dim,
+    grads = ref.attention_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        mask,
+        alibi_slopes,
+        cos,
+        sin,
+        scale,
+        causal,
+        bottom_right,
+        window,
+        softcap,
+        rope_layout,
+        rotary_dim,
     )
+    return _contiguous(*grads)  # type: ignore[return-value]
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_backward_fake(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -72,7 +117,7 @@ attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 @torch.library.custom_op("tilefuse::rope", mutates_args=())
 def rope(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
     """Rotary embedding of the first `rotary_dim` features of x (layout 0: rotate-half, 1: interleaved)."""
-    return ref.rope_forward(x, cos, sin, layout, rotary_dim)
+    return ref.rope_forward(x, cos, sin, layout, rotary_dim).contiguous()
 
 
 @rope.register_fake
@@ -82,11 +127,13 @@ def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int
 
 @torch.library.custom_op("tilefuse::rope_backward", mutates_args=())
 def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype) -> Tensor:
-    return ref.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype)
+    return ref.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype).contiguous()
 
 
 @rope_backward.register_fake
-def _rope_backward_fake(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype) -> Tensor:
+def _rope_backward_fake(
+    grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype
+) -> Tensor:
     return grad.new_empty(grad.shape, dtype=x_dtype)
 
 
@@ -109,27 +156,31 @@ rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 @torch.library.custom_op("tilefuse::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
     """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32."""
-    return ref.norm_forward(x, weight, None, eps, weight_offset, rms=True)[0]
+    return ref.norm_forward(x, weight, None, eps, weight_offset, rms=True)[0].contiguous()
 
 
 @torch.library.custom_op("tilefuse::layer_norm", mutates_args=())
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """(x - mean) · rsqrt(var + eps) · weight + bias over the last axis, statistics in fp32."""
-    return ref.norm_forward(x, weight, bias, eps, 0.0, rms=False)[0]
+    return ref.norm_forward(x, weight, bias, eps, 0.0, rms=False)[0].contiguous()
 
 
 @torch.library.custom_op("tilefuse::add_rms_norm", mutates_args=())
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float
+) -> tuple[Tensor, Tensor]:
     """s = x + residual; returns (rms_norm(s), s)."""
-    total = x + residual
-    return ref.norm_forward(total, weight, None, eps, weight_offset, rms=True)[0], total
+    total = (x + residual).contiguous()
+    return ref.norm_forward(total, weight, None, eps, weight_offset, rms=True)[0].contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::add_layer_norm", mutates_args=())
-def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
     """s = x + residual; returns (layer_norm(s), s)."""
-    total = x + residual
-    return ref.norm_forward(total, weight, bias, eps, 0.0, rms=False)[0], total
+    total = (x + residual).contiguous()
+    return ref.norm_forward(total, weight, bias, eps, 0.0, rms=False)[0].contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::norm_backward", mutates_args=())
@@ -140,7 +191,7 @@ def norm_backward(
     _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms)
     dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms)
     empty = x.new_empty((0,))
-    return dx, dweight if dweight is not None else empty, dbias.to(x.dtype)
+    return _contiguous(dx, dweight if dweight is not None else empty, dbias.to(x.dtype))  # type: ignore[return-value]
 
 
 def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
@@ -162,21 +213,27 @@ def _layer_norm_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 
 
 @add_rms_norm.register_fake
-def _add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+def _add_rms_norm_fake(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float
+) -> tuple[Tensor, Tensor]:
     total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
     return _norm_out_fake(total, weight), total
 
 
 @add_layer_norm.register_fake
-def _add_layer_norm_fake(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+def _add_layer_norm_fake(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
     total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
     return _norm_out_fake(total, weight, bias), total
 
 
 @norm_backward.register_fake
-def _norm_backward_fake(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dweight = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
-    return torch.empty_like(x), dweight, x.new_empty(x.shape[-1:])
+def _norm_backward_fake(
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), dweight, x.new_empty(x.shape[-1:])
 
 
 def _norm_param_grads(ctx: Any, dweight: Tensor, dbias: Tensor) -> tuple[Tensor | None, Tensor | None]:

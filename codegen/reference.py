@@ -50,7 +50,9 @@ def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_di
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def keep_mask(q_len: int, kv_len: int, causal: bool, bottom_right: bool, window: int, device: torch.device) -> Tensor | None:
+def keep_mask(
+    q_len: int, kv_len: int, causal: bool, bottom_right: bool, window: int, device: torch.device
+) -> Tensor | None:
     """Boolean [q_len, kv_len] mask of kept (query, key) pairs for causal/window, or None when neither is set."""
     if not causal and window <= 0:
         return None
@@ -70,8 +72,15 @@ def _expand_kv(t: Tensor, group: int) -> Tensor:
 
 
 def attention_probs(
-    q: Tensor, k: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    scale: float, causal: bool, bottom_right: bool, window: int, softcap: float,
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    scale: float,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: float,
 ) -> tuple[Tensor, Tensor | None]:
     """Probabilities P (compute dtype) and tanh(S/softcap) (for the softcap backward) of already-rotated q, k."""
     ct = compute_dtype(q.dtype)
@@ -103,16 +112,29 @@ def attention_probs(
     return probs, tanh_scores
 
 
-def _rope_qk(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None, rope_layout: int, rotary_dim: int) -> tuple[Tensor, Tensor]:
+def _rope_qk(
+    q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None, rope_layout: int, rotary_dim: int
+) -> tuple[Tensor, Tensor]:
     if cos is None or sin is None or rope_layout == ROPE_NONE:
         return q, k
     return rope_forward(q, cos, sin, rope_layout, rotary_dim), rope_forward(k, cos, sin, rope_layout, rotary_dim)
 
 
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    scale: float,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: float,
+    rope_layout: int,
+    rotary_dim: int,
 ) -> Tensor:
     qr, kr = _rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, _ = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
@@ -126,9 +148,21 @@ def _reduce_group(t: Tensor, group: int) -> Tensor:
 
 
 def attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    scale: float,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: float,
+    rope_layout: int,
+    rotary_dim: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV by the FlashAttention-2 formulas: dS = P ∘ (dP - rowsum(dO ∘ O))."""
     qr, kr = _rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
@@ -176,7 +210,7 @@ def norm_forward(
 
 def norm_backward(
     grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """(dx, dweight, dbias) reduced over all leading dims."""
     ct = mean.dtype
     g = grad.to(ct)

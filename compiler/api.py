@@ -30,7 +30,9 @@ def explain(model: Any, example_inputs: Sequence[Any], **options: Any) -> Fusion
     return backend.report
 
 
-def export(model: torch.nn.Module, example_inputs: Sequence[Any], **options: Any) -> tuple[torch.export.ExportedProgram, FusionReport]:
+def export(
+    model: torch.nn.Module, example_inputs: Sequence[Any], **options: Any
+) -> tuple[torch.export.ExportedProgram, FusionReport]:
     """torch.export the model, then rewrite its graph with the tilefuse passes in place."""
     inputs = _check_inputs(model, example_inputs)
     if not isinstance(model, torch.nn.Module):

@@ -7,6 +7,7 @@ unless `strict=True`. Dynamo's global `suppress_errors` is never touched.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,10 +30,10 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     if options.inner == "eager":
         from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("aot_eager")(gm, list(example_inputs))  # type: ignore[no-any-return]
+        return lookup_backend("aot_eager")(gm, list(example_inputs))
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs))
+    return compile_fx(gm, list(example_inputs))  # type: ignore[return-value]
 
 
 class TilefuseBackend:
@@ -44,12 +45,20 @@ class TilefuseBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         logging.getLogger("tilefuse").setLevel(self.options.log_level.upper())
+        timings = self.report.timings_s
         try:
+            start = time.perf_counter()
             fused = dynamo_graph_to_aten(gm, example_inputs)
+            timings["capture"] += time.perf_counter() - start
+            start = time.perf_counter()
             fused, ctx = run_pipeline(fused, self.options)
+            timings["passes"] += time.perf_counter() - start
             self.report.extend(ctx.sites, ctx.counters)
             log.info("tilefuse: %s", self.report.summary())
-            return inner_compile(fused, example_inputs, self.options)
+            start = time.perf_counter()
+            compiled = inner_compile(fused, example_inputs, self.options)
+            timings["inner_compile"] += time.perf_counter() - start
+            return compiled
         except Exception as err:
             if self.options.strict:
                 raise

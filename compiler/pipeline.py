@@ -18,7 +18,9 @@ def default_passes() -> list[GraphPass]:
     return [CanonicalizePass(), RopePass(), NormPass(), AttentionPass()]
 
 
-def run_pipeline(gm: fx.GraphModule, options: Options, passes: list[GraphPass] | None = None) -> tuple[fx.GraphModule, PassContext]:
+def run_pipeline(
+    gm: fx.GraphModule, options: Options, passes: list[GraphPass] | None = None
+) -> tuple[fx.GraphModule, PassContext]:
     """Rewrite `gm` in place; returns it with the context holding every site record."""
     ctx = PassContext(enabled=options.fusions)
     result = PassManager(passes if passes is not None else default_passes(), check=True)(gm, ctx)

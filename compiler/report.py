@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ class FusionReport:
     counters: Counter[str] = field(default_factory=Counter)
     graphs: int = 0
     fallbacks: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # seconds per stage, all graphs
 
     def extend(self, sites: list[Site], counters: Counter[str]) -> None:
         self.sites.extend(sites)
@@ -39,5 +40,6 @@ class FusionReport:
             "summary": self.summary(),
             "counters": dict(self.counters),
             "fallbacks": list(self.fallbacks),
+            "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
             "sites": [s.to_dict() for s in self.sites],
         }

@@ -69,7 +69,8 @@ class PassResult:
 
 
 class GraphPass(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult: ...
 

@@ -37,6 +37,11 @@ class CanonicalizePass:
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
+            if is_op(node, aten._assert_tensor_metadata) and not node.users:
+                # torch.export's dtype/shape checks before casts: facts the fake metadata already holds.
+                gm.graph.erase_node(node)
+                modified = True
+                continue
             source = _identity_input(node)
             if source is not None:
                 node.replace_all_uses_with(source)

@@ -123,7 +123,9 @@ def fake_mode_of(graph: fx.Graph) -> FakeTensorMode | None:
     return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
 
-def insert_call(graph: fx.Graph, target: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> fx.Node:
+def insert_call(
+    graph: fx.Graph, target: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any] | None = None
+) -> fx.Node:
     """Insert `target(*args)` at the current insertion point and fill its `val` metadata by fake propagation."""
     node = graph.call_function(target, tuple(args), kwargs or {})
     fake_mode = fake_mode_of(graph)

@@ -21,7 +21,8 @@ def check_graph(gm: fx.GraphModule) -> None:
     """The invariants every pass keeps: the graph lints and every call node carries fake metadata."""
     gm.graph.lint()
     missing = [
-        n.name for n in gm.graph.nodes
+        n.name
+        for n in gm.graph.nodes
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "val" not in n.meta
     ]
     if missing:

@@ -1,0 +1,265 @@
+"""The `tilefuse` command line: `tilefuse explain MODEL` and `tilefuse demo`.
+
+The only module that writes to the terminal: library code logs, this module renders reports as rich tables or
+JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from .presets import PRESET_NAMES, load_model
+
+log = logging.getLogger(__name__)
+
+DEMO_ATOL = 1e-4
+FUSED_KINDS = ("attention", "rmsnorm", "layernorm", "rope")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# Spec fields worth a glance in the table, per site kind; the JSON output has them all.
+_SPEC_FIELDS: dict[str, tuple[str, ...]] = {
+    "attention": ("q_len", "kv_len", "head_dim", "gqa_group", "causal", "align", "window", "softcap", "alibi",
+                  "mask", "dropout_p", "rope", "source"),
+    "rmsnorm": ("width", "eps", "weight_offset", "residual"),
+    "layernorm": ("width", "eps", "has_weight", "has_bias", "residual"),
+    "rope": ("layout", "rotary_dim", "head_dim"),
+}
+# Values that say nothing special, left out of the table.
+_UNREMARKABLE: dict[str, Any] = {"gqa_group": 1, "align": "top_left", "mask": "none", "dropout_p": 0.0,
+                                 "weight_offset": 0.0, "source": "matmul", "has_weight": True}
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, how it adds its arguments and what it runs."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, Mapping) and value.get("kind") == "rope":
+        return f"{value.get('layout')}/{value.get('rotary_dim')}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def spec_summary(kind: str, spec: Mapping[str, Any] | None) -> str:
+    """A short `key=value` line of the spec fields that say what is special about a site."""
+    if not spec:
+        return ""
+    keys = [key for key in _SPEC_FIELDS.get(kind, tuple(spec)) if key in spec]
+    shown = [f"{key}={_format_value(spec[key])}" for key in keys
+             if spec[key] not in (None, False) and spec[key] != _UNREMARKABLE.get(key)]
+    return " ".join(shown)
+
+
+def _site_dicts(report: Any) -> list[dict[str, Any]]:
+    return [
+        {"kind": site.kind, "status": site.status, "node": str(site.node), "reason": site.reason,
+         "spec": site.spec.to_dict() if site.spec is not None else None}
+        for site in report.sites
+    ]
+
+
+def sites_table(report: Any, title: str) -> Table:
+    """The fusion report as a table: one row per candidate site."""
+    table = Table(title=title)
+    for column in ("#", "kind", "status", "node", "reason / spec"):
+        table.add_column(column, overflow="fold")
+    for index, site in enumerate(_site_dicts(report)):
+        fused = site["status"] == "fused"
+        status = f"[green]{site['status']}[/]" if fused else f"[yellow]{site['status']}[/]"
+        details = spec_summary(site["kind"], site["spec"]) if fused else str(site["reason"])
+        table.add_row(str(index), site["kind"], status, escape(site["node"]), escape(details))
+    return table
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """'attention: 2 fused, 0 declined · rmsnorm: ...' from `FusionReport.summary()`."""
+    parts = []
+    for kind, counts in summary.items():
+        if isinstance(counts, Mapping):
+            parts.append(f"{kind}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+        else:
+            parts.append(f"{kind}: {counts}")
+    return " · ".join(parts) if parts else "no candidate sites"
+
+
+def render_report(console: Console, report: Any, title: str) -> None:
+    console.print(sites_table(report, title))
+    console.print(summary_line(report.summary()))
+    for why in getattr(report, "fallbacks", []):
+        console.print(f"[yellow]fell back to the unfused graph:[/] {escape(why)}")
+
+
+# ------------------------------------------------------------------------------------------------ explain
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        help=f"a preset ({', '.join(PRESET_NAMES)}; hf: presets take @eager or @sdpa) "
+        "or package.module:factory returning (model, example_inputs)",
+    )
+    parser.add_argument("--batch", type=_positive_int, default=2, help="batch size of the example inputs")
+    parser.add_argument("--seq", type=_positive_int, default=16, help="sequence length of the example inputs")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _import_explain() -> Callable[..., Any]:
+    # The public entry point, wherever inside the package it is implemented.
+    from .. import explain
+
+    return explain
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    try:
+        model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
+    except (ValueError, TypeError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    report = _import_explain()(model, inputs)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_report(Console(), report, title=f"tilefuse explain {args.model}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+
+
+def demo_problems(max_abs_error: float, report: Any) -> list[str]:
+    """Why the demo failed, or [] when the compiled model matched eager and every site was fused."""
+    problems = []
+    if not math.isfinite(max_abs_error) or max_abs_error > DEMO_ATOL:
+        problems.append(f"compiled output differs from eager: max abs error {max_abs_error:.3g} > atol")
+    fallbacks = getattr(report, "fallbacks", [])
+    problems += [f"the backend fell back to the unfused graph: {why}" for why in fallbacks]
+    sites = _site_dicts(report)
+    problems += [f"no {kind} site was found" for kind in ("attention", "rmsnorm")
+                 if not any(site["kind"] == kind for site in sites)]
+    for site in sites:
+        if site["kind"] in FUSED_KINDS and site["status"] != "fused":
+            problems.append(f"{site['kind']} site {site['node']} declined: {site['reason']}")
+        elif site["kind"] == "attention" and not (site["spec"] or {}).get("rope"):
+            problems.append(f"attention site {site['node']} was fused without its RoPE")
+    return problems
+
+
+def _run_demo_model() -> tuple[float, Any]:
+    """Eager vs `torch.compile(backend="tilefuse")` on the demo model: (max abs error, fusion report)."""
+    import torch
+
+    from .demo_model import build_demo_model, demo_inputs
+
+    model, inputs = build_demo_model(), demo_inputs()
+    torch._dynamo.reset()  # a fresh compile each run, whatever ran before in this process
+    compiled = torch.compile(model, backend="tilefuse", options={"inner": "eager", "strict": True})
+    with torch.no_grad():
+        expected = model(*inputs)
+        actual = compiled(*inputs)
+    error = (actual.float() - expected.float()).abs().max().item()
+    return error, _import_explain()(model, inputs)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    error, report = _run_demo_model()
+    problems = demo_problems(error, report)
+    if args.json:
+        result = {"ok": not problems, "max_abs_error": error, "atol": DEMO_ATOL, "problems": problems,
+                  "report": report.to_dict()}
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console()
+        render_report(console, report, title="tilefuse demo: tiny Llama-style decoder (fp32)")
+        verdict = "[green]OK[/]" if not problems else "[red]FAILED[/]: " + escape("; ".join(problems))
+        console.print(f"compiled vs eager max abs error {error:.3g} (atol {DEMO_ATOL:g}) — {verdict}")
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("explain", "show which attention, norm and RoPE sites of a model tilefuse fuses, and why not",
+            _add_model_arguments, run_explain),
+    Command("demo", "compile the built-in tiny Llama-style model, compare with eager, show the fusion report",
+            _add_demo_arguments, run_demo),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tilefuse", description="Fused, tiled attention, norms and RoPE "
+                                                                  "for torch.compile.")
+    parser.add_argument("--log-level", default=None, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="level of the tilefuse logger (default: WARNING)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def _configure_logging(level: str | None) -> None:
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    # basicConfig leaves an already configured root logger (an embedding app, pytest) alone.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
+    if level is not None:
+        logging.getLogger("tilefuse").setLevel(level)
+
+
+def _fail(message: str, code: int) -> int:
+    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tilefuse` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        code: int = args.run(args)
+    except ImportError as exc:
+        return _fail(f"{exc} (is this tilefuse installed with all its parts?)", EXIT_FAILED)
+    except Exception as exc:
+        log.debug("command %s failed", args.command, exc_info=True)
+        return _fail(f"{args.command} failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

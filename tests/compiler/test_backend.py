@@ -1,0 +1,120 @@
+"""Backend behaviour: options, failure policy, the pass manager's checks, export."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+import tilefuse
+from tilefuse.compiler import pipeline
+from tilefuse.compiler.capture import capture
+from tilefuse.compiler.options import Options
+from tilefuse.compiler.presets import load_model
+from tilefuse.passes.base import PassContext, PassResult
+from tilefuse.passes.manager import PassError, PassManager, check_graph
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"inner": "tvm"}, "inner"),
+        ({"autotune": "always"}, "autotune"),
+        ({"fusions": ["flash"]}, "fusions"),
+        ({"strict": "yes"}, "strict"),
+        ({"colour": 1}, "unknown tilefuse option"),
+    ],
+)
+def test_options_reject_bad_values(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        Options.from_any(None, **kwargs)
+
+
+def test_options_from_dict_and_string_fusions() -> None:
+    opts = Options.from_any({"inner": "eager", "fusions": "attention, rope"})
+    assert opts.inner == "eager" and opts.fusions == frozenset({"attention", "rope"})
+
+
+class _Boom:
+    name = "boom"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise RuntimeError("kaboom")
+
+
+def test_failure_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(pipeline, "default_passes", lambda: [_Boom()])
+    model, inputs = load_model("demo")
+    backend = tilefuse.TilefuseBackend(Options(inner="eager"))
+    with caplog.at_level(logging.WARNING, logger="tilefuse"), torch.no_grad():
+        out = torch.compile(model, backend=backend)(*inputs)
+    torch.testing.assert_close(out, model(*inputs))
+    assert backend.report.counters["fallback"] >= 1
+    assert "pass boom failed after []" in backend.report.fallbacks[0]
+    assert any("falling back" in r.message for r in caplog.records)
+
+
+def test_strict_reraises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "default_passes", lambda: [_Boom()])
+    model, inputs = load_model("demo")
+    compiled = tilefuse.compile(model, strict=True, inner="eager")
+    with pytest.raises(Exception, match="kaboom"), torch.no_grad():
+        compiled(*inputs)
+
+
+def test_pass_manager_names_failing_pass() -> None:
+    gm = capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    ok = pipeline.default_passes()[0]
+    with pytest.raises(PassError, match=r"pass boom failed after \['canonicalize'\]"):
+        PassManager([ok, _Boom()])(gm, PassContext())
+
+
+def test_every_pass_leaves_graph_valid() -> None:
+    model, inputs = load_model("demo")
+    gm = capture(model, inputs)
+    outputs_before = [tuple(v.shape) for v in _output_vals(gm)]
+    ctx = PassContext()
+    for graph_pass in pipeline.default_passes():
+        gm = graph_pass(gm, ctx).graph_module
+        check_graph(gm)
+        assert [tuple(v.shape) for v in _output_vals(gm)] == outputs_before, graph_pass.name
+    with torch.no_grad():
+        torch.testing.assert_close(pytree.tree_leaves(gm(*inputs))[0], model(*inputs), atol=2e-5, rtol=1e-4)
+
+
+def _output_vals(gm: fx.GraphModule) -> list[torch.Tensor]:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return [a.meta["val"] for a in pytree.tree_leaves(output.args[0]) if isinstance(a, fx.Node)]
+
+
+def test_disabled_fusions_leave_sites() -> None:
+    model, inputs = load_model("demo")
+    report = tilefuse.explain(model, inputs, fusions=["rmsnorm"], strict=True)
+    assert report.summary().get("attention") is None
+    assert report.summary()["rmsnorm"]["fused"] >= 1
+
+
+def test_export_rewrites_and_runs() -> None:
+    model, inputs = load_model("demo")
+    program, report = tilefuse.export(model, inputs, strict=True)
+    assert report.summary()["attention"]["fused"] == 2
+    targets = {str(n.target) for n in program.graph_module.graph.nodes}
+    assert "tilefuse.attention.default" in targets
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*inputs), model(*inputs), atol=2e-5, rtol=1e-4)
+
+
+def test_explain_validates_arguments() -> None:
+    with pytest.raises(TypeError, match="example_inputs"):
+        tilefuse.explain(torch.nn.Linear(2, 2), torch.randn(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        tilefuse.explain(42, (torch.randn(2),))
