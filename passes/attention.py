@@ -64,17 +64,32 @@ def _rewrite(graph: fx.Graph, match: AttentionMatch, ctx: PassContext) -> Attent
         raise Decline("Q, K or V has no tensor metadata")
     _check_shapes(q_val, k_val, v_val, match)
     q_len, kv_len = static_shape(match.q)[-2], static_shape(match.k)[-2]
-    with graph.inserting_before(match.output):
-        mask = _build_mask(graph, match, q_len, kv_len)
-    region = region_between(graph, [match.q, match.k, match.v, *mask.inputs], match.output)
+    # Every check that can decline runs before the first node is inserted, so a declined site leaves no trace.
+    region = region_between(graph, [match.q, match.k, match.v, *_mask_inputs(match)], match.output)
     escaped = escaping_nodes(region, match.output)
     if escaped:
         names = ", ".join(sorted(n.name for n in escaped)[:3])
         raise Decline(f"intermediate(s) {names} of the attention are used outside it")
+    with graph.inserting_before(match.output):
+        mask = _build_mask(graph, match, q_len, kv_len)
     rope = _absorb_rope(match, region, ctx)
     spec = _spec(match, mask, q_val, k_val, v_val, rope)
     _emit(graph, match, mask, spec)
+    _erase_replaced(graph, region | {match.anchor})
     return spec
+
+
+def _erase_replaced(graph: fx.Graph, nodes: set[fx.Node]) -> None:
+    """Erase the site's now-unused nodes, including ops dead-code elimination keeps as impure (SDPA and
+    dropout are tagged nondeterministic_seeded) and unused outputs of tuple-returning SDPA variants."""
+    pending = set(nodes) | {u for n in nodes for u in n.users if not u.users and u.op == "call_function"}
+    progress = True
+    while progress:
+        dead = [n for n in pending if not n.users]
+        for node in dead:
+            graph.erase_node(node)
+        pending.difference_update(dead)
+        progress = bool(dead)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match: AttentionMatch) -> None:
@@ -92,7 +107,15 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match: Atte
         match.scale = 1.0 / math.sqrt(head_dim)
 
 
+def _mask_inputs(match: AttentionMatch) -> list[fx.Node]:
+    nodes = [cond for cond, _ in match.keeps] + match.additive
+    return [n for n in nodes if isinstance(n, fx.Node)]
+
+
 def _build_mask(graph: fx.Graph, match: AttentionMatch, q_len: Any, kv_len: Any) -> _Mask:
+    for node in match.additive:
+        if not isinstance(node, fx.Node) or is_bool(node) or tensor_val(node) is None:
+            raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
     facts, additive, inputs = MaskFacts(), [], []
     for cond, negated in match.keeps:
         facts = facts.merge(analyze_keep(cond, negated))
@@ -113,18 +136,18 @@ def _build_mask(graph: fx.Graph, match: AttentionMatch, q_len: Any, kv_len: Any)
     if keep_node is not None and add_node is not None:
         add_node = insert_call(graph, aten.where.ScalarOther, (keep_node, add_node, float("-inf")))
         keep_node = None
-    node = keep_node if keep_node is not None else add_node
-    if node is not None and match.three_d and node.meta["val"].dim() == 3:
-        node = insert_call(graph, aten.unsqueeze.default, (node, 1))
-    return _Mask(node, _mask_kind(node), causal, align, positional.window, inputs)
+    mask_node = keep_node if keep_node is not None else add_node
+    if mask_node is not None and match.three_d and mask_node.meta["val"].dim() == 3:
+        mask_node = insert_call(graph, aten.unsqueeze.default, (mask_node, 1))
+    return _Mask(mask_node, _mask_kind(mask_node), causal, align, positional.window, inputs)
 
 
 def _conjoin(graph: fx.Graph, atoms: list[tuple[fx.Node, bool]]) -> fx.Node | None:
+    """AND of the atoms, each read by truthiness (a non-boolean atom x stands for x != 0)."""
     out: fx.Node | None = None
     for node, negated in atoms:
-        if not is_bool(node):
-            raise Decline(f"mask atom {node.name} is not boolean")
-        term = insert_call(graph, aten.logical_not.default, (node,)) if negated else node
+        term = node if is_bool(node) else insert_call(graph, aten.ne.Scalar, (node, 0))
+        term = insert_call(graph, aten.logical_not.default, (term,)) if negated else term
         out = term if out is None else insert_call(graph, aten.logical_and.default, (out, term))
     return out
 
@@ -132,8 +155,6 @@ def _conjoin(graph: fx.Graph, atoms: list[tuple[fx.Node, bool]]) -> fx.Node | No
 def _sum(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node | None:
     out: fx.Node | None = None
     for node in nodes:
-        if is_bool(node) or tensor_val(node) is None:
-            raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
         out = node if out is None else insert_call(graph, aten.add.Tensor, (out, node))
     return out
 
@@ -160,18 +181,22 @@ def _absorb_rope(match: AttentionMatch, region: set[fx.Node], ctx: PassContext) 
     if any(u not in region and u is not match.output for n in (q, k) for u in n.users):
         return None
     spec = q.meta.get("tilefuse_spec")
-    match.q, match.k = q.args[0], k.args[0]
-    match.rope_cos, match.rope_sin = q.args[1], q.args[2]
+    q_args: tuple[Any, ...] = q.args
+    k_args: tuple[Any, ...] = k.args
+    match.q, match.k = q_args[0], k_args[0]
+    match.rope_cos, match.rope_sin = q_args[1], q_args[2]
     for site in ctx.sites:
         if site.kind == "rope" and site.node in (q.name, k.name):
             site.detail["fused_into"] = match.anchor.name
-    layout = ROPE_LAYOUT_NAMES[int(q.args[3])]
+    layout = ROPE_LAYOUT_NAMES[int(q_args[3])]
     head_dim = static_shape(q)[-1] or 0
-    return spec if isinstance(spec, RopeSpec) else RopeSpec(layout, int(q.args[4]), head_dim)  # type: ignore[arg-type]
+    return spec if isinstance(spec, RopeSpec) else RopeSpec(layout, int(q_args[4]), head_dim)  # type: ignore[arg-type]
 
 
-def _spec(match: AttentionMatch, mask: _Mask, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None) -> AttentionSpec:
-    qs, ks, vs = static_shape(match.q), static_shape(match.k), static_shape(match.v)
+def _spec(
+    match: AttentionMatch, mask: _Mask, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None
+) -> AttentionSpec:
+    qs, ks = static_shape(match.q), static_shape(match.k)
     four = len(qs) == 4
     mask_shape = static_shape(mask.node) if mask.node is not None else ()
     return AttentionSpec(

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from .base import Decline
 from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
-from .masks import is_very_negative
+from .masks import is_full_slice, is_very_negative
 
 CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy)
 SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
@@ -109,7 +109,8 @@ def _peel_scores(node: Any, match: AttentionMatch) -> None:
 
 
 def _peel_baddbmm(node: fx.Node, ops: list[tuple[str, Any]]) -> fx.Node:
-    beta, alpha = float(node.kwargs.get("beta", 1)), float(node.kwargs.get("alpha", 1))
+    kwargs: dict[str, Any] = dict(node.kwargs)
+    beta, alpha = float(kwargs.get("beta", 1)), float(kwargs.get("alpha", 1))
     if beta != 1.0:
         raise Decline(f"baddbmm with beta={beta} is not an additive bias")
     ops.append(("add", node.args[0]))
@@ -156,10 +157,11 @@ def _softcap_input(node: fx.Node) -> tuple[Any, float] | None:
     """mul(tanh(x / c), c) -> (x, c)."""
     if not is_op(node, aten.mul):
         return None
-    tanh, cap = node.args[0], scalar_value(node.args[1])
+    tanh: Any = node.args[0]
+    cap = scalar_value(node.args[1])
     if not is_op(tanh, aten.tanh) or cap is None:
         return None
-    inner = tanh.args[0]
+    inner: Any = tanh.args[0]
     if is_op(inner, aten.div) and scalar_value(inner.args[1]) == cap:
         return inner.args[0], cap
     divisor = scalar_value(inner.args[1]) if is_op(inner, aten.mul) else None
@@ -234,11 +236,12 @@ def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatc
 def _match_qk(contraction: fx.Node, match: AttentionMatch) -> None:
     a, b = contraction.args[1:3] if is_op(contraction, aten.baddbmm) else contraction.args[:2]
     q, q_scale = _strip_scale(a)
-    kt, k_scale = _strip_scale(b)
-    k = _untranspose(kt)
-    if k is None:
+    kt, kt_scale = _strip_scale(b)
+    k_scaled = _untranspose(kt)
+    if k_scaled is None:
         raise Decline("second operand of Q·Kᵀ is not a transposed key tensor")
-    match.scale = (match.scale or 1.0) * q_scale * k_scale
+    k, k_scale = _strip_scale(k_scaled)  # a scale may sit on either side of the transpose
+    match.scale = (match.scale or 1.0) * q_scale * kt_scale * k_scale
     v = match.output.args[1]
     rank = ndim(contraction)
     match.three_d = rank == 3
@@ -266,9 +269,11 @@ def _strip_scale(node: Any) -> tuple[Any, float]:
 
 
 def _untranspose(node: Any) -> fx.Node | None:
-    """K from Kᵀ: transpose of the last two dims, permute swapping them, or t()."""
+    """K from Kᵀ: transpose of the last two dims, permute swapping them, or mT."""
     node = skip_casts(node)
     rank = ndim(node)
+    if is_op(node, aten.mT):
+        return skip_casts(node.args[0])
     if is_op(node, aten.transpose):
         dims = {d % rank for d in node.args[1:3]}
         return skip_casts(node.args[0]) if dims == {rank - 1, rank - 2} else None
@@ -282,21 +287,33 @@ def _untranspose(node: Any) -> fx.Node | None:
 def walk_kv(node: fx.Node) -> tuple[fx.Node, int]:
     """(base, group): see through repeat_kv (unsqueeze→expand→reshape), repeat_interleave and MQA expand."""
     node = skip_casts(node)
-    if is_op(node, *VIEWS):
-        source = skip_casts(node.args[0])
-        if is_op(source, aten.expand) and ndim(source) == 5:
-            inner = skip_casts(source.args[0])
-            while is_op(inner, aten.slice):
-                inner = inner.args[0]
-            if is_op(inner, aten.unsqueeze) and inner.args[1] in (2, -3):
-                group = static_shape(source)[2]
-                if group is not None:
-                    return skip_casts(inner.args[0]), group
-    if is_op(node, aten.repeat_interleave) and isinstance(arg(node, 1, "repeats"), int) and arg(node, 2, "dim") == 1:
-        return skip_casts(node.args[0]), node.args[1]
+    repeated = _repeat_kv_base(node) if is_op(node, *VIEWS) else None
+    if repeated is not None:
+        return repeated
+    repeats = arg(node, 1, "repeats") if is_op(node, aten.repeat_interleave) else None
+    if isinstance(repeats, int) and arg(node, 2, "dim") in (1, -3):
+        return skip_casts(node.args[0]), repeats
     if is_op(node, aten.expand) and ndim(node) == 4:
         base = skip_casts(node.args[0])
         base_heads, heads = static_shape(base)[1], static_shape(node)[1]
         if base_heads == 1 and heads is not None and ndim(base) == 4:
             return base, heads
     return node, 1
+
+
+def _repeat_kv_base(view: fx.Node) -> tuple[fx.Node, int] | None:
+    """HF repeat_kv: x[:, :, None].expand(b, h, g, s, d).reshape(b, h * g, s, d) -> (x, g)."""
+    source = skip_casts(view.args[0])
+    if not is_op(source, aten.expand) or ndim(source) != 5:
+        return None
+    inner = skip_casts(source.args[0])
+    while is_op(inner, aten.slice) and is_full_slice(inner):
+        inner = inner.args[0]
+    if not is_op(inner, aten.unsqueeze) or inner.args[1] not in (2, -3):
+        return None
+    base = skip_casts(inner.args[0])
+    b, heads, seq, dim = static_shape(base)
+    group = static_shape(source)[2]
+    if group is None or heads is None or static_shape(view) != (b, heads * group, seq, dim):
+        return None
+    return base, group

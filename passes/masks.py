@@ -8,6 +8,7 @@ Causal and window flags let the kernel skip whole blocks instead of reading an N
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,13 +89,14 @@ def index_expr(node: Any) -> Affine | None:
         inner = index_expr(node.args[0])
         if inner is None:
             return None
-        dim = node.args[1]
+        dim: Any = node.args[1]
         dim = dim + inner.rank + 1 if dim < 0 else dim
         return inner.shifted(inner.rank + 1, moved_from=dim)
     if is_op(node, aten.expand):
         inner = index_expr(node.args[0])
-        return inner.shifted(len(node.args[1])) if inner is not None else None
-    if is_op(node, aten.slice) and _is_full_slice(node):
+        sizes: Any = node.args[1]
+        return inner.shifted(len(sizes)) if inner is not None else None
+    if is_op(node, aten.slice) and is_full_slice(node):
         return index_expr(node.args[0])
     if is_op(node, aten.add, aten.sub):
         return _add_expr(node)
@@ -116,7 +118,7 @@ def _arange_expr(node: fx.Node) -> Affine | None:
     return None
 
 
-def _is_full_slice(node: fx.Node) -> bool:
+def is_full_slice(node: fx.Node) -> bool:
     start, end, step = arg(node, 2, "start", 0), arg(node, 3, "end", _INT64_MAX), arg(node, 4, "step", 1)
     return start in (0, None) and end in (_INT64_MAX, None) and step == 1
 
@@ -153,19 +155,28 @@ def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
             constraint = _compare(node, name, negate)
             if constraint is not None:
                 return MaskFacts(constraints=[constraint])
-            return MaskFacts(data=[(node, negate)])
+            return _truthiness(node, name, negate)
     if is_op(node, aten.bitwise_not, aten.logical_not):
         return analyze_keep(node.args[0], not negate)
     conj = _conjunction_operands(node)
     if conj is not None and not negate:
         return analyze_keep(conj[0]).merge(analyze_keep(conj[1]))
-    if is_op(node, *_CASTS, aten.expand) or (is_op(node, aten.slice) and _is_full_slice(node)):
+    if is_op(node, *_CASTS, aten.expand) or (is_op(node, aten.slice) and is_full_slice(node)):
         return analyze_keep(node.args[0], negate)
     if is_op(node, aten.unsqueeze) and ndim(node) >= 2 and _unsqueeze_is_leading(node):
         return analyze_keep(node.args[0], negate)
     tri = _triangle(node)
     if tri is not None:
         return MaskFacts(constraints=[_maybe_negate(tri, negate)])
+    return MaskFacts(data=[(node, negate)])
+
+
+def _truthiness(node: fx.Node, op: str, negate: bool) -> MaskFacts:
+    """`x == 0` as `not x` and `x != 0` as `x` when x has positional structure (`tril(ones(n, n)) == 0`)."""
+    if op in ("eq", "ne") and scalar_value(node.args[1]) == 0.0:
+        inner = analyze_keep(node.args[0], negate ^ (op == "eq"))
+        if inner.constraints:
+            return inner
     return MaskFacts(data=[(node, negate)])
 
 
@@ -178,7 +189,7 @@ def _is_all_true(node: fx.Node) -> bool:
 
 def _unsqueeze_is_leading(node: fx.Node) -> bool:
     """unsqueeze that adds an axis before the last two (the query/key axes keep their places from the end)."""
-    dim = node.args[1]
+    dim: Any = node.args[1]
     rank = ndim(node)
     dim = dim + rank if dim < 0 else dim
     return dim < rank - 2
@@ -214,25 +225,36 @@ def _compare(node: fx.Node, op: str, negate: bool) -> Constraint | None:
 
 
 def _triangle(node: fx.Node) -> Constraint | None:
-    """tril/triu of an all-ones (or all-True) constant: keep k - q <= d (tril) or k - q >= d (triu)."""
+    """tril/triu of a nonzero constant: nonzero (True) where k - q <= d (tril) or k - q >= d (triu)."""
     if not is_op(node, aten.tril, aten.triu):
         return None
-    source = node.args[0]
-    while is_op(source, *_CASTS):
-        source = source.args[0]
-    if not (is_op(source, aten.ones) or (is_op(source, aten.full) and scalar_value(source.args[1]) == 1.0)):
+    fill = constant_fill(node.args[0])
+    if fill is None or fill == 0.0:
         return None
     diagonal = float(arg(node, 1, "diagonal", 0))
     op = "le" if is_op(node, aten.tril) else "ge"
     return Constraint(-1.0, 1.0, -diagonal, op, node)
 
 
+def constant_fill(node: Any) -> float | None:
+    """The value every element of a constant tensor (`ones`, `full`, possibly cast) holds, else None."""
+    while is_op(node, *_CASTS):
+        node = node.args[0]
+    if is_op(node, aten.ones):
+        return 1.0
+    return scalar_value(node.args[1]) if is_op(node, aten.full) else None
+
+
 # ------------------------------------------------------------------------------------------ additive masks
 def keep_from_additive(node: fx.Node) -> tuple[fx.Node, bool] | None:
-    """If `node` is where(pred, 0, -big) (or the swapped form), return (pred, negated)."""
+    """(pred, negated) when `node` is where(pred, 0, -big) (or swapped) or triu/tril of a -big constant."""
+    if is_op(node, aten.tril, aten.triu) and is_very_negative(constant_fill(node.args[0])):
+        return node, True  # -big (masked) where the triangle is nonzero
     if not is_op(node, aten.where) or len(node.args) != 3:
         return None
     pred, a, b = node.args
+    if not isinstance(pred, fx.Node):
+        return None
     va, vb = scalar_value(a), scalar_value(b)
     if va == 0.0 and vb is not None and vb <= NEG_FILL_LIMIT:
         return pred, False
@@ -253,48 +275,71 @@ class PositionalMask:
     window: int | None = None
 
 
-def classify(constraints: list[Constraint], q_len: Any, kv_len: Any) -> tuple[PositionalMask, list[tuple[fx.Node, bool]]]:
-    """Causal/window flags from the constraints; constraints of another shape come back as data atoms."""
-    facts = PositionalMask()
-    leftover: list[tuple[fx.Node, bool]] = []
+def classify(
+    constraints: list[Constraint], q_len: Any, kv_len: Any
+) -> tuple[PositionalMask, list[tuple[fx.Node, bool]]]:
+    """Causal/window flags from the constraints; constraints the flags cannot state come back as data atoms.
+
+    Each constraint bounds the distance k - q. The tightest upper bound is causal when it is 0 (top-left) or
+    kv_len - q_len (bottom-right); the tightest lower bound is a window counted from the same aligned query
+    position. Looser bounds of the same side are implied by the tightest one and dropped.
+    """
+    uppers: list[tuple[int, Constraint]] = []
+    lowers: list[tuple[int, Constraint]] = []
+    other: list[Constraint] = []
     for c in constraints:
-        nxt = _classify_one(c, facts, q_len, kv_len)
-        if nxt is not None:
-            facts = nxt
-        elif c.node is not None:
-            leftover.append((c.node, c.negated))
-    return facts, leftover
+        bound = _distance_bound(c)
+        if bound is None:
+            other.append(c)
+        else:
+            (uppers if bound[0] == "upper" else lowers).append((bound[1], c))
+    offset = _causal_offset(min((u for u, _ in uppers), default=None), q_len, kv_len)
+    if offset is None:
+        other += [c for _, c in uppers]
+    window = _window(max((lo for lo, _ in lowers), default=None), offset or 0)
+    if window is None:
+        other += [c for _, c in lowers]
+    facts = PositionalMask(offset is not None, "bottom_right" if offset else "top_left", window)
+    return facts, [(c.node, c.negated) for c in other if c.node is not None]
 
 
-def _classify_one(c: Constraint, facts: PositionalMask, q_len: Any, kv_len: Any) -> PositionalMask | None:
-    # Normalize to k - q + off {<=, >} ... : scale so that ck == 1.
+def _distance_bound(c: Constraint) -> tuple[str, int] | None:
+    """("upper", U) for k - q <= U or ("lower", L) for k - q >= L, over integer positions; None otherwise."""
     if c.ck == 0 or c.cq != -c.ck:
         return None
     op = c.op if c.ck > 0 else _NEGATE_FLIP[c.op]
-    off = c.c / c.ck  # constraint: (k - q) + off <op> 0
-    if op in ("le", "lt"):
-        limit = -off - (1 if op == "lt" else 0)  # k - q <= limit
-        align = _alignment(limit, q_len, kv_len)
-        if align is None:
-            return None
-        return PositionalMask(True, align, facts.window)
-    if op in ("gt", "ge"):
-        lower = -off + (1 if op == "gt" else 0)  # k - q >= lower, i.e. q - k <= -lower
-        if lower > 0 or lower != int(lower):
-            return None
-        return PositionalMask(facts.causal, facts.align, int(-lower) + 1)
+    bound = -c.c / c.ck  # (k - q) <op> bound
+    if not math.isfinite(bound):
+        return None
+    if op == "le":
+        return "upper", math.floor(bound)
+    if op == "lt":
+        return "upper", math.ceil(bound) - 1
+    if op == "ge":
+        return "lower", math.ceil(bound)
+    if op == "gt":
+        return "lower", math.floor(bound) + 1
     return None
 
 
 _NEGATE_FLIP = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq", "ne": "ne"}
 
 
-def _alignment(limit: float, q_len: Any, kv_len: Any) -> str | None:
-    if limit == 0:
-        return "top_left"
-    if isinstance(q_len, int) and isinstance(kv_len, int) and limit == kv_len - q_len:
-        return "bottom_right"
+def _causal_offset(upper: int | None, q_len: Any, kv_len: Any) -> int | None:
+    """Query position offset (0: top-left, kv_len - q_len: bottom-right) of a causal bound k - q <= upper."""
+    if upper == 0:
+        return 0
+    if upper is not None and isinstance(q_len, int) and isinstance(kv_len, int) and upper == kv_len - q_len:
+        return upper
     return None
+
+
+def _window(lower: int | None, offset: int) -> int | None:
+    """Window W with (q + offset) - k < W equivalent to k - q >= lower; None when there is none (W < 1)."""
+    if lower is None:
+        return None
+    window = offset - lower + 1
+    return window if window >= 1 else None
 
 
 def is_bool(node: Any) -> bool:

@@ -80,12 +80,15 @@ def match_sdpa_site(node: fx.Node) -> AttentionMatch:
     dropout_p = float(_get(node, sig.dropout, 0.0))
     if dropout_p > 0:
         raise Decline(f"SDPA dropout_p={dropout_p} is not fused yet")
-    k, k_group = walk_kv(node.args[1])
-    v, v_group = walk_kv(node.args[2])
+    q, k, v = node.args[:3]
+    if not isinstance(q, fx.Node) or not isinstance(k, fx.Node) or not isinstance(v, fx.Node):
+        raise Decline("SDPA query, key or value is not a graph value")
+    k, k_group = walk_kv(k)
+    v, v_group = walk_kv(v)
     if k_group != v_group:
         raise Decline(f"K and V are repeated differently (groups {k_group} and {v_group})")
     match = AttentionMatch(
-        anchor=node, output=_output_of(node, sig.tuple_output), q=skip_casts(node.args[0]), k=k, v=v,
+        anchor=node, output=_output_of(node, sig.tuple_output), q=skip_casts(q), k=k, v=v,
         scale=_get(node, sig.scale, None), causal=bool(_get(node, sig.causal, False)), gqa_group=k_group,
         source=str(getattr(node.target, "overloadpacket", node.target)).split(".")[-1],
         enable_gqa=bool(_get(node, sig.gqa, False)),

@@ -1,0 +1,181 @@
+"""The norms pass: replace every RMSNorm/LayerNorm site by a `tilefuse::*norm` op carrying a NormSpec.
+
+A norm whose input is a residual add (`h = a + b` that later code also reads) becomes `add_rms_norm` /
+`add_layer_norm`, which returns (norm(h), h) so the residual stream no longer needs its own pass over memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
+from ..codegen.reference import compute_dtype
+from ..specs import NormSpec
+from .base import Decline, PassContext, PassResult
+from .graph import aten, dtype_of, getitem, insert_call, replace_with, static_shape, tensor_val
+from .match_common import cast_source, dtype_name, erase_dead, node_order, operand, strip_widening_casts
+from .norm_match import NormKind, NormMatch, match_norm, norm_anchor_kind
+
+
+@dataclass(frozen=True)
+class NormPass:
+    """Recognize RMSNorm and LayerNorm (ATen ops and manual spellings) and rewrite them to tilefuse ops.
+
+    Every candidate is recorded in `ctx` as fused or declined with a reason; residual adds are folded in when
+    "residual" is enabled. The graph is left linted and recompiled.
+    """
+
+    name: str = "norms"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        modified = False
+        live = set(gm.graph.nodes)
+        for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
+            kind = norm_anchor_kind(node) if node in live else None
+            if kind is None or not ctx.is_enabled(kind):
+                continue
+            replaced = _fuse_site(gm, node, kind, ctx)
+            if replaced is not None:
+                modified = True
+                live -= erase_dead(gm.graph, replaced)  # later sites' legality checks see only live users
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+
+def _fuse_site(gm: fx.GraphModule, anchor: fx.Node, kind: NormKind, ctx: PassContext) -> set[fx.Node] | None:
+    """Rewrite one candidate; returns the nodes it made redundant, or None when it declined."""
+    try:
+        match = match_norm(anchor, kind)
+    except Decline as decline:
+        ctx.declined(kind, anchor, decline.reason, decline.spec)
+        return None
+    if not match.outputs:  # a native_layer_norm whose normalized output is unused: nothing to replace
+        return None
+    new_node, spec, plan = _rewrite(gm.graph, match, ctx.is_enabled("residual"))
+    ctx.fused(spec.norm, new_node, spec)
+    return match.region | {plan.x} | {read for _, read in plan.residual_uses or ()}
+
+
+# --------------------------------------------------------------------------------------------- planning
+@dataclass
+class _Plan:
+    x: fx.Node
+    weight: fx.Node | None
+    bias: fx.Node | None
+    residual: tuple[fx.Node, fx.Node] | None = None  # (a, b) of the fused add
+    residual_uses: list[tuple[fx.Node, fx.Node]] | None = None  # (user, node it reads) to redirect to the sum
+
+
+def _out_dtype(*inputs: fx.Node | None) -> torch.dtype | None:
+    dtypes = [d for d in (dtype_of(n) for n in inputs if n is not None) if d is not None]
+    if not dtypes:
+        return None
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _strip(node: fx.Node | None) -> fx.Node | None:
+    return strip_widening_casts(node) if node is not None else None
+
+
+def _choose_inputs(m: NormMatch) -> _Plan:
+    """Skip upcasts of x/weight/bias (the op computes in fp32 anyway) unless that would narrow the output."""
+    stripped = _Plan(strip_widening_casts(m.x), _strip(m.weight), _strip(m.bias))
+    if _out_dtype(stripped.x, stripped.weight, stripped.bias) == dtype_of(m.outputs[0]):
+        return stripped
+    return _Plan(m.x, m.weight, m.bias)
+
+
+def _insert_point(plan: _Plan, order: dict[fx.Node, int]) -> fx.Node:
+    """The node right after the last input of the fused op: the earliest place it can go."""
+    inputs = [plan.x, plan.weight, plan.bias, *(plan.residual or ())]
+    last = max((n for n in inputs if isinstance(n, fx.Node)), key=order.__getitem__)
+    return last.next
+
+
+def _plan_residual(plan: _Plan, m: NormMatch, order: dict[fx.Node, int]) -> None:
+    """Fold `x = a + b` into the op when the sum is also read elsewhere (the residual stream)."""
+    add = plan.x
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+        return
+    a, b = operand(add, 0), operand(add, 1)
+    vals = [tensor_val(a), tensor_val(b), tensor_val(add)]
+    # str(dim): symbolic sizes are unhashable; equal symbols print the same.
+    layouts = {(tuple(str(d) for d in v.shape), v.dtype) for v in vals if v is not None}
+    if any(v is None for v in vals) or len(layouts) != 1:
+        return
+    chain = [m.x]  # the add and the lossless casts from it to the norm's input: all hold the sum
+    while chain[-1] is not add and (source := cast_source(chain[-1])) is not None:
+        chain.append(source)
+    uses = [(u, n) for n in chain for u in n.users if u not in m.region and u not in chain]
+    plan.residual = (a, b)
+    start = order[_insert_point(plan, order)] if uses else 0
+    if not uses or any(order[u] < start for u, _ in uses):
+        plan.residual = None  # no residual stream, or a reader sits before the op could be placed
+        return
+    plan.residual_uses = uses
+
+
+# ---------------------------------------------------------------------------------------------- rewrite
+def _rewrite(graph: fx.Graph, m: NormMatch, residual_enabled: bool) -> tuple[fx.Node, NormSpec, _Plan]:
+    order = node_order(graph)
+    plan = _choose_inputs(m)
+    if residual_enabled:
+        _plan_residual(plan, m, order)
+    spec = _spec(m, plan)
+    with graph.inserting_before(_insert_point(plan, order)):
+        new_node = insert_call(graph, _op(m, plan), _op_args(m, plan))
+        normed = getitem(graph, new_node, 0) if plan.residual else new_node
+        total = getitem(graph, new_node, 1) if plan.residual else None
+        for user, old in plan.residual_uses or ():
+            assert total is not None
+            user.replace_input_with(old, _as_dtype(graph, total, dtype_of(old)))
+    new_node.meta["tilefuse_spec"] = spec
+    for output in m.outputs:
+        replace_with(output, normed)
+    return new_node, spec, plan
+
+
+def _as_dtype(graph: fx.Graph, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
+    if dtype is None or dtype_of(node) == dtype:
+        return node
+    return insert_call(graph, aten._to_copy.default, (node,), {"dtype": dtype})
+
+
+def _op(m: NormMatch, plan: _Plan) -> torch._ops.OpOverload:
+    ops = torch.ops.tilefuse
+    if m.kind == "rmsnorm":
+        return ops.add_rms_norm.default if plan.residual else ops.rms_norm.default
+    return ops.add_layer_norm.default if plan.residual else ops.layer_norm.default
+
+
+def _op_args(m: NormMatch, plan: _Plan) -> tuple[object, ...]:
+    inputs = plan.residual or (plan.x,)
+    if m.kind == "rmsnorm":
+        return (*inputs, plan.weight, m.eps, m.weight_offset)
+    return (*inputs, plan.weight, plan.bias, m.eps)
+
+
+def _spec(m: NormMatch, plan: _Plan) -> NormSpec:
+    x_dtype = dtype_of(plan.x)
+    return NormSpec(
+        norm=m.kind,
+        width=m.width,
+        shape=static_shape(plan.x),
+        dtype=dtype_name(x_dtype),
+        eps=m.eps,
+        has_weight=plan.weight is not None,
+        has_bias=plan.bias is not None,
+        weight_offset=m.weight_offset,
+        residual=plan.residual is not None,
+        compute_dtype=dtype_name(compute_dtype(x_dtype) if x_dtype is not None else None),
+        out_dtype=dtype_name(_out_dtype(plan.x, plan.weight, plan.bias)),
+    )

@@ -1,0 +1,108 @@
+"""Mask analysis: causal and window flags come from the tightest key-query distance bounds, aligned together;
+what the flags cannot state stays a data atom, and masks built from tril/triu/arange are read as positions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from tilefuse.compiler.capture import capture
+from tilefuse.passes.masks import Constraint, PositionalMask, analyze_keep, classify, keep_from_additive
+
+NEG_INF = float("-inf")
+
+
+def _atom(name: str) -> fx.Node:
+    return fx.Graph().placeholder(name)
+
+
+def upper(bound: float, op: str = "le") -> Constraint:
+    """k - q <op> bound, written as -q + k - bound <op> 0."""
+    return Constraint(-1.0, 1.0, -bound, op, _atom(f"upper{bound}"))
+
+
+def lower(bound: float, op: str = "ge") -> Constraint:
+    return Constraint(-1.0, 1.0, -bound, op, _atom(f"lower{bound}"))
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_tightest_causal_bound_wins_in_any_order(order: int) -> None:
+    facts, leftover = classify([upper(0), upper(12)][::order], q_len=5, kv_len=17)
+    assert facts == PositionalMask(causal=True, align="top_left") and not leftover
+
+
+def test_bottom_right_window_is_counted_from_aligned_positions() -> None:
+    offset, window = 12, 4  # keep k <= q + 12 and (q + 12) - k < 4, i.e. k - q >= 9
+    facts, leftover = classify([upper(offset), lower(offset - window + 1)], q_len=5, kv_len=17)
+    assert facts == PositionalMask(causal=True, align="bottom_right", window=window) and not leftover
+
+
+def test_top_left_window_with_bottom_right_causal() -> None:
+    """q - k < 4 on top-left positions, with bottom-right causal: the window is 4 + offset from pos(i)."""
+    facts, leftover = classify([upper(12), lower(-3, "ge")], q_len=5, kv_len=17)
+    assert facts == PositionalMask(causal=True, align="bottom_right", window=16) and not leftover
+
+
+@pytest.mark.parametrize(
+    ("constraints", "expected"),
+    [
+        ([lower(-3)], PositionalMask(window=4)),
+        ([lower(-3), lower(-1)], PositionalMask(window=2)),  # the tighter lower bound implies the looser
+        ([upper(0.5)], PositionalMask(causal=True)),  # k - q <= 0.5 on integers is k - q <= 0
+        ([upper(1, "lt")], PositionalMask(causal=True)),
+        ([lower(-4, "gt")], PositionalMask(window=4)),
+    ],
+)
+def test_integer_bounds(constraints: list[Constraint], expected: PositionalMask) -> None:
+    facts, leftover = classify(constraints, q_len=17, kv_len=17)
+    assert facts == expected and not leftover
+
+
+def test_bounds_the_flags_cannot_state_stay_data() -> None:
+    unaligned, empty_window, diagonal = upper(3), lower(2), Constraint(-1.0, 1.0, 0.0, "eq", _atom("diag"))
+    facts, leftover = classify([unaligned, empty_window, diagonal], q_len=17, kv_len=17)
+    assert facts == PositionalMask()
+    assert {node.name for node, _ in leftover} == {"upper3", "lower2", "diag"}
+
+
+# ------------------------------------------------------------------------------------------- graph masks
+def mask_node(fn: Callable[..., Tensor], *inputs: Tensor) -> fx.Node:
+    """The node `fn` returns, in its captured graph."""
+    gm = capture(fn, inputs)
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    result = out.args[0]
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def _classified(node: fx.Node, negated: bool, n: int = 7) -> tuple[PositionalMask, int]:
+    facts = analyze_keep(node, negated)
+    positional, leftover = classify(facts.constraints, n, n)
+    return positional, len(facts.data) + len(leftover)
+
+
+def test_float_tril_compared_with_zero_is_causal() -> None:
+    node = mask_node(lambda x: torch.tril(torch.ones(7, 7)) == 0, torch.ones(1))
+    assert _classified(node, negated=True) == (PositionalMask(causal=True), 0)
+
+
+def test_additive_triu_of_neg_inf_is_causal() -> None:
+    node = mask_node(lambda x: torch.triu(torch.full((7, 7), NEG_INF), 1), torch.ones(1))
+    keep = keep_from_additive(node)
+    assert keep is not None
+    assert _classified(*keep) == (PositionalMask(causal=True), 0)
+
+
+def test_bool_cast_of_a_float_mask_is_a_data_atom() -> None:
+    node = mask_node(lambda m: m.bool(), torch.ones(2, 1, 7, 7))
+    facts = analyze_keep(node)
+    assert not facts.constraints and len(facts.data) == 1
+
+
+def test_int_mask_compared_with_zero_stays_one_atom() -> None:
+    node = mask_node(lambda m: m == 0, torch.ones(2, 1, 1, 7, dtype=torch.long))
+    facts = analyze_keep(node, True)
+    assert facts.data == [(node, True)] and not facts.constraints
