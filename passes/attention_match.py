@@ -51,12 +51,12 @@ def skip_casts(node: Any) -> Any:
 
 
 def _dropout_p(node: fx.Node) -> float:
-    """p of a dropout node; Decline when it is active (training with p > 0)."""
+    """The dropout probability in effect (0 in eval mode); Decline when it is active (training with p > 0)."""
     p = float(arg(node, 1, "p", 0.0))
     train = arg(node, 2, "train", False)
     if train and p > 0:
         raise Decline(f"attention dropout p={p} in training mode is not fused yet (eval mode or p=0 is)")
-    return p
+    return p if train else 0.0
 
 
 # ---------------------------------------------------------------------------------------- probabilities → V

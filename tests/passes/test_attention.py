@@ -121,6 +121,15 @@ def test_two_layers_fuse_separately() -> None:
     torch.testing.assert_close(gm(*inputs), two_layers(*inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_eval_dropout_left_in_the_graph_is_fused_as_inactive() -> None:
+    """Without CanonicalizePass the eval-mode dropout reaches the matcher: it is skipped, and p is not recorded."""
+    module, inputs = CASES["dropout_eval_functional"].build(SQUARE[2])
+    gm, ctx = run_pass(AttentionPass(), module, inputs)
+    (spec,) = assert_fused(gm, ctx)
+    assert spec.dropout_p == 0.0 and "aten.dropout" not in ops_in(gm)
+    torch.testing.assert_close(gm(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_disabled_attention_is_not_touched() -> None:
     module, inputs = CASES["sdpa_causal"].build(SQUARE[2])
     gm, ctx = run_pass(PIPELINE, module, inputs, PassContext(enabled=frozenset({"rmsnorm"})))
