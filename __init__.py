@@ -6,14 +6,23 @@
 
 from __future__ import annotations
 
-from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers the tilefuse:: ops)
-from .compiler.api import explain, export
-from .compiler.backend import GLOBAL_REPORT, TilefuseBackend, compile
-from .compiler.options import Options
-from .compiler.report import FusionReport
-from .specs import AttentionSpec, NormSpec, RopeSpec
+import importlib as _importlib
+import sys as _sys
 
 __version__ = "0.1.0"
+
+if __name__ != "tilefuse":
+    # The repository root is the package. A tool that imports the root by path (pytest imports a rootdir holding
+    # an __init__.py as package "<dirname>") would otherwise run it a second time under another name and
+    # re-register the tilefuse:: ops, which destroys the first registration. Hand it the real package instead.
+    _sys.modules[__name__] = _importlib.import_module("tilefuse")
+else:
+    from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers the tilefuse:: ops)
+    from .compiler.api import explain, export
+    from .compiler.backend import GLOBAL_REPORT, TilefuseBackend, compile
+    from .compiler.options import Options
+    from .compiler.report import FusionReport
+    from .specs import AttentionSpec, NormSpec, RopeSpec
 
 __all__ = [
     "GLOBAL_REPORT",

@@ -154,9 +154,4 @@ def test_norm_gradchecks() -> None:
     ],
 )
 def test_opcheck(op: torch._ops.OpOverload, args: tuple[object, ...]) -> None:
-    utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
-    if op is ops.add_rms_norm.default:
-        # torch 2.13's SchemaCheckMode intermittently crashes (segfault / vector::reserve) on this schema when run
-        # alone; the other checks are stable. Tracked in NOTES.md.
-        utils.remove("test_schema")
-    opcheck(op, args, test_utils=utils)
+    opcheck(op, args)
