@@ -1,7 +1,8 @@
 """The `tilefuse::*` custom ops that rewritten graphs call, with fake kernels and autograd.
 
-Each op has a reference implementation (codegen/reference.py) used for CPU tensors; the Triton kernels plug in
-behind the same ops for CUDA tensors. Backward passes are ops of their own, so a traced backward graph holds one
+Each op has a reference implementation (codegen/reference.py) that defines it; CPU tensors run the same function
+through torch's fused CPU kernels where possible (codegen/cpu.py); the Triton kernels plug in behind the same ops
+for CUDA tensors. Backward passes are ops of their own, so a traced backward graph holds one
 fused call per site instead of the unfused chain.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cpu
 from . import reference as ref
 
 
@@ -41,7 +43,7 @@ def attention(
     rotary_dim: int,
 ) -> Tensor:
     """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument."""
-    return ref.attention_forward(
+    return cpu.attention(
         q, k, v, mask, alibi_slopes, cos, sin, scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim
     ).contiguous()
 
@@ -156,13 +158,13 @@ rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 @torch.library.custom_op("tilefuse::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
     """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32."""
-    return ref.norm_forward(x, weight, None, eps, weight_offset, rms=True)[0].contiguous()
+    return cpu.norm(x, weight, None, eps, weight_offset, rms=True).contiguous()
 
 
 @torch.library.custom_op("tilefuse::layer_norm", mutates_args=())
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """(x - mean) · rsqrt(var + eps) · weight + bias over the last axis, statistics in fp32."""
-    return ref.norm_forward(x, weight, bias, eps, 0.0, rms=False)[0].contiguous()
+    return cpu.norm(x, weight, bias, eps, 0.0, rms=False).contiguous()
 
 
 @torch.library.custom_op("tilefuse::add_rms_norm", mutates_args=())
@@ -171,7 +173,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """s = x + residual; returns (rms_norm(s), s)."""
     total = (x + residual).contiguous()
-    return ref.norm_forward(total, weight, None, eps, weight_offset, rms=True)[0].contiguous(), total
+    return cpu.norm(total, weight, None, eps, weight_offset, rms=True).contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::add_layer_norm", mutates_args=())
@@ -180,7 +182,7 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """s = x + residual; returns (layer_norm(s), s)."""
     total = (x + residual).contiguous()
-    return ref.norm_forward(total, weight, bias, eps, 0.0, rms=False)[0].contiguous(), total
+    return cpu.norm(total, weight, bias, eps, 0.0, rms=False).contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::norm_backward", mutates_args=())

@@ -112,7 +112,7 @@ def attention_probs(
     return probs, tanh_scores
 
 
-def _rope_qk(
+def rope_qk(
     q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None, rope_layout: int, rotary_dim: int
 ) -> tuple[Tensor, Tensor]:
     if cos is None or sin is None or rope_layout == ROPE_NONE:
@@ -136,7 +136,7 @@ def attention_forward(
     rope_layout: int,
     rotary_dim: int,
 ) -> Tensor:
-    qr, kr = _rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
+    qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, _ = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
     group = q.shape[1] // k.shape[1]
     out = torch.matmul(probs, _expand_kv(v, group).to(probs.dtype))
@@ -165,7 +165,7 @@ def attention_backward(
     rotary_dim: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV by the FlashAttention-2 formulas: dS = P ∘ (dP - rowsum(dO ∘ O))."""
-    qr, kr = _rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
+    qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, tanh_scores = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
     ct = probs.dtype
     group = q.shape[1] // k.shape[1]
@@ -198,14 +198,20 @@ def norm_forward(
     centered = xf - mean
     rstd = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps)
     y = centered * rstd
-    out_dtype = x.dtype
     if weight is not None:
         y = y * (weight.to(ct) + weight_offset)
-        out_dtype = torch.promote_types(out_dtype, weight.dtype)
     if bias is not None:
         y = y + bias.to(ct)
-        out_dtype = torch.promote_types(out_dtype, bias.dtype)
-    return y.to(out_dtype), mean, rstd
+    return y.to(norm_out_dtype(x, weight, bias)), mean, rstd
+
+
+def norm_out_dtype(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> torch.dtype:
+    """Output dtype of a norm: the input dtype promoted with the parameters' dtypes."""
+    out = x.dtype
+    for param in (weight, bias):
+        if param is not None:
+            out = torch.promote_types(out, param.dtype)
+    return out
 
 
 def norm_backward(
