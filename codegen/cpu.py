@@ -30,31 +30,16 @@ def _sdpa_mask(
     return mask.masked_fill(~keep, float("-inf")), False
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
-) -> Tensor:  # fmt: skip
-    if softcap > 0 or alibi_slopes is not None:
-        return ref.attention_forward(
-            q,
-            k,
-            v,
-            mask,
-            alibi_slopes,
-            cos,
-            sin,
-            scale,
-            causal,
-            bottom_right,
-            window,
-            softcap,
-            rope_layout,
-            rotary_dim,
-        )
-    qr, kr = ref.rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
+def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
+    """reference.attention_forward through SDPA's fused CPU kernel; softcap and ALiBi run the reference."""
+    q, k, v, mask, alibi_slopes, cos, sin = inputs
+    if flags.softcap > 0 or alibi_slopes is not None:
+        return ref.attention_forward(inputs, flags)
+    qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
     dtype = torch.promote_types(torch.promote_types(qr.dtype, kr.dtype), v.dtype)
-    attn_mask, is_causal = _sdpa_mask(mask, q.shape[-2], k.shape[-2], causal, bottom_right, window, q.device)
+    attn_mask, is_causal = _sdpa_mask(
+        mask, q.shape[-2], k.shape[-2], flags.causal, flags.bottom_right, flags.window, q.device
+    )
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(dtype)
     out = F.scaled_dot_product_attention(
@@ -63,7 +48,7 @@ def attention(
         v.to(dtype),
         attn_mask=attn_mask,
         is_causal=is_causal,
-        scale=scale,
+        scale=flags.scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.to(torch.result_type(q, v))

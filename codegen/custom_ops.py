@@ -43,9 +43,9 @@ def attention(
     rotary_dim: int,
 ) -> Tensor:
     """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument."""
-    return cpu.attention(
-        q, k, v, mask, alibi_slopes, cos, sin, scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim
-    ).contiguous()
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
+    return cpu.attention(inputs, flags).contiguous()
 
 
 @attention.register_fake
@@ -72,23 +72,9 @@ def attention_backward(
     rope_layout: int,
     rotary_dim: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = ref.attention_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        mask,
-        alibi_slopes,
-        cos,
-        sin,
-        scale,
-        causal,
-        bottom_right,
-        window,
-        softcap,
-        rope_layout,
-        rotary_dim,
-    )
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
+    grads = ref.attention_backward(grad_out, inputs, flags)
     return _contiguous(*grads)  # type: ignore[return-value]
 
 

@@ -6,12 +6,38 @@ are computed in fp32 (fp64 stays fp64); results are cast back to the op's output
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 ROPE_ROTATE_HALF = 0
 ROPE_INTERLEAVED = 1
 ROPE_NONE = -1
+
+
+class AttnInputs(NamedTuple):
+    """The tensors of one attention call: [B, H, N, D] q/k/v and the optional mask, ALiBi slopes, cos/sin."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None = None
+    alibi_slopes: Tensor | None = None
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+
+
+class AttnFlags(NamedTuple):
+    """The scalar arguments of one attention call, in the custom op's order (see AttentionSpec)."""
+
+    scale: float
+    causal: bool = False
+    bottom_right: bool = False
+    window: int = 0
+    softcap: float = 0.0
+    rope_layout: int = -1
+    rotary_dim: int = 0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,24 +146,12 @@ def rope_qk(
     return rope_forward(q, cos, sin, rope_layout, rotary_dim), rope_forward(k, cos, sin, rope_layout, rotary_dim)
 
 
-def attention_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    scale: float,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: float,
-    rope_layout: int,
-    rotary_dim: int,
-) -> Tensor:
-    qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
-    probs, _ = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
+def attention_forward(inputs: AttnInputs, flags: AttnFlags) -> Tensor:
+    q, k, v, mask, alibi_slopes, cos, sin = inputs
+    qr, kr = rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
+    probs, _ = attention_probs(
+        qr, kr, mask, alibi_slopes, flags.scale, flags.causal, flags.bottom_right, flags.window, flags.softcap
+    )
     group = q.shape[1] // k.shape[1]
     out = torch.matmul(probs, _expand_kv(v, group).to(probs.dtype))
     return out.to(torch.result_type(q, v))
@@ -147,24 +161,10 @@ def _reduce_group(t: Tensor, group: int) -> Tensor:
     return t if group == 1 else t.unflatten(1, (-1, group)).sum(dim=2)
 
 
-def attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    scale: float,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: float,
-    rope_layout: int,
-    rotary_dim: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV by the FlashAttention-2 formulas: dS = P ∘ (dP - rowsum(dO ∘ O))."""
+    q, k, v, mask, alibi_slopes, cos, sin = inputs
+    scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim = flags
     qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, tanh_scores = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
     ct = probs.dtype

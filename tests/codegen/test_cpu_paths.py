@@ -16,6 +16,14 @@ def _inputs(q_len: int, kv_len: int, group: int, gen: torch.Generator) -> tuple[
     return q, k, v
 
 
+def _cpu(args: tuple[object, ...]) -> torch.Tensor:
+    return cpu.attention(ref.AttnInputs(*args[:7]), ref.AttnFlags(*args[7:]))  # type: ignore[arg-type]
+
+
+def _ref(args: tuple[object, ...]) -> torch.Tensor:
+    return ref.attention_forward(ref.AttnInputs(*args[:7]), ref.AttnFlags(*args[7:]))  # type: ignore[arg-type]
+
+
 MASKS = ["none", "bool_padding", "bool_full", "additive"]
 
 
@@ -47,7 +55,7 @@ def test_attention_cpu_equals_reference(
     q, k, v = _inputs(q_len, kv_len, group, gen)
     mask = _mask(mask_kind, q_len, kv_len, gen)
     args = (q, k, v, mask, None, None, None, 0.25, causal, bottom_right, window, 0.0, -1, 0)
-    torch.testing.assert_close(cpu.attention(*args), ref.attention_forward(*args), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(_cpu(args), _ref(args), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", [0, 1])
@@ -56,7 +64,7 @@ def test_attention_cpu_rope_equals_reference(layout: int) -> None:
     q, k, v = _inputs(11, 11, 2, gen)
     cos, sin = torch.randn(11, 12, generator=gen), torch.randn(11, 12, generator=gen)
     args = (q, k, v, None, None, cos, sin, 0.3, True, True, 0, 0.0, layout, 12)
-    torch.testing.assert_close(cpu.attention(*args), ref.attention_forward(*args), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(_cpu(args), _ref(args), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
