@@ -40,8 +40,9 @@ def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     attn_mask, is_causal = _sdpa_mask(
         mask, q.shape[-2], k.shape[-2], flags.causal, flags.bottom_right, flags.window, q.device
     )
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(dtype)
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # SDPA wants 4-D
+        attn_mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
     out = F.scaled_dot_product_attention(
         qr.to(dtype),
         kr.to(dtype),

@@ -21,12 +21,16 @@ def _check_inputs(model: Any, example_inputs: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(example_inputs)
 
 
-def explain(model: Any, example_inputs: Sequence[Any], **options: Any) -> FusionReport:
-    """Compile `model` with tilefuse (inner compiler eager unless given), run it once, return the report."""
+def explain(model: Any, example_inputs: Sequence[Any], *, training: bool = False, **options: Any) -> FusionReport:
+    """Compile `model` with tilefuse (inner compiler eager unless given), run it once, return the report.
+
+    The run is an inference run (grad disabled) unless `training=True`; some graphs differ between the two.
+    """
     inputs = _check_inputs(model, example_inputs)
     options.setdefault("inner", "eager")
     backend = TilefuseBackend(Options.from_any(None, **options))
-    torch.compile(model, backend=backend)(*inputs)
+    with torch.set_grad_enabled(training):
+        torch.compile(model, backend=backend)(*inputs)
     return backend.report
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .capture import dynamo_graph_to_aten
+from .capture import CaptureDeclined, dynamo_graph_to_aten
 from .options import Options
 from .pipeline import run_pipeline
 from .report import FusionReport
@@ -59,6 +59,11 @@ class TilefuseBackend:
             compiled = inner_compile(fused, example_inputs, self.options)
             timings["inner_compile"] += time.perf_counter() - start
             return compiled
+        except CaptureDeclined as declined:
+            log.warning("tilefuse: %s", declined)
+            self.report.fallbacks.append(f"declined: {declined}")
+            self.report.counters["graph_declined"] += 1
+            return inner_compile(gm, example_inputs, self.options)
         except Exception as err:
             if self.options.strict:
                 raise

@@ -18,6 +18,21 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 
+class CaptureDeclined(Exception):
+    """The graph cannot be retraced without changing what it computes; the caller compiles it unfused."""
+
+
+def _check_retraceable(gm: fx.GraphModule) -> None:
+    """Retracing runs a custom autograd.Function's forward under no_grad and loses its backward: refuse."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if isinstance(target, torch._ops.HigherOrderOperator) and target.name() == "autograd_function_apply":
+            raise CaptureDeclined(
+                f"graph calls a custom autograd.Function ({node.name}) with grad enabled; retracing it would "
+                "drop its backward, so this graph is left unfused (it fuses under torch.no_grad)"
+            )
+
+
 def _fakeify(fake_mode: FakeTensorMode, inputs: Sequence[Any]) -> list[Any]:
     return [fake_mode.from_tensor(x, static_shapes=False) if isinstance(x, torch.Tensor) else x for x in inputs]
 
@@ -25,8 +40,10 @@ def _fakeify(fake_mode: FakeTensorMode, inputs: Sequence[Any]) -> list[Any]:
 def dynamo_graph_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Retrace a Dynamo graph (inputs flattened, parameters lifted) to pre-dispatch ATen with the same signature.
 
-    Uses Dynamo's own fake mode so symbolic (dynamic) sizes survive.
+    Uses Dynamo's own fake mode so symbolic (dynamic) sizes survive. Raises CaptureDeclined for graphs whose
+    meaning retracing would change.
     """
+    _check_retraceable(gm)
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())

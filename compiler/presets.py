@@ -71,6 +71,13 @@ HF_PRESETS: dict[str, HFPreset] = {
         {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "word_embed_proj_dim": 64, "vocab_size": VOCAB},
     ),
+    # BLOOM adds ALiBi. Without an attention_mask its positions are an arange, which the attention pass proves
+    # and hands to the kernel as slopes; with one they come from attention_mask.cumsum (data), which stays an
+    # additive [B, H, 1, N] bias (see passes/alibi.py), so the preset runs unpadded.
+    "hf:bloom": HFPreset(
+        "BloomConfig", "BloomForCausalLM", {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB},
+        positions_key=None,
+    ),
     "hf:bert": HFPreset(
         "BertConfig", "BertModel", {**_TINY_ENCODER, "vocab_size": VOCAB},
         output="last_hidden_state", inputs="padded_tokens", call_kwargs={},

@@ -1,7 +1,8 @@
 """Attention pass: recognize every attention site and replace it by one `tilefuse::attention` call.
 
 Sites are anchored on softmax nodes (primitive spellings) and SDPA calls. Masks are analyzed so that causal and
-sliding-window structure becomes flags; RoPE ops feeding both Q and K are absorbed into the attention call.
+sliding-window structure becomes flags and ALiBi biases become slopes; RoPE ops feeding both Q and K, directly or
+through the same head permute, are absorbed into the attention call.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import torch
 import torch.fx as fx
 
 from ..specs import AttentionSpec, RopeSpec
+from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
 from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site
 from .base import Decline, PassContext, PassResult
 from .graph import aten, escaping_nodes, insert_call, is_op, region_between, replace_with, static_shape, tensor_val
-from .masks import MaskFacts, analyze_keep, classify, is_bool, keep_from_additive
+from .head_fold import merge_heads, unfold_heads
+from .rope_absorb import absorb_rope
 from .sdpa import match_sdpa_site, sdpa_signature
-
-ROPE_LAYOUT_NAMES = {0: "rotate_half", 1: "interleaved"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,11 @@ class AttentionPass:
         for anchor in anchors:
             try:
                 match = match_sdpa_site(anchor) if sdpa_signature(anchor) else match_softmax_site(anchor)
-                spec = _rewrite(gm.graph, match, ctx)
+                spec, detail = _rewrite(gm.graph, match, ctx)
             except Decline as decline:
                 ctx.declined("attention", anchor, decline.reason, decline.spec)
                 continue
-            ctx.fused("attention", anchor, spec)
+            ctx.fused("attention", anchor, spec, **detail)
             modified = True
         if modified:
             gm.graph.eliminate_dead_code()
@@ -48,35 +49,29 @@ class AttentionPass:
         return PassResult(gm, modified)
 
 
-@dataclass
-class _Mask:
-    node: fx.Node | None
-    kind: str
-    causal: bool
-    align: str
-    window: int | None
-    inputs: list[fx.Node]
-
-
-def _rewrite(graph: fx.Graph, match: AttentionMatch, ctx: PassContext) -> AttentionSpec:
+def _rewrite(graph: fx.Graph, match: AttentionMatch, ctx: PassContext) -> tuple[AttentionSpec, dict[str, Any]]:
     q_val, k_val, v_val = (tensor_val(n) for n in (match.q, match.k, match.v))
     if q_val is None or k_val is None or v_val is None:
         raise Decline("Q, K or V has no tensor metadata")
     _check_shapes(q_val, k_val, v_val, match)
-    q_len, kv_len = static_shape(match.q)[-2], static_shape(match.k)[-2]
+    check_biases(match)
+    q_len, kv_len = q_val.shape[-2], k_val.shape[-2]
     # Every check that can decline runs before the first node is inserted, so a declined site leaves no trace.
-    region = region_between(graph, [match.q, match.k, match.v, *_mask_inputs(match)], match.output)
+    region = region_between(graph, [match.q, match.k, match.v, *mask_inputs(match)], match.output)
     escaped = escaping_nodes(region, match.output)
     if escaped:
         names = ", ".join(sorted(n.name for n in escaped)[:3])
         raise Decline(f"intermediate(s) {names} of the attention are used outside it")
     with graph.inserting_before(match.output):
-        mask = _build_mask(graph, match, q_len, kv_len)
-    rope = _absorb_rope(match, region, ctx)
-    spec = _spec(match, mask, q_val, k_val, v_val, rope)
+        mask = build_mask(graph, match, q_len, kv_len)
+        if match.heads_folded is not None:
+            heads = match.heads_folded
+            match.q, match.k, match.v = (unfold_heads(graph, n, heads) for n in (match.q, match.k, match.v))
+        rope = absorb_rope(graph, match, region, ctx)
+    spec = _spec(match, mask, q_val, v_val, rope)
     _emit(graph, match, mask, spec)
     _erase_replaced(graph, region | {match.anchor})
-    return spec
+    return spec, mask.detail
 
 
 def _erase_replaced(graph: fx.Graph, nodes: set[fx.Node]) -> None:
@@ -107,94 +102,8 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match: Atte
         match.scale = 1.0 / math.sqrt(head_dim)
 
 
-def _mask_inputs(match: AttentionMatch) -> list[fx.Node]:
-    nodes = [cond for cond, _ in match.keeps] + match.additive
-    return [n for n in nodes if isinstance(n, fx.Node)]
-
-
-def _build_mask(graph: fx.Graph, match: AttentionMatch, q_len: Any, kv_len: Any) -> _Mask:
-    for node in match.additive:
-        if not isinstance(node, fx.Node) or is_bool(node) or tensor_val(node) is None:
-            raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
-    facts, additive, inputs = MaskFacts(), [], []
-    for cond, negated in match.keeps:
-        facts = facts.merge(analyze_keep(cond, negated))
-        inputs.append(cond)
-    for node in match.additive:
-        inputs.append(node)
-        keep = keep_from_additive(node)
-        if keep is not None:
-            facts = facts.merge(analyze_keep(*keep))
-        else:
-            additive.append(node)
-    positional, leftover = classify(facts.constraints, q_len, kv_len)
-    data = facts.data + leftover
-    causal = positional.causal or match.causal
-    align = positional.align if positional.causal else "top_left"
-    keep_node = _conjoin(graph, data)
-    add_node = _sum(graph, additive)
-    if keep_node is not None and add_node is not None:
-        add_node = insert_call(graph, aten.where.ScalarOther, (keep_node, add_node, float("-inf")))
-        keep_node = None
-    mask_node = keep_node if keep_node is not None else add_node
-    if mask_node is not None and match.three_d and mask_node.meta["val"].dim() == 3:
-        mask_node = insert_call(graph, aten.unsqueeze.default, (mask_node, 1))
-    return _Mask(mask_node, _mask_kind(mask_node), causal, align, positional.window, inputs)
-
-
-def _conjoin(graph: fx.Graph, atoms: list[tuple[fx.Node, bool]]) -> fx.Node | None:
-    """AND of the atoms, each read by truthiness (a non-boolean atom x stands for x != 0)."""
-    out: fx.Node | None = None
-    for node, negated in atoms:
-        term = node if is_bool(node) else insert_call(graph, aten.ne.Scalar, (node, 0))
-        term = insert_call(graph, aten.logical_not.default, (term,)) if negated else term
-        out = term if out is None else insert_call(graph, aten.logical_and.default, (out, term))
-    return out
-
-
-def _sum(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node | None:
-    out: fx.Node | None = None
-    for node in nodes:
-        out = node if out is None else insert_call(graph, aten.add.Tensor, (out, node))
-    return out
-
-
-def _mask_kind(node: fx.Node | None) -> str:
-    if node is None:
-        return "none"
-    val = node.meta["val"]
-    if val.dtype != torch.bool:
-        return "additive"
-    shape = val.shape
-    key_padding = val.dim() >= 2 and shape[-2] == 1 and (val.dim() < 3 or shape[-3] == 1)
-    return "key_padding" if key_padding else "boolean"
-
-
-def _absorb_rope(match: AttentionMatch, region: set[fx.Node], ctx: PassContext) -> RopeSpec | None:
-    """Fold tilefuse::rope ops on Q and K into the attention when they share cos/sin and nothing else reads them."""
-    q, k = match.q, match.k
-    rope = torch.ops.tilefuse.rope.default
-    if q.target is not rope or k.target is not rope or match.three_d:
-        return None
-    if q.args[1:] != k.args[1:]:
-        return None
-    if any(u not in region and u is not match.output for n in (q, k) for u in n.users):
-        return None
-    spec = q.meta.get("tilefuse_spec")
-    q_args: tuple[Any, ...] = q.args
-    k_args: tuple[Any, ...] = k.args
-    match.q, match.k = q_args[0], k_args[0]
-    match.rope_cos, match.rope_sin = q_args[1], q_args[2]
-    for site in ctx.sites:
-        if site.kind == "rope" and site.node in (q.name, k.name):
-            site.detail["fused_into"] = match.anchor.name
-    layout = ROPE_LAYOUT_NAMES[int(q_args[3])]
-    head_dim = static_shape(q)[-1] or 0
-    return spec if isinstance(spec, RopeSpec) else RopeSpec(layout, int(q_args[4]), head_dim)  # type: ignore[arg-type]
-
-
 def _spec(
-    match: AttentionMatch, mask: _Mask, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None
+    match: AttentionMatch, mask: SiteMask, q: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None
 ) -> AttentionSpec:
     qs, ks = static_shape(match.q), static_shape(match.k)
     four = len(qs) == 4
@@ -203,12 +112,13 @@ def _spec(
         batch=qs[0], q_heads=qs[1] if four else 1, kv_heads=ks[1] if four else 1, q_len=qs[-2], kv_len=ks[-2],
         head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), dtype=str(q.dtype).removeprefix("torch."),
         scale=float(match.scale or 1.0), causal=mask.causal, align=mask.align,  # type: ignore[arg-type]
-        window=mask.window, softcap=match.softcap, mask=mask.kind, mask_shape=mask_shape,  # type: ignore[arg-type]
+        window=mask.window, softcap=match.softcap, alibi=mask.alibi is not None,
+        mask=mask.kind, mask_shape=mask_shape,  # type: ignore[arg-type]
         gqa_group=match.gqa_group, dropout_p=match.dropout_p, rope=rope, source=match.source,
     )
 
 
-def _emit(graph: fx.Graph, match: AttentionMatch, mask: _Mask, spec: AttentionSpec) -> None:
+def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: AttentionSpec) -> None:
     q, k, v = match.q, match.k, match.v
     layout, rotary_dim = (_layout_code(spec.rope), spec.rope.rotary_dim) if spec.rope is not None else (-1, 0)
     cos, sin = match.rope_cos, match.rope_sin
@@ -217,11 +127,13 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: _Mask, spec: AttentionSp
             q, k, v = (insert_call(graph, aten.unsqueeze.default, (n, 1)) for n in (q, k, v))
         out = insert_call(
             graph, torch.ops.tilefuse.attention.default,
-            (q, k, v, mask.node, None, cos, sin, spec.scale, spec.causal, spec.align == "bottom_right",
+            (q, k, v, mask.node, mask.alibi, cos, sin, spec.scale, spec.causal, spec.align == "bottom_right",
              spec.window or 0, spec.softcap or 0.0, layout, rotary_dim),
         )
         if match.three_d:
             out = insert_call(graph, aten.squeeze.dim, (out, 1))
+        if match.heads_folded is not None:
+            out = merge_heads(graph, out)
     out.meta["tilefuse_spec"] = spec
     replace_with(match.output, out)
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .base import Decline
 from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
+from .head_fold import merged_heads, split_heads, unfolded_source
 from .masks import is_full_slice, is_very_negative
 
 CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy)
@@ -42,6 +43,10 @@ class AttentionMatch:
     enable_gqa: bool = False
     rope_cos: fx.Node | None = None
     rope_sin: fx.Node | None = None
+    # H when Q·Kᵀ and P·V run on [B*H, N, D] around a [B, H, Nq, Nk] softmax (BLOOM); biases added to the
+    # [B*H, Nq, Nk] scores before they are viewed per head are `folded_additive`.
+    heads_folded: int | None = None
+    folded_additive: list[fx.Node] = field(default_factory=list)
 
 
 def skip_casts(node: Any) -> Any:
@@ -66,14 +71,17 @@ def match_softmax_site(softmax: fx.Node) -> AttentionMatch:
     rank = ndim(softmax)
     if rank not in (3, 4) or dim not in (-1, rank - 1):
         raise Decline(f"softmax over dim {dim} of a rank-{rank} tensor is not attention over keys")
-    pv, dropout_p = _find_pv(softmax)
+    pv, dropout_p, pv_heads = _find_pv(softmax)
     match = AttentionMatch(anchor=softmax, output=pv, q=pv, k=pv, v=pv, dropout_p=dropout_p)
     _peel_scores(softmax.args[0], match)
+    if pv_heads != match.heads_folded:
+        raise Decline("heads are folded into the batch axis on one side of the softmax only")
     return match
 
 
-def _find_pv(softmax: fx.Node) -> tuple[fx.Node, float]:
-    node, dropout_p = softmax, 0.0
+def _find_pv(softmax: fx.Node) -> tuple[fx.Node, float, int | None]:
+    """(P·V contraction, dropout p, H when the probabilities are viewed as [B*H, Nq, Nk] before it)."""
+    node, dropout_p, heads = softmax, 0.0, None
     while True:
         user = single_user(node)
         if user is None:
@@ -83,8 +91,10 @@ def _find_pv(softmax: fx.Node) -> tuple[fx.Node, float]:
         elif is_op(user, aten.dropout):
             dropout_p = _dropout_p(user)
             node = user
+        elif heads is None and merged_heads(user) is not None:
+            heads, node = merged_heads(user), user
         elif is_op(user, aten.matmul, aten.bmm) and user.args[0] is node:
-            return user, dropout_p
+            return user, dropout_p, heads
         else:
             raise Decline(f"softmax output feeds {user.target}, not a contraction with V")
 
@@ -133,6 +143,12 @@ def _peel_one(node: Any, ops: list[tuple[str, Any]]) -> Any:
         return node.args[0]
     if is_op(node, aten.where):
         return _peel_where(node, ops)
+    heads = split_heads(node)
+    if heads is not None:
+        if any(kind == "fold" for kind, _ in ops):
+            raise Decline("attention scores are viewed per head twice")
+        ops.append(("fold", heads))
+        return node.args[0]
     return None
 
 
@@ -201,7 +217,7 @@ def _leads_to_scores(node: Any, depth: int = 12) -> bool:
             return False
         if is_op(node, aten.matmul, aten.bmm, aten.baddbmm):
             return True
-        if is_op(node, *CASTS, aten.mul, aten.div, aten.masked_fill, aten.tanh):
+        if is_op(node, *CASTS, *VIEWS, aten.mul, aten.div, aten.masked_fill, aten.tanh):
             node = node.args[0]
         elif is_op(node, aten.add, aten.where):
             operands = node.args[1:] if is_op(node, aten.where) else node.args
@@ -212,10 +228,16 @@ def _leads_to_scores(node: Any, depth: int = 12) -> bool:
 
 
 def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatch) -> None:
-    """Accept scale → softcap → masks in that order (scales multiply); other orders change the math."""
+    """Accept scale → softcap → masks in that order (scales multiply); other orders change the math.
+
+    Ops inside a head fold (before the scores are viewed per head) act on [B*H, Nq, Nk] scores.
+    """
     scale, seen_softcap, seen_mask = 1.0, False, False
+    folded = any(kind == "fold" for kind, _ in inner_to_outer)
     for kind, value in inner_to_outer:
-        if kind == "scale":
+        if kind == "fold":
+            match.heads_folded, folded = value, False
+        elif kind == "scale":
             if seen_softcap or seen_mask:
                 raise Decline("scores are scaled after softcap or masking")
             scale *= value
@@ -224,8 +246,10 @@ def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatc
                 raise Decline("softcap applied after masking")
             match.softcap, seen_softcap = value, True
         elif kind == "add":
-            match.additive.append(value)
+            (match.folded_additive if folded else match.additive).append(value)
             seen_mask = True
+        elif folded:
+            raise Decline("a keep-mask is applied to head-folded [B*H, Nq, Nk] scores")
         else:
             match.keeps.append(value)
             seen_mask = True
@@ -243,15 +267,26 @@ def _match_qk(contraction: fx.Node, match: AttentionMatch) -> None:
     k, k_scale = _strip_scale(k_scaled)  # a scale may sit on either side of the transpose
     match.scale = (match.scale or 1.0) * q_scale * kt_scale * k_scale
     v = match.output.args[1]
-    rank = ndim(contraction)
-    match.three_d = rank == 3
     match.q, match.k, match.v = skip_casts(q), k, skip_casts(v)
+    rank = _unfold_qkv(match) if match.heads_folded is not None else ndim(contraction)
+    match.three_d = rank == 3 and match.heads_folded is None
     if rank == 4:
         match.k, k_group = walk_kv(match.k)
         match.v, v_group = walk_kv(match.v)
         if k_group != v_group:
             raise Decline(f"K and V are repeated differently (groups {k_group} and {v_group})")
         match.gqa_group = k_group
+
+
+def _unfold_qkv(match: AttentionMatch) -> int:
+    """Q, K and V as the [B, H, N, D] tensors their [B*H, N, D] operands reshape, when all three are visible
+    (rank 4); otherwise they stay 3-D and the rewrite unfolds them (rank 3)."""
+    heads = match.heads_folded or 1
+    sources = [unfolded_source(n, heads) if isinstance(n, fx.Node) else None for n in (match.q, match.k, match.v)]
+    if any(s is None for s in sources):
+        return 3
+    match.q, match.k, match.v = (skip_casts(s) for s in sources)
+    return 4
 
 
 def _strip_scale(node: Any) -> tuple[Any, float]:

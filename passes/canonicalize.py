@@ -1,17 +1,25 @@
-"""Canonicalize: remove ops that cannot change a value, so recognizers see fewer spellings.
+"""Canonicalize: rewrite spellings into one form and remove ops that cannot change a value, so recognizers see
+fewer spellings.
 
-Only exact identities are removed (casts to the same dtype, inactive dropout, multiplication by one in a float
-dtype); everything that could change NaN/Inf/-0 behaviour, strides seen by a later view, or aliasing stays.
+Only exact identities: in-place ops on intermediates become functional, batched-matmul einsums become `matmul`,
+a constant-filled `where` branch becomes a scalar, and casts to the same dtype, inactive dropout and
+multiplication by one in a float dtype go. Everything that could change a value's bits, NaN/Inf/-0 behaviour,
+the strides a later view sees, or aliasing stays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.fx as fx
 
 from .base import PassContext, PassResult
-from .graph import arg, aten, dtype_of, is_op, scalar_value
+from .canonicalize_einsum import einsum_to_matmul
+from .canonicalize_inplace import functionalize
+from .graph import arg, aten, constant_fill, dtype_of, insert_equivalent, is_mutated, is_op, scalar_value
 
 
 def _identity_input(node: fx.Node) -> fx.Node | None:
@@ -24,8 +32,46 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     if is_op(node, aten.dropout) and (not arg(node, 2, "train", False) or float(arg(node, 1, "p", 0.0)) == 0.0):
         return source
     if is_op(node, aten.mul) and scalar_value(node.args[1]) == 1.0 and not isinstance(node.args[1], fx.Node):
-        return source if dtype_of(source) is not None and dtype_of(source).is_floating_point else None  # type: ignore[union-attr]
+        return source if _float_copy_removable(source, node) else None
     return None
+
+
+def _float_copy_removable(source: fx.Node, copy: fx.Node) -> bool:
+    """`x * 1` is a copy of a float x: dropping it merges two storages, exact only while neither is written."""
+    dtype = dtype_of(source)
+    return dtype is not None and dtype.is_floating_point and not is_mutated(source) and not is_mutated(copy)
+
+
+def where_scalar_fill(node: fx.Node) -> fx.Node | None:
+    """`where(c, a, full_like(a, v))` → `where(c, a, v)` (and the mirrored form), when the result keeps its shape,
+    dtype and strides: `where` selects, so a constant branch acts exactly as its value would."""
+    if node.target is not aten.where.self:
+        return None
+    cond, a, b = node.args
+    forms = ((aten.where.ScalarOther, (cond, a, _fill_scalar(b))), (aten.where.ScalarSelf, (cond, _fill_scalar(a), b)))
+    for target, args in forms:
+        rewritten = insert_equivalent(node, target, args) if None not in args else None
+        if rewritten is not None:
+            return rewritten
+    return None
+
+
+def _fill_scalar(x: Any) -> bool | int | float | None:
+    """The Python number a constant-filled tensor holds, of its dtype's kind (so promotion treats both alike)."""
+    value, dtype = constant_fill(x) if isinstance(x, fx.Node) else None, dtype_of(x)
+    if value is None or dtype is None:
+        return None
+    if dtype == torch.bool:
+        return bool(value)
+    return value if dtype.is_floating_point else int(value)
+
+
+# (counter, rewrite): a rewrite inserts the replacement of a node, or returns None to leave it.
+_REWRITES: tuple[tuple[str, Callable[[fx.Node], fx.Node | None]], ...] = (
+    ("canonicalize_einsum", einsum_to_matmul),
+    ("canonicalize_where_fill", where_scalar_fill),
+    ("canonicalize_removed", _identity_input),
+)
 
 
 @dataclass(frozen=True)
@@ -33,23 +79,29 @@ class CanonicalizePass:
     name: str = "canonicalize"
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        modified = False
+        functionalized = functionalize(gm.graph)
+        ctx.counters["canonicalize_functionalized"] += functionalized
+        modified = functionalized > 0
         for node in list(gm.graph.nodes):
-            if node.op != "call_function":
-                continue
-            if is_op(node, aten._assert_tensor_metadata) and not node.users:
-                # torch.export's dtype/shape checks before casts: facts the fake metadata already holds.
-                gm.graph.erase_node(node)
-                modified = True
-                continue
-            source = _identity_input(node)
-            if source is not None:
-                node.replace_all_uses_with(source)
-                gm.graph.erase_node(node)
-                ctx.counters["canonicalize_removed"] += 1
-                modified = True
+            if node.op == "call_function":
+                modified = self._rewrite(gm.graph, node, ctx) or modified
         modified = gm.graph.eliminate_dead_code() or modified
         if modified:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+    @staticmethod
+    def _rewrite(graph: fx.Graph, node: fx.Node, ctx: PassContext) -> bool:
+        if is_op(node, aten._assert_tensor_metadata) and not node.users:
+            # torch.export's dtype/shape checks before casts: facts the fake metadata already holds.
+            graph.erase_node(node)
+            return True
+        for counter, rewrite in _REWRITES:
+            replacement = rewrite(node)
+            if replacement is not None:
+                node.replace_all_uses_with(replacement)
+                graph.erase_node(node)
+                ctx.counters[counter] += 1
+                return True
+        return False

@@ -10,7 +10,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -65,23 +66,256 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 
 def scalar_value(x: Any) -> float | None:
-    """The Python number `x` stands for: a literal, or a node building a 0-d constant (full, scalar_tensor)."""
+    """The Python number `x` stands for: a literal, or a node building a 0-d constant (full, scalar_tensor, or a
+    0-d tensor literal `torch.tensor(c)`, traced as `lift_fresh_copy` of a `_tensor_constant` attribute).
+
+    Only 0-d constants count: a multiplicative scale of larger shape would broadcast the result, so callers that
+    accept any constant-filled tensor (a `where` fill) use `constant_fill` / `scalar_operand` instead.
+    """
     if isinstance(x, bool):
         return None
     if isinstance(x, (int, float)):
         return float(x)
+    literal = literal_tensor(x)
+    if literal is not None:
+        return _number(literal) if literal.dim() == 0 else None
     if is_op(x, aten.full) and len(x.args[0]) == 0:
         return scalar_value(x.args[1])
     if is_op(x, aten.zeros, aten.ones) and len(x.args[0]) == 0:
         return 0.0 if is_op(x, aten.zeros) else 1.0
     if is_op(x, aten.scalar_tensor):
         return scalar_value(x.args[0])
-    if is_op(x, aten.to, aten._to_copy, aten.clone, aten.detach, aten.lift_fresh_copy):
+    if is_op(x, aten.to, aten._to_copy, aten.clone, aten.detach, aten.detach_, aten.lift_fresh_copy, aten.alias):
         return scalar_value(x.args[0])
     if is_op(x, aten.sqrt):
         inner = scalar_value(x.args[0])
         return math.sqrt(inner) if inner is not None and inner >= 0 else None
     return None
+
+
+def literal_tensor(node: Any) -> torch.Tensor | None:
+    """The value of a tensor literal written in the program (`torch.tensor(c)`), which tracing records as
+    `lift_fresh_copy` of a constant attribute: a fresh copy per call, so its value is fixed. A bare `get_attr`
+    is module state (a buffer, or a parameter under `capture`) that may change between calls: None."""
+    if not is_op(node, aten.lift_fresh_copy) or is_mutated(node):
+        return None
+    source = node.args[0]
+    if not isinstance(source, fx.Node) or source.op != "get_attr" or source.graph.owning_module is None:
+        return None
+    obj: Any = source.graph.owning_module
+    for part in str(source.target).split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, torch.Tensor) or is_fake(obj) or obj.requires_grad:
+        return None
+    return obj
+
+
+def _number(t: torch.Tensor) -> float | None:
+    """The value of a one-element real tensor (bool and complex excluded)."""
+    if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
+        return None
+    return float(t.item())
+
+
+# Composite ops whose schema promises a new tensor but which hand back their input in some cases (eval-mode
+# dropout, `type_as` to the same dtype, `sum_to_size` to the same size, `atleast_*d` of a big enough tensor).
+_MAY_RETURN_INPUT = frozenset(
+    {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "type_as", "sum_to_size"}
+    | {"atleast_1d", "atleast_2d", "atleast_3d"}
+)
+
+
+def returns_alias(node: fx.Node) -> bool:
+    """True when `node`'s result may share storage with an input (views, in-place ops, unknown callables)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return node.op != "output"
+    return _may_return_input(node) or any(r.alias_info for r in node.target._schema.returns)
+
+
+def _may_return_input(node: fx.Node) -> bool:
+    if is_op(node, aten.einsum):
+        return len(_einsum_operands(node)) == 1  # one operand: a permuted or diagonal view of it
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.name.removeprefix("aten::") in _MAY_RETURN_INPUT
+
+
+def _einsum_operands(node: fx.Node) -> tuple[Any, ...]:
+    operands = arg(node, 1, "tensors", ())
+    return tuple(operands) if isinstance(operands, (list, tuple)) else ()
+
+
+# In-place ops that change a tensor's autograd flag or shape, never an element of its storage.
+_METADATA_ONLY = frozenset({"detach_", "squeeze_", "unsqueeze_", "transpose_", "t_", "swapdims_", "swapaxes_"})
+
+
+def writes(node: fx.Node, tensor: fx.Node) -> bool:
+    """True when `node` mutates `tensor` (its schema marks that argument `Tensor(a!)`); unknown callables may."""
+    if node.op == "output":
+        return False
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return True
+    if node.target._schema.name.removeprefix("aten::") in _METADATA_ONLY:
+        return False
+    for i, schema_arg in enumerate(node.target._schema.arguments):
+        if schema_arg.alias_info is None or not schema_arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(schema_arg.name)
+        if value is tensor or (isinstance(value, (list, tuple)) and tensor in value):
+            return True
+    return False
+
+
+def aliases_of(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node that may share its storage through a chain of views or in-place results."""
+    found, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in found and returns_alias(user):
+                found.add(user)
+                stack.append(user)
+    return found
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node whose storage `node` shares: up through views and in-place results to the op that made it."""
+    while node.op == "call_function" and returns_alias(node):
+        source = _aliased_input(node)
+        if source is None:
+            return node
+        node = source
+    return node
+
+
+def _aliased_input(node: fx.Node) -> fx.Node | None:
+    """The argument a view or in-place result aliases (its schema shares an alias set with the return)."""
+    first = _einsum_operands(node)[0] if is_op(node, aten.einsum) else node.args[0] if node.args else None
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or _may_return_input(node):
+        return first if isinstance(first, fx.Node) else None
+    returned = {s for r in schema.returns if r.alias_info is not None for s in r.alias_info.before_set}
+    for i, schema_arg in enumerate(schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(schema_arg.name)
+        if schema_arg.alias_info is not None and returned & set(schema_arg.alias_info.before_set):
+            return value if isinstance(value, fx.Node) else None
+    return None
+
+
+def is_mutated(node: fx.Node) -> bool:
+    """True when some op of the graph writes the storage `node` shares with its base and the base's aliases."""
+    return any(writes(user, alias) for alias in aliases_of(storage_root(node)) for user in alias.users)
+
+
+# Ops each of whose output elements is an input element (converted to the output dtype).
+_SAME_VALUES = (
+    aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.detach, aten.detach_, aten.alias,
+    aten.lift_fresh_copy, aten.expand, aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze,
+    aten.permute, aten.transpose, aten.t,
+)
+_FILL_ARG = {aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.scalar_tensor: 0}
+
+
+def constant_fill(x: Any) -> float | None:
+    """The value every element of `x` holds, exactly as stored in its dtype, when `x` is a number or a
+    constant-filled tensor of any shape (`full`, `full_like`, `new_full`, `zeros`/`ones`(`_like`), a one-element
+    tensor literal), possibly cast or viewed; None otherwise (including when anything writes it)."""
+    if not isinstance(x, fx.Node):
+        return float(x) if isinstance(x, (bool, int, float)) else None
+    if is_mutated(x):
+        return None
+    return _stored(_fill_source_value(x), dtype_of(x))
+
+
+def _fill_source_value(x: fx.Node) -> float | None:
+    literal = literal_tensor(x)
+    if literal is not None:
+        return _number(literal)
+    for packet, index in _FILL_ARG.items():
+        if is_op(x, packet):
+            return constant_fill(arg(x, index, "fill_value")) if len(x.args) > index else None
+    if is_op(x, aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like, aten.new_ones):
+        return 0.0 if is_op(x, aten.zeros, aten.zeros_like, aten.new_zeros) else 1.0
+    return constant_fill(x.args[0]) if is_op(x, *_SAME_VALUES) else None
+
+
+def _stored(value: float | None, dtype: torch.dtype | None) -> float | None:
+    """`value` converted to `dtype` the way filling a tensor of that dtype converts it; None when unsure."""
+    if value is None or dtype is None or dtype.is_complex:
+        return None
+    if dtype == torch.bool:
+        return float(value != 0)
+    if dtype.is_floating_point:
+        return float(torch.tensor(value, dtype=torch.float64).to(dtype).item())
+    return value if math.isfinite(value) and value.is_integer() else None
+
+
+def scalar_operand(x: Any, other: Any) -> float | None:
+    """`constant_fill(x)` when `x`, as an elementwise partner of `other`, changes neither its shape nor its dtype,
+    so `x` acts like the Python number (a scale or fill of larger shape or wider dtype would not)."""
+    value = constant_fill(x)
+    xv, ov = tensor_val(x), tensor_val(other)
+    if value is None or not isinstance(x, fx.Node):
+        return value
+    if xv is None or ov is None or not _broadcasts_into(xv.shape, ov.shape):
+        return None
+    return value if torch.result_type(_dtype_probe(xv), _dtype_probe(ov)) == ov.dtype else None
+
+
+def _broadcasts_into(shape: Sequence[Any], target: Sequence[Any]) -> bool:
+    if len(shape) > len(target):
+        return False
+    pairs = zip(reversed(list(shape)), reversed(list(target)), strict=False)
+    return all(statically_known_true(s == 1) or statically_known_true(s == t) for s, t in pairs)
+
+
+def _dtype_probe(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with `t`'s dtype and 0-d-ness: all that type promotion looks at."""
+    return torch.empty((1,) * min(t.dim(), 1), dtype=t.dtype, device="meta")
+
+
+def same_layout(a: Any, b: Any) -> bool:
+    """True when two fake values provably agree in shape, dtype, device and strides (size-1 dims' strides aside)."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.dtype != b.dtype or a.device != b.device or a.dim() != b.dim():
+        return False
+    if not all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)):
+        return False
+    strides = zip(a.shape, a.stride(), b.stride(), strict=True)
+    return all(statically_known_true(size == 1) or statically_known_true(x == y) for size, x, y in strides)
+
+
+def insert_equivalent(
+    before: fx.Node, target: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any] | None = None
+) -> fx.Node | None:
+    """Insert `target(*args, **kwargs)` before `before` when its fake value has `before`'s layout, else nothing.
+
+    For rewrites that must not change what later ops see: a different shape, dtype or stride declines.
+    """
+    value = _fake_call(before.graph, target, tuple(args), kwargs or {})
+    if not same_layout(value, before.meta.get("val")):
+        return None
+    with before.graph.inserting_before(before):
+        node = before.graph.call_function(target, tuple(args), kwargs or {})
+    node.meta["val"] = value
+    return node
+
+
+def _fake_call(graph: fx.Graph, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`target` run on the arguments' fake values; None when there is no fake mode or the kernel rejects them."""
+    fake_mode = fake_mode_of(graph)
+    if fake_mode is None:
+        return None
+    fake_args, fake_kwargs = _fake_inputs(args, kwargs)
+    try:
+        with fake_mode:
+            return target(*fake_args, **fake_kwargs)
+    except Exception:  # e.g. a dtype or shape the op does not accept: the rewrite does not apply
+        return None
+
+
+def _fake_inputs(args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """Arguments with every node replaced by its fake value (`meta["val"]`)."""
+    return fx.node.map_arg(args, lambda n: n.meta.get("val")), fx.node.map_arg(kwargs, lambda n: n.meta.get("val"))
 
 
 def single_user(node: fx.Node) -> fx.Node | None:
@@ -129,8 +363,7 @@ def insert_call(
     """Insert `target(*args)` at the current insertion point and fill its `val` metadata by fake propagation."""
     node = graph.call_function(target, tuple(args), kwargs or {})
     fake_mode = fake_mode_of(graph)
-    fake_args = fx.node.map_arg(node.args, lambda n: n.meta.get("val"))
-    fake_kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val"))
+    fake_args, fake_kwargs = _fake_inputs(node.args, node.kwargs)
     if fake_mode is not None:
         with fake_mode:
             node.meta["val"] = target(*fake_args, **fake_kwargs)

@@ -16,39 +16,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph import arg, aten, is_op, ndim, scalar_value
+from .graph import arg, aten, constant_fill, is_op, ndim, scalar_value
+from .positions import CASTS as _CASTS
+from .positions import index_expr, is_full_slice
+
+__all__ = ["index_expr", "is_full_slice"]  # re-exported: the attention matcher reads them from here
 
 # Fill values at or below this count as "masked out" (HF uses finfo.min; older code -1e4 or -1e9).
 NEG_FILL_LIMIT = -1e4
-_INT64_MAX = 2**63 - 1
-_CASTS = (aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy, aten.detach)
-
-
-@dataclass(frozen=True)
-class Affine:
-    """sum(coef[axis] · index_along_axis) + const on a tensor of rank `rank` (axes absolute)."""
-
-    coef: tuple[tuple[int, float], ...]
-    const: float
-    rank: int
-
-    def shifted(self, new_rank: int, moved_from: int | None = None) -> Affine:
-        """Re-index after `unsqueeze(moved_from)` (axes >= moved_from move up) or leading broadcast dims."""
-        if moved_from is None:
-            delta = new_rank - self.rank
-            return Affine(tuple((a + delta, c) for a, c in self.coef), self.const, new_rank)
-        return Affine(tuple((a + 1 if a >= moved_from else a, c) for a, c in self.coef), self.const, new_rank)
-
-    def combine(self, other: Affine, sign: float) -> Affine:
-        rank = max(self.rank, other.rank)
-        a, b = self.shifted(rank), other.shifted(rank)
-        coefs: dict[int, float] = dict(a.coef)
-        for axis, c in b.coef:
-            coefs[axis] = coefs.get(axis, 0.0) + sign * c
-        return Affine(tuple(sorted((k, v) for k, v in coefs.items() if v != 0)), a.const + sign * b.const, rank)
-
-    def scaled(self, factor: float) -> Affine:
-        return Affine(tuple((a, c * factor) for a, c in self.coef), self.const * factor, self.rank)
 
 
 @dataclass(frozen=True)
@@ -72,73 +47,6 @@ class MaskFacts:
 
     def merge(self, other: MaskFacts) -> MaskFacts:
         return MaskFacts(self.constraints + other.constraints, self.data + other.data)
-
-
-# ------------------------------------------------------------------------------------------ index tensors
-def index_expr(node: Any) -> Affine | None:
-    """The node as an affine function of arange positions, or None when it is not one."""
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return Affine((), float(node), 0)
-    if not isinstance(node, fx.Node):
-        return None
-    if is_op(node, aten.arange):
-        return _arange_expr(node)
-    if is_op(node, *_CASTS):
-        return index_expr(node.args[0])
-    if is_op(node, aten.unsqueeze):
-        inner = index_expr(node.args[0])
-        if inner is None:
-            return None
-        dim: Any = node.args[1]
-        dim = dim + inner.rank + 1 if dim < 0 else dim
-        return inner.shifted(inner.rank + 1, moved_from=dim)
-    if is_op(node, aten.expand):
-        inner = index_expr(node.args[0])
-        sizes: Any = node.args[1]
-        return inner.shifted(len(sizes)) if inner is not None else None
-    if is_op(node, aten.slice) and is_full_slice(node):
-        return index_expr(node.args[0])
-    if is_op(node, aten.add, aten.sub):
-        return _add_expr(node)
-    if is_op(node, aten.mul):
-        return _mul_expr(node)
-    return None
-
-
-def _arange_expr(node: fx.Node) -> Affine | None:
-    args = [a for a in node.args]
-    if node.target == aten.arange.default:
-        return Affine(((0, 1.0),), 0.0, 1)
-    if node.target == aten.arange.start:
-        start = scalar_value(args[0])
-        return Affine(((0, 1.0),), start, 1) if start is not None else None
-    if node.target == aten.arange.start_step:
-        start, step = scalar_value(args[0]), scalar_value(args[2])
-        return Affine(((0, step),), start, 1) if start is not None and step is not None else None
-    return None
-
-
-def is_full_slice(node: fx.Node) -> bool:
-    start, end, step = arg(node, 2, "start", 0), arg(node, 3, "end", _INT64_MAX), arg(node, 4, "step", 1)
-    return start in (0, None) and end in (_INT64_MAX, None) and step == 1
-
-
-def _add_expr(node: fx.Node) -> Affine | None:
-    alpha = node.kwargs.get("alpha", 1)
-    a, b = index_expr(node.args[0]), index_expr(node.args[1])
-    if a is None or b is None or not isinstance(alpha, (int, float)):
-        return None
-    sign = float(alpha) * (-1.0 if is_op(node, aten.sub) else 1.0)
-    return a.combine(b, sign)
-
-
-def _mul_expr(node: fx.Node) -> Affine | None:
-    a, b = index_expr(node.args[0]), index_expr(node.args[1])
-    if a is not None and b is not None and not b.coef:
-        return a.scaled(b.const)
-    if a is not None and b is not None and not a.coef:
-        return b.scaled(a.const)
-    return None
 
 
 # ------------------------------------------------------------------------------------------- boolean masks
@@ -184,7 +92,7 @@ def _is_all_true(node: fx.Node) -> bool:
     """A constant all-True (or all-ones) tensor, e.g. HF's `new_ones((), dtype=bool)` seed of a mask."""
     if is_op(node, aten.new_ones, aten.ones, aten.ones_like):
         return True
-    return is_op(node, aten.full, aten.new_full) and scalar_value(node.args[-1]) == 1.0
+    return constant_fill(node) == 1.0
 
 
 def _unsqueeze_is_leading(node: fx.Node) -> bool:
@@ -236,15 +144,6 @@ def _triangle(node: fx.Node) -> Constraint | None:
     return Constraint(-1.0, 1.0, -diagonal, op, node)
 
 
-def constant_fill(node: Any) -> float | None:
-    """The value every element of a constant tensor (`ones`, `full`, possibly cast) holds, else None."""
-    while is_op(node, *_CASTS):
-        node = node.args[0]
-    if is_op(node, aten.ones):
-        return 1.0
-    return scalar_value(node.args[1]) if is_op(node, aten.full) else None
-
-
 # ------------------------------------------------------------------------------------------ additive masks
 def keep_from_additive(node: fx.Node) -> tuple[fx.Node, bool] | None:
     """(pred, negated) when `node` is where(pred, 0, -big) (or swapped) or triu/tril of a -big constant."""
@@ -255,7 +154,7 @@ def keep_from_additive(node: fx.Node) -> tuple[fx.Node, bool] | None:
     pred, a, b = node.args
     if not isinstance(pred, fx.Node):
         return None
-    va, vb = scalar_value(a), scalar_value(b)
+    va, vb = constant_fill(a), constant_fill(b)  # a constant branch only broadcasts the mask: still a keep-mask
     if va == 0.0 and vb is not None and vb <= NEG_FILL_LIMIT:
         return pred, False
     if vb == 0.0 and va is not None and va <= NEG_FILL_LIMIT:

@@ -19,7 +19,7 @@ from tilefuse.compiler.presets import HF_PRESETS, PRESET_NAMES, load_model
 
 SDPA_PRESETS = ("hf:llama", "hf:mistral", "hf:qwen2", "hf:gemma", "hf:phi", "hf:gpt2", "hf:opt", "hf:bert",
                 "hf:vit")
-EAGER_ONLY_PRESETS = ("hf:gemma2", "hf:gptj")
+EAGER_ONLY_PRESETS = ("hf:gemma2", "hf:gptj", "hf:bloom")
 
 
 def _needs(module: str, why: str) -> None:

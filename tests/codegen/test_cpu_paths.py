@@ -81,3 +81,12 @@ def test_norm_cpu_equals_reference(dtype: torch.dtype, rms: bool, offset: float,
     want = ref.norm_forward(x, weight, bias, 1e-5, offset, rms)[0]
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(9,), (5, 9), (2, 5, 9)])
+def test_attention_cpu_low_rank_masks(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(5, 9, 1, gen)
+    mask = torch.randn(*shape, generator=gen)
+    args = (q, k, v, mask, None, None, None, 0.25, True, True, 0, 0.0, -1, 0)
+    torch.testing.assert_close(_cpu(args), _ref(args), atol=2e-6, rtol=1e-5)

@@ -1,0 +1,269 @@
+"""Recognize ALiBi: an additive bias slope[b, h] · c · (key index) plus anything constant along each score row.
+
+Softmax is shift-invariant along a row, so such a bias equals the kernel's slope · (k - q_pos) up to a per-row
+constant, and the kernel needs only the [H] (or [B, H]) slopes instead of an N×N bias. A bias that looks like ALiBi
+but cannot be proven (symmetric |q - k| distances, positions computed from data, trainable slopes) stays an
+additive mask, and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .graph import arg, aten, insert_call, is_op, tensor_val
+from .positions import CASTS, SHAPE_VIEWS, index_expr, is_full_slice, non_unit_axes, same_size, shape_of, slice_dim
+
+# Axis roles: batch, head, query, key; "BH" is batch and head folded into one axis (3-D bmm spellings) and "X" a
+# size-1 axis a view or squeeze made, which means nothing.
+Roles = tuple[str, ...]
+SCORE_ROLES: Roles = ("B", "H", "Q", "K")
+FOLDED_ROLES: Roles = ("BH", "Q", "K")
+BATCH_ROLES = ("B", "H")
+
+
+@dataclass(frozen=True)
+class AlibiTerm:
+    """The bias is `coef · slopes · key index` plus a per-row constant; `roles` names each axis of `slopes`."""
+
+    slopes: fx.Node
+    roles: Roles
+    coef: float
+
+
+@dataclass(frozen=True)
+class NotAlibi:
+    """The bias is a per-head factor times positions, but not provably ALiBi."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A node that equals `coef ·` the bias once its axes (named by `roles`) are broadcast to the scores."""
+
+    node: Any  # an fx.Node; an op argument until checked
+    roles: Roles
+    coef: float = 1.0
+
+
+def match_alibi(bias: Any, roles: Roles, heads: int | None, kv_len: Any) -> AlibiTerm | NotAlibi | None:
+    """Read `bias` (axes right-aligned to `roles`) as ALiBi; None when it is no per-head × positions product."""
+    shape = shape_of(bias)
+    if shape is None or not 0 < len(shape) <= len(roles):
+        return None
+    frame = _Frame(bias, roles[len(roles) - len(shape) :])
+    if frame.roles[-1] != "K" or not same_size(shape[-1], kv_len):
+        return None  # broadcast along the keys: constant per row, nothing for ALiBi to carry
+    inner = _see_through(frame, heads)
+    if not is_op(inner.node, aten.mul):
+        return None
+    a, b = inner.node.args[:2]
+    verdicts = [_product(inner, s, p) for s, p in ((a, b), (b, a))]
+    proven = [v for v in verdicts if isinstance(v, AlibiTerm)]
+    return proven[0] if proven else next((v for v in verdicts if v is not None), None)
+
+
+# ---------------------------------------------------------------------------- ops that keep the bias' meaning
+def _see_through(frame: _Frame, heads: int | None) -> _Frame:
+    """Walk inward through casts, negation, size-1 views, row-preserving slices and head-folding reshapes."""
+    while True:
+        node = frame.node
+        if is_op(node, *CASTS) and _is_float(node):  # a float cast only rounds the bias
+            inner: _Frame | None = replace(frame, node=node.args[0])
+        elif is_op(node, aten.neg):
+            inner = _Frame(node.args[0], frame.roles, -frame.coef)
+        elif is_op(node, aten.slice):
+            inner = _slice_frame(frame)
+        elif is_op(node, aten.unsqueeze):
+            inner = _unsqueeze_frame(frame)
+        elif is_op(node, *SHAPE_VIEWS, aten.repeat):
+            inner = _unfold_frame(frame, heads) or _unit_view_frame(frame)
+        else:
+            inner = None
+        if inner is None or not isinstance(inner.node, fx.Node):
+            return frame
+        frame = inner
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = tensor_val(node)
+    return val is not None and val.dtype.is_floating_point
+
+
+def _slice_frame(frame: _Frame) -> _Frame | None:
+    """Slicing queries only changes a per-row constant; a unit-step key slice shifts k by a constant."""
+    node = frame.node
+    dim = slice_dim(node)
+    if dim is None or dim >= len(frame.roles):
+        return None
+    role, step = frame.roles[dim], arg(node, 4, "step", 1)
+    if role == "Q" or (role == "K" and step == 1) or is_full_slice(node):
+        return replace(frame, node=node.args[0])
+    return None
+
+
+def _unsqueeze_frame(frame: _Frame) -> _Frame | None:
+    dim: Any = frame.node.args[1]
+    rank = len(frame.roles)
+    dim = dim + rank if dim < 0 else dim
+    return _Frame(frame.node.args[0], frame.roles[:dim] + frame.roles[dim + 1 :], frame.coef)
+
+
+def _unit_view_frame(frame: _Frame) -> _Frame | None:
+    """A view or squeeze that only inserts or drops size-1 axes: the other axes keep their roles, in order."""
+    node = frame.node
+    if is_op(node, aten.repeat):
+        return None
+    roles = _unit_view_roles(shape_of(node.args[0]), shape_of(node), frame.roles)
+    return _Frame(node.args[0], roles, frame.coef) if roles is not None else None
+
+
+def _unit_view_roles(src: tuple[Any, ...] | None, out: tuple[Any, ...] | None, roles: Roles) -> Roles | None:
+    if src is None or out is None:
+        return None
+    src_axes, out_axes = non_unit_axes(src), non_unit_axes(out)
+    if len(src_axes) != len(out_axes):
+        return None
+    moved = dict(zip(src_axes, out_axes, strict=True))
+    if not all(same_size(src[a], out[b]) for a, b in moved.items()):
+        return None
+    return tuple(roles[moved[a]] if a in moved else "X" for a in range(len(src)))
+
+
+def _unfold_frame(frame: _Frame, heads: int | None) -> _Frame | None:
+    """Undo folding heads into the batch: reshape [B, H, ...] -> [B*H, ...], or repeat([H, ...], [B, 1, ...])."""
+    if heads is None or "BH" not in frame.roles:
+        return None
+    node, axis = frame.node, frame.roles.index("BH")
+    src, out = shape_of(node.args[0]), shape_of(node)
+    if src is None or out is None:
+        return None
+    if is_op(node, aten.repeat):
+        tiled = _repeat_roles(src, out, node.args[1], axis, heads)
+        return _Frame(node.args[0], frame.roles[:axis] + tiled + frame.roles[axis + 1 :], frame.coef) if tiled else None
+    if len(src) <= axis + 1 or not same_size(src[axis + 1], heads) or not same_size(src[axis] * heads, out[axis]):
+        return None
+    split = (*out[:axis], src[axis], heads, *out[axis + 1 :])
+    roles = _unit_view_roles(src, split, frame.roles[:axis] + BATCH_ROLES + frame.roles[axis + 1 :])
+    return _Frame(node.args[0], roles, frame.coef) if roles is not None else None
+
+
+def _repeat_roles(src: tuple[Any, ...], out: tuple[Any, ...], repeats: Any, axis: int, heads: int) -> Roles:
+    """Tiling [H, ...] B times along the folded axis puts head h at b·H + h: the axis is a head axis."""
+    if len(src) != len(out) or not isinstance(repeats, (list, tuple)) or len(repeats) != len(src):
+        return ()
+    if any(r != 1 for i, r in enumerate(repeats) if i != axis):
+        return ()
+    return ("H",) if src[axis] == heads else ("X",) if src[axis] == 1 else ()
+
+
+# ----------------------------------------------------------------------------------- slopes × positions
+def _product(frame: _Frame, slopes: Any, positions: Any) -> AlibiTerm | NotAlibi | None:
+    s_val = tensor_val(slopes)
+    if s_val is None or not s_val.dtype.is_floating_point or s_val.dim() > len(frame.roles):
+        return None
+    s_roles = frame.roles[len(frame.roles) - s_val.dim() :]
+    if any(r not in BATCH_ROLES and not same_size(s_val.shape[a], 1) for a, r in enumerate(s_roles)):
+        return None  # varies along queries or keys: not a per-head factor
+    if "BH" in s_roles:
+        return None
+    coef = _key_coefficient(frame, positions)
+    if not isinstance(coef, float):
+        return coef
+    if _may_require_grad(slopes):
+        return NotAlibi(
+            "the ALiBi slopes are or derive from a graph input or parameter (under torch.compile parameters and "
+            "buffers are inputs, and the graph does not say which require grad); the fused op takes no gradient "
+            "for slopes, so they must be constants; kept as an additive bias"
+        )
+    return AlibiTerm(slopes, s_roles, frame.coef * coef)
+
+
+def _may_require_grad(node: fx.Node, budget: int = 256) -> bool:
+    """False only when every leaf `node` is computed from is a constant: a factory op or a module attribute that
+    does not require grad."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        if current.op == "placeholder" or (current.op == "get_attr" and _attribute_requires_grad(current)):
+            return True
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                pending.append(parent)
+        if len(seen) > budget:
+            return True  # too far to check: assume the worst
+    return False
+
+
+def _attribute_requires_grad(node: fx.Node) -> bool:
+    obj: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return not isinstance(obj, torch.Tensor) or obj.requires_grad
+
+
+def _key_coefficient(frame: _Frame, positions: Any) -> float | NotAlibi | None:
+    """c when `positions` is c · k plus a function of q (a per-row constant); else why not, or None."""
+    shape, affine = shape_of(positions), index_expr(positions)
+    if shape is None or len(shape) > len(frame.roles):
+        return None
+    roles = frame.roles[len(frame.roles) - len(shape) :]
+    if affine is None or affine.rank != len(shape):
+        return _unprovable(positions)
+    coefs = {roles[axis]: c for axis, c in affine.coef}
+    if set(coefs) - {"Q", "K"} or not coefs.get("K"):
+        return None
+    product_shape = shape_of(frame.node) or ()
+    if not same_size(shape[roles.index("K")], product_shape[frame.roles.index("K")]):
+        return None  # positions broadcast along the keys
+    return coefs["K"]
+
+
+def _unprovable(positions: Any) -> NotAlibi | None:
+    node = positions
+    while is_op(node, *CASTS, aten.unsqueeze):
+        node = node.args[0]
+    inner = index_expr(node.args[0]) if is_op(node, aten.abs) else None
+    if inner is not None and any(c for _, c in inner.coef):
+        return NotAlibi(
+            "the bias is -slope·|q - k| (symmetric): it equals slope·(k - q) only where k <= q, which no causal "
+            "mask of this site was used to prove; kept as an additive mask"
+        )
+    if _reads(positions, aten.cumsum, depth=6):
+        return NotAlibi(
+            "ALiBi positions are computed from data (attention_mask.cumsum): they equal the key index up to a "
+            "per-row shift only when every row's unmasked keys are contiguous, which the graph cannot show; "
+            "kept as an additive bias"
+        )
+    return None
+
+
+def _reads(node: Any, packet: Any, depth: int) -> bool:
+    if not isinstance(node, fx.Node) or depth < 0:
+        return False
+    return is_op(node, packet) or any(_reads(n, packet, depth - 1) for n in node.all_input_nodes)
+
+
+# ------------------------------------------------------------------------------------------ the op's slopes
+def slopes_for_op(graph: fx.Graph, term: AlibiTerm, heads: int) -> fx.Node:
+    """The [H] or [B, H] slopes tensor the attention op reads, built at the graph's insertion point."""
+    node, roles = term.slopes, term.roles
+    drop = [a for a, r in enumerate(roles) if r not in BATCH_ROLES]
+    if drop:
+        node = insert_call(graph, aten.squeeze.dims, (node, drop))
+    kept = tuple(r for r in roles if r in BATCH_ROLES)
+    if kept == ("B",):
+        node, kept = insert_call(graph, aten.unsqueeze.default, (node, -1)), BATCH_ROLES
+    shape = shape_of(node) or ()
+    if kept == BATCH_ROLES and same_size(shape[0], 1):
+        node, kept, shape = insert_call(graph, aten.squeeze.dim, (node, 0)), ("H",), shape[1:]
+    if not kept or not same_size(shape[-1], heads):
+        node = insert_call(graph, aten.expand.default, (node, [-1, heads] if len(kept) == 2 else [heads]))
+    if term.coef != 1.0:
+        node = insert_call(graph, aten.mul.Tensor, (node, term.coef))
+    return node

@@ -1,0 +1,173 @@
+"""Turn a matched site's masks and biases into the attention op's mask arguments.
+
+Keep-masks and `where(pred, 0, -inf)` biases become causal/window flags where masks.py proves them, ALiBi biases
+become per-head slopes where alibi.py proves them, and everything else is combined into one data mask tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .alibi import FOLDED_ROLES, SCORE_ROLES, AlibiTerm, NotAlibi, Roles, match_alibi, slopes_for_op
+from .attention_match import AttentionMatch
+from .base import Decline
+from .graph import aten, insert_call, is_op, static_dim, static_shape, tensor_val
+from .head_fold import unfold_heads
+from .masks import MaskFacts, analyze_keep, classify, constant_fill, is_bool, is_very_negative, keep_from_additive
+
+
+@dataclass
+class SiteMask:
+    """The op's mask arguments: data mask node and kind, ALiBi slopes node, causal/window flags."""
+
+    node: fx.Node | None
+    kind: str
+    causal: bool
+    align: str
+    window: int | None
+    alibi: fx.Node | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Biases:
+    additive: list[fx.Node] = field(default_factory=list)  # in score space
+    folded: list[fx.Node] = field(default_factory=list)  # on [B*H, Nq, Nk] scores, unfolded before use
+    alibi: AlibiTerm | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def mask_inputs(match: AttentionMatch) -> list[fx.Node]:
+    """Every mask or bias node the site reads."""
+    nodes = [cond for cond, _ in match.keeps] + match.additive + match.folded_additive
+    return [n for n in nodes if isinstance(n, fx.Node)]
+
+
+def check_biases(match: AttentionMatch) -> None:
+    for node in match.additive + match.folded_additive:
+        if not isinstance(node, fx.Node) or is_bool(node) or tensor_val(node) is None:
+            raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
+
+
+def build_mask(graph: fx.Graph, match: AttentionMatch, q_len: Any, kv_len: Any) -> SiteMask:
+    """Insert the nodes the op's mask arguments need (at the current insertion point); never declines."""
+    facts = MaskFacts()
+    for cond, negated in match.keeps:
+        facts = facts.merge(analyze_keep(cond, negated))
+    facts, biases = _sort_biases(match, facts, kv_len)
+    positional, leftover = classify(facts.constraints, static_dim(q_len), static_dim(kv_len))
+    keep_node = _conjoin(graph, facts.data + leftover)
+    heads = match.heads_folded or 1
+    add_node = _sum(graph, biases.additive + [unfold_heads(graph, n, heads) for n in biases.folded])
+    if keep_node is not None and add_node is not None:
+        add_node = insert_call(graph, aten.where.ScalarOther, (keep_node, add_node, float("-inf")))
+        keep_node = None
+    mask_node = keep_node if keep_node is not None else add_node
+    if mask_node is not None and match.three_d and mask_node.meta["val"].dim() == 3:
+        mask_node = insert_call(graph, aten.unsqueeze.default, (mask_node, 1))
+    slopes = slopes_for_op(graph, biases.alibi, _op_heads(match)) if biases.alibi is not None else None
+    align = positional.align if positional.causal else "top_left"
+    detail = {"alibi_kept_additive": biases.notes} if biases.notes else {}
+    causal = positional.causal or match.causal
+    return SiteMask(mask_node, _mask_kind(mask_node), causal, align, positional.window, slopes, detail)
+
+
+def _op_heads(match: AttentionMatch) -> int:
+    if match.heads_folded is not None:
+        return match.heads_folded
+    heads = static_shape(match.q)[1] if not match.three_d else 1
+    return heads or 1
+
+
+def _sort_biases(match: AttentionMatch, facts: MaskFacts, kv_len: Any) -> tuple[MaskFacts, _Biases]:
+    biases = _Biases()
+    roles = ("B", "Q", "K") if match.three_d else SCORE_ROLES  # a 3-D site's batch axis is the op's batch
+    for bias in match.additive:
+        keeps, terms = _split_bias(bias)
+        for keep in keeps:
+            facts = facts.merge(analyze_keep(*keep))
+        for node in terms:
+            if not _take_alibi(biases, node, roles, None, kv_len):
+                biases.additive.append(node)
+    for node in match.folded_additive:
+        if not _take_alibi(biases, node, FOLDED_ROLES, match.heads_folded, kv_len):
+            biases.folded.append(node)
+    return facts, biases
+
+
+def _split_bias(node: fx.Node) -> tuple[list[tuple[fx.Node, bool]], list[fx.Node]]:
+    """A bias as keep-masks and additive terms: `where(pred, 0, -inf)`, `masked_fill(x, m, -inf)` and
+    `where(pred, x, -inf)` hold a keep-mask (Falcon adds ALiBi into its causal mask), and adds of two tensors
+    split into their terms. Adding -inf (or a fill at most NEG_FILL_LIMIT) masks a score whatever else is added."""
+    keep = keep_from_additive(node)
+    if keep is not None:
+        return [keep], []
+    if is_op(node, aten.zeros, aten.zeros_like) or constant_fill(node) == 0.0:
+        return [], []
+    masked = _masked_term(node)
+    if masked is not None:
+        keeps, terms = _split_bias(masked[1])
+        return [masked[0], *keeps], terms
+    a, b = (node.args[0], node.args[1]) if is_op(node, aten.add) and node.kwargs.get("alpha", 1) == 1 else (0, 0)
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node) and not is_bool(a) and not is_bool(b):
+        (keeps_a, terms_a), (keeps_b, terms_b) = _split_bias(a), _split_bias(b)
+        return keeps_a + keeps_b, terms_a + terms_b
+    return [], [node]
+
+
+def _masked_term(node: fx.Node) -> tuple[tuple[fx.Node, bool], fx.Node] | None:
+    """((pred, negated), x) for masked_fill(x, pred, -inf), where(pred, x, -inf) or where(pred, -inf, x)."""
+    args: tuple[Any, ...] = node.args
+    if is_op(node, aten.masked_fill) and is_very_negative(args[2]) and isinstance(args[1], fx.Node):
+        return ((args[1], True), args[0]) if isinstance(args[0], fx.Node) else None
+    if not is_op(node, aten.where) or len(args) != 3 or not isinstance(args[0], fx.Node):
+        return None
+    if is_very_negative(args[2]) and isinstance(args[1], fx.Node) and not is_bool(args[1]):
+        return (args[0], False), args[1]
+    if is_very_negative(args[1]) and isinstance(args[2], fx.Node) and not is_bool(args[2]):
+        return (args[0], True), args[2]
+    return None
+
+
+def _take_alibi(biases: _Biases, node: fx.Node, roles: Roles, heads: int | None, kv_len: Any) -> bool:
+    term = match_alibi(node, roles, heads, kv_len)
+    if isinstance(term, AlibiTerm) and biases.alibi is None:
+        biases.alibi = term
+        return True
+    if isinstance(term, NotAlibi):
+        biases.notes.append(f"{node.name}: {term.reason}")
+    elif isinstance(term, AlibiTerm):
+        biases.notes.append(f"{node.name}: a second ALiBi bias is kept as an additive mask")
+    return False
+
+
+def _conjoin(graph: fx.Graph, atoms: list[tuple[fx.Node, bool]]) -> fx.Node | None:
+    """AND of the atoms, each read by truthiness (a non-boolean atom x stands for x != 0)."""
+    out: fx.Node | None = None
+    for node, negated in atoms:
+        term = node if is_bool(node) else insert_call(graph, aten.ne.Scalar, (node, 0))
+        term = insert_call(graph, aten.logical_not.default, (term,)) if negated else term
+        out = term if out is None else insert_call(graph, aten.logical_and.default, (out, term))
+    return out
+
+
+def _sum(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node | None:
+    out: fx.Node | None = None
+    for node in nodes:
+        out = node if out is None else insert_call(graph, aten.add.Tensor, (out, node))
+    return out
+
+
+def _mask_kind(node: fx.Node | None) -> str:
+    if node is None:
+        return "none"
+    val = node.meta["val"]
+    if val.dtype != torch.bool:
+        return "additive"
+    shape = val.shape
+    key_padding = val.dim() >= 2 and shape[-2] == 1 and (val.dim() < 3 or shape[-3] == 1)
+    return "key_padding" if key_padding else "boolean"

@@ -1,0 +1,194 @@
+"""Affine index expressions: tensors that are `const + Σ coef[axis] · index_along_axis` of `arange` positions.
+
+Causal and window masks (masks.py) and ALiBi biases (alibi.py) are proven from such expressions. Views that only
+insert or drop size-1 axes and slices with static bounds keep an expression affine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .graph import arg, aten, is_op, scalar_value, tensor_val
+
+INT64_MAX = 2**63 - 1
+CASTS = (aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy, aten.detach)
+SHAPE_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.squeeze)
+
+
+@dataclass(frozen=True)
+class Affine:
+    """sum(coef[axis] · index_along_axis) + const on a tensor of rank `rank` (axes absolute)."""
+
+    coef: tuple[tuple[int, float], ...]
+    const: float
+    rank: int
+
+    def shifted(self, new_rank: int, moved_from: int | None = None) -> Affine:
+        """Re-index after `unsqueeze(moved_from)` (axes >= moved_from move up) or leading broadcast dims."""
+        if moved_from is None:
+            delta = new_rank - self.rank
+            return Affine(tuple((a + delta, c) for a, c in self.coef), self.const, new_rank)
+        return Affine(tuple((a + 1 if a >= moved_from else a, c) for a, c in self.coef), self.const, new_rank)
+
+    def combine(self, other: Affine, sign: float) -> Affine:
+        rank = max(self.rank, other.rank)
+        a, b = self.shifted(rank), other.shifted(rank)
+        coefs: dict[int, float] = dict(a.coef)
+        for axis, c in b.coef:
+            coefs[axis] = coefs.get(axis, 0.0) + sign * c
+        return Affine(tuple(sorted((k, v) for k, v in coefs.items() if v != 0)), a.const + sign * b.const, rank)
+
+    def scaled(self, factor: float) -> Affine:
+        return Affine(tuple((a, c * factor) for a, c in self.coef), self.const * factor, self.rank)
+
+    def coef_of(self, axis: int) -> float:
+        return dict(self.coef).get(axis, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+def size_expr(d: Any) -> sympy.Expr:
+    """A size as a sympy expression (symbolic sizes keep their symbols), compared without adding guards."""
+    if isinstance(d, torch.SymInt):
+        return sympy.sympify(d.node.expr)
+    return sympy.Integer(int(d))
+
+
+def same_size(a: Any, b: Any) -> bool:
+    return bool(sympy.expand(size_expr(a) - size_expr(b)) == 0)
+
+
+def shape_of(node: Any) -> tuple[Any, ...] | None:
+    t = tensor_val(node)
+    return tuple(t.shape) if t is not None else None
+
+
+def non_unit_axes(shape: tuple[Any, ...]) -> list[int]:
+    """Axes whose size is not statically 1."""
+    return [i for i, d in enumerate(shape) if not (isinstance(d, int) and d == 1)]
+
+
+# ------------------------------------------------------------------------------------------ expressions
+def index_expr(node: Any) -> Affine | None:
+    """The node as an affine function of arange positions, or None when it is not one."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return Affine((), float(node), 0)
+    if not isinstance(node, fx.Node):
+        return None
+    if is_op(node, aten.arange):
+        return _arange_expr(node)
+    if is_op(node, *CASTS):
+        return index_expr(node.args[0])
+    if is_op(node, aten.unsqueeze):
+        inner = index_expr(node.args[0])
+        if inner is None:
+            return None
+        dim: Any = node.args[1]
+        dim = dim + inner.rank + 1 if dim < 0 else dim
+        return inner.shifted(inner.rank + 1, moved_from=dim)
+    if is_op(node, aten.expand):
+        inner = index_expr(node.args[0])
+        sizes: Any = node.args[1]
+        return inner.shifted(len(sizes)) if inner is not None else None
+    if is_op(node, aten.slice):
+        return _slice_expr(node)
+    if is_op(node, *SHAPE_VIEWS):
+        return _view_expr(node)
+    if is_op(node, aten.add, aten.sub):
+        return _add_expr(node)
+    if is_op(node, aten.mul):
+        return _mul_expr(node)
+    return None
+
+
+def _arange_expr(node: fx.Node) -> Affine | None:
+    args = [a for a in node.args]
+    if node.target == aten.arange.default:
+        return Affine(((0, 1.0),), 0.0, 1)
+    if node.target == aten.arange.start:
+        start = scalar_value(args[0])
+        return Affine(((0, 1.0),), start, 1) if start is not None else None
+    if node.target == aten.arange.start_step:
+        start, step = scalar_value(args[0]), scalar_value(args[2])
+        return Affine(((0, step),), start, 1) if start is not None and step is not None else None
+    return None
+
+
+def is_full_slice(node: fx.Node) -> bool:
+    start, end, step = arg(node, 2, "start", 0), arg(node, 3, "end", INT64_MAX), arg(node, 4, "step", 1)
+    return start in (0, None) and end in (INT64_MAX, None) and step == 1
+
+
+def slice_start(node: fx.Node) -> int | None:
+    """The first index a slice reads, normalized and clamped like Python slicing; None when not static."""
+    start, step = arg(node, 2, "start", 0), arg(node, 4, "step", 1)
+    shape = shape_of(node.args[0])
+    dim = slice_dim(node)
+    if shape is None or dim is None or not isinstance(step, int) or step < 1:
+        return None
+    start = 0 if start is None else start
+    size = shape[dim]
+    if not isinstance(start, int) or (start < 0 and not isinstance(size, int)):
+        return None
+    if start < 0:
+        return max(start + size, 0)
+    return min(start, size) if isinstance(size, int) else start
+
+
+def slice_dim(node: fx.Node) -> int | None:
+    shape = shape_of(node.args[0])
+    dim = arg(node, 1, "dim", 0)
+    if shape is None or not isinstance(dim, int):
+        return None
+    return dim + len(shape) if dim < 0 else dim
+
+
+def _slice_expr(node: fx.Node) -> Affine | None:
+    """x[start::step] along one axis: index i reads i·step + start."""
+    inner = index_expr(node.args[0])
+    if inner is None or is_full_slice(node):
+        return inner
+    start, dim, step = slice_start(node), slice_dim(node), arg(node, 4, "step", 1)
+    if start is None or dim is None or not isinstance(step, int):
+        return None
+    coef = inner.coef_of(dim)
+    coefs = tuple((a, c * step if a == dim else c) for a, c in inner.coef)
+    return Affine(coefs, inner.const + coef * start, inner.rank)
+
+
+def _view_expr(node: fx.Node) -> Affine | None:
+    """A view that only inserts or drops size-1 axes keeps every other axis in order."""
+    inner = index_expr(node.args[0])
+    src, out = shape_of(node.args[0]), shape_of(node)
+    if inner is None or src is None or out is None or inner.rank != len(src):
+        return None
+    src_axes, out_axes = non_unit_axes(src), non_unit_axes(out)
+    if len(src_axes) != len(out_axes):
+        return None
+    moved = dict(zip(src_axes, out_axes, strict=True))
+    if not all(same_size(src[a], out[b]) for a, b in moved.items()):
+        return None
+    # A coefficient on a size-1 axis multiplies index 0 only: it drops out.
+    return Affine(tuple(sorted((moved[a], c) for a, c in inner.coef if a in moved)), inner.const, len(out))
+
+
+def _add_expr(node: fx.Node) -> Affine | None:
+    alpha = node.kwargs.get("alpha", 1)
+    a, b = index_expr(node.args[0]), index_expr(node.args[1])
+    if a is None or b is None or not isinstance(alpha, (int, float)):
+        return None
+    sign = float(alpha) * (-1.0 if is_op(node, aten.sub) else 1.0)
+    return a.combine(b, sign)
+
+
+def _mul_expr(node: fx.Node) -> Affine | None:
+    a, b = index_expr(node.args[0]), index_expr(node.args[1])
+    if a is not None and b is not None and not b.coef:
+        return a.scaled(b.const)
+    if a is not None and b is not None and not a.coef:
+        return b.scaled(a.const)
+    return None
