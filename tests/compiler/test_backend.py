@@ -118,3 +118,20 @@ def test_explain_validates_arguments() -> None:
         tilefuse.explain(torch.nn.Linear(2, 2), torch.randn(2, 2))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model"):
         tilefuse.explain(42, (torch.randn(2),))
+
+
+def test_backend_name_resolves_without_importing_tilefuse() -> None:
+    """The torch_dynamo_backends entry point makes backend="tilefuse" work in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "f = torch.compile(lambda x: torch.softmax(x @ x.mT, -1) @ x, backend='tilefuse', options={'inner': 'eager'})\n"
+        "x = torch.randn(2, 3, 5, 4)\n"
+        "torch.testing.assert_close(f(x), torch.softmax(x @ x.mT, -1) @ x)\n"
+        "print('tilefuse' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("True")  # loaded through the entry point, not by the test
