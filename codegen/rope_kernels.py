@@ -1,0 +1,130 @@
+"""Standalone rotary-embedding Triton kernel, forward and backward, for RoPE sites not fused into attention.
+
+Semantics are those of `reference.rope_forward` / `reference.rope_backward`: layout 0 pairs feature i with i + r/2
+(rotate-half), layout 1 pairs 2i with 2i+1 (interleaved); only the first `rotary_dim` features rotate, the tail is
+copied; cos/sin broadcast over the leading dims through stride-0 strides, never materialized.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tilefuse.codegen.reference import ROPE_INTERLEAVED, ROPE_ROTATE_HALF
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_LEADING_DIMS = 3  # [B, H, N] before the feature dim
+_BLOCK_ROWS = 16
+
+
+@triton.jit
+def _rope_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
+    X, COS, SIN, Y,
+    rows, dim1, dim2, head_dim, half,
+    cos_s0, cos_s1, cos_s2, cos_s3, sin_s0, sin_s1, sin_s2, sin_s3,
+    BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    LAYOUT: tl.constexpr, BACKWARD: tl.constexpr, HAS_TAIL: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # 64-bit: rows * head_dim > 2^31
+    row_mask = row < rows
+    # Split the flat row into [B, H, N] so cos/sin are read through their own (possibly zero) strides.
+    n = row % dim2
+    h = (row // dim2) % dim1
+    b = row // (dim1 * dim2)
+    cos_row = (b * cos_s0 + h * cos_s1 + n * cos_s2)[:, None]
+    sin_row = (b * sin_s0 + h * sin_s1 + n * sin_s2)[:, None]
+    x_row = (row * head_dim)[:, None]
+    j = tl.arange(0, BLOCK_HALF)
+    if LAYOUT == 0:
+        first, second = j, j + half
+    else:
+        first, second = 2 * j, 2 * j + 1
+    first, second = first[None, :], second[None, :]
+    mask = row_mask[:, None] & (j < half)[None, :]
+    x1 = tl.load(X + x_row + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_row + second, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + cos_row + first * cos_s3, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cos_row + second * cos_s3, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + sin_row + first * sin_s3, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + sin_row + second * sin_s3, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:  # dx = dy·cos - R(dy·sin), R antisymmetric
+        out1 = x1 * c1 + x2 * s2
+        out2 = x2 * c2 - x1 * s1
+    else:  # y = x·cos + R(x)·sin
+        out1 = x1 * c1 - x2 * s1
+        out2 = x2 * c2 + x1 * s2
+    tl.store(Y + x_row + first, out1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + x_row + second, out2.to(Y.dtype.element_ty), mask=mask)
+    if HAS_TAIL:
+        tail = 2 * half + tl.arange(0, BLOCK_TAIL)[None, :]
+        tail_mask = row_mask[:, None] & (tail < head_dim)
+        passthrough = tl.load(X + x_row + tail, mask=tail_mask, other=0.0)
+        tl.store(Y + x_row + tail, passthrough.to(Y.dtype.element_ty), mask=tail_mask)
+
+
+def _check_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has dtype {dtype}; supported: float16, bfloat16, float32")
+
+
+def _check_args(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> None:
+    """Guard: layout, rotary_dim, dtypes, devices and cos/sin shapes, each error naming the argument."""
+    if layout not in (ROPE_ROTATE_HALF, ROPE_INTERLEAVED):
+        raise ValueError(f"layout={layout}; expected {ROPE_ROTATE_HALF} (rotate-half) or {ROPE_INTERLEAVED}")
+    if x.dim() < 1 or x.dim() - 1 > _MAX_LEADING_DIMS:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected 1 to {_MAX_LEADING_DIMS + 1} dims")
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > x.shape[-1]:
+        raise ValueError(f"rotary_dim={rotary_dim}; expected an even number in [2, {x.shape[-1]}]")
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        _check_dtype(name, t.dtype)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos has shape {tuple(cos.shape)} but sin has shape {tuple(sin.shape)}")
+    if cos.dim() == 0 or cos.shape[-1] != rotary_dim:
+        raise ValueError(f"cos has shape {tuple(cos.shape)}; its last dim must be rotary_dim={rotary_dim}")
+
+
+def _broadcast_strides(name: str, t: Tensor, lead: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of t expanded to [*lead, r] (4-D), zero along broadcast dims."""
+    try:
+        expanded = t.expand(*lead, t.shape[-1])
+    except RuntimeError as err:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x's leading dims {lead}") from err
+    return tuple(int(s) for s in expanded.stride())
+
+
+def _launch(src: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_dtype: torch.dtype,
+            backward: bool) -> Tensor:  # fmt: skip
+    _check_args(src, cos, sin, layout, rotary_dim)
+    _check_dtype("output", out_dtype)
+    head_dim = src.shape[-1]
+    lead = (1,) * (_MAX_LEADING_DIMS + 1 - src.dim()) + tuple(src.shape[:-1])
+    cos_strides = _broadcast_strides("cos", cos, lead)
+    sin_strides = _broadcast_strides("sin", sin, lead)
+    src_c = src.contiguous()
+    out = torch.empty_like(src_c, dtype=out_dtype)
+    rows = src_c.numel() // head_dim if head_dim else 0
+    if rows == 0:
+        return out
+    half, tail = rotary_dim // 2, head_dim - rotary_dim
+    _rope_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](
+        src_c, cos, sin, out, rows, lead[1], lead[2], head_dim, half, *cos_strides, *sin_strides,
+        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)), LAYOUT=layout, BACKWARD=backward, HAS_TAIL=tail > 0,
+    )  # fmt: skip
+    return out
+
+
+def rope_forward_triton(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
+    """y[..., :r] = x·cos + R(x)·sin, y[..., r:] = x[..., r:]; dtype = result_type(x, cos)."""
+    return _launch(x, cos, sin, layout, rotary_dim, torch.result_type(x, cos), backward=False)
+
+
+def rope_backward_triton(
+    grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype
+) -> Tensor:
+    """dx[..., :r] = dy·cos - R(dy·sin), dx[..., r:] = dy[..., r:]; dtype = x_dtype."""
+    return _launch(grad, cos, sin, layout, rotary_dim, x_dtype, backward=True)

@@ -1,0 +1,226 @@
+"""Numerics of the Triton norm and RoPE kernels under the interpreter.
+
+Each check compares against an fp64 golden (the reference run in fp64) and allows ours at most 2x (forward) or 3x
+(backward) the error of the eager baseline (the reference in the same dtype) plus a rounding floor. The interpreter
+rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even), so bf16 results may differ from eager by one ulp;
+the floor covers that, and fp16 (rounded to nearest by numpy) is tested too.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+from _sm90 import compile_in_child
+from torch import Tensor
+
+from tilefuse.codegen import reference as ref
+from tilefuse.codegen.norm_kernels import norm_backward_triton, norm_forward_triton
+from tilefuse.codegen.rope_kernels import rope_backward_triton, rope_forward_triton
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-5
+
+# (rms, weight_offset, has_weight, has_bias, has_residual): RMSNorm variants incl. Gemma, LayerNorm variants.
+NORM_VARIANTS = [
+    (True, 0.0, True, False, False),
+    (True, 1.0, True, False, True),
+    (True, 0.0, False, False, False),
+    (True, 0.0, True, True, False),
+    (False, 0.0, True, True, False),
+    (False, 0.0, True, False, True),
+    (False, 1.0, True, True, True),
+    (False, 0.0, False, False, False),
+]
+
+
+def _max_err(t: Tensor, golden: Tensor) -> float:
+    return (t.double() - golden).abs().max().item()
+
+
+def _assert_close(ours: Tensor, eager: Tensor, golden: Tensor, factor: float) -> None:
+    """err(ours) <= factor * err(eager) + a floor of a few ulps of the golden's magnitude."""
+    assert torch.isfinite(ours).all()
+    assert ours.dtype == eager.dtype and ours.shape == eager.shape
+    ulp = torch.finfo(ours.dtype).eps
+    floor = 4 * ulp * (1.0 + golden.abs().max().item())
+    assert _max_err(ours, golden) <= factor * _max_err(eager, golden) + floor
+
+
+def _norm_inputs(
+    rows: int, width: int, dtype: torch.dtype, has_weight: bool, has_bias: bool, has_residual: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    gen = torch.Generator().manual_seed(rows * 1000 + width)
+    x = torch.randn(rows, width, generator=gen).to(dtype) * 2 + 0.5
+    weight = torch.randn(width, generator=gen).to(dtype) if has_weight else None
+    bias = torch.randn(width, generator=gen).to(dtype) if has_bias else None
+    residual = torch.randn(rows, width, generator=gen).to(dtype) if has_residual else None
+    return x, weight, bias, residual
+
+
+def _double(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("width", [16, 59, 128])
+@pytest.mark.parametrize("variant", NORM_VARIANTS)
+def test_norm_forward_backward(variant: tuple[bool, float, bool, bool, bool], width: int, rows: int,
+                               dtype: torch.dtype) -> None:  # fmt: skip
+    rms, offset, has_weight, has_bias, has_residual = variant
+    x, weight, bias, residual = _norm_inputs(rows, width, dtype, has_weight, has_bias, has_residual)
+    y, total, mean, rstd = norm_forward_triton(x, weight, bias, residual, EPS, offset, rms)
+
+    eager_in = x
+    if residual is not None:
+        assert total is not None
+        _assert_close(total, x + residual, x.double() + residual.double(), 2)
+        eager_in = total  # the kernel normalizes the sum it stored; judge the norm on that same input
+    eager_y, eager_mean, eager_rstd = ref.norm_forward(eager_in, weight, bias, EPS, offset, rms)
+    golden_y, golden_mean, golden_rstd = ref.norm_forward(eager_in.double(), _double(weight), _double(bias), EPS,
+                                                          offset, rms)  # fmt: skip
+    _assert_close(y, eager_y, golden_y.to(torch.float64), 2)
+    _assert_close(rstd, eager_rstd, golden_rstd, 2)
+    assert (mean is None) == rms
+    if mean is not None:
+        _assert_close(mean, eager_mean, golden_mean, 2)
+
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    dx, dweight, dbias = norm_backward_triton(grad, eager_in, weight, mean, rstd, offset, rms)
+    eager = ref.norm_backward(grad, eager_in, weight, eager_mean, eager_rstd, offset, rms)
+    golden = ref.norm_backward(grad.double(), eager_in.double(), _double(weight), golden_mean, golden_rstd, offset,
+                               rms)  # fmt: skip
+    _assert_close(dx, eager[0], golden[0], 3)
+    _assert_close(dbias, eager[2], golden[2], 3)
+    assert (dweight is None) == (weight is None)
+    if dweight is not None:
+        assert eager[1] is not None and golden[1] is not None
+        _assert_close(dweight, eager[1], golden[1], 3)
+
+
+def test_norm_forward_is_deterministic() -> None:
+    x, weight, bias, residual = _norm_inputs(7, 59, torch.bfloat16, True, True, True)
+    first = norm_forward_triton(x, weight, bias, residual, EPS, 0.0, False)
+    second = norm_forward_triton(x, weight, bias, residual, EPS, 0.0, False)
+    for a, b in zip(first, second, strict=True):
+        assert a is not None and b is not None and torch.equal(a, b)
+
+
+def test_norm_non_contiguous_input_is_made_contiguous() -> None:
+    x = torch.randn(16, 6).t()  # [6, 16] with a strided last dim
+    y, _, _, _ = norm_forward_triton(x, None, None, None, EPS, 0.0, True)
+    assert torch.allclose(y, ref.norm_forward(x, None, None, EPS, 0.0, True)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight": torch.ones(15)}, "weight"),
+        ({"x": torch.ones(2, 16, dtype=torch.float64)}, "dtype"),
+        ({"residual": torch.ones(3, 16)}, "residual"),
+        ({"weight": torch.ones(16, device="meta")}, "meta"),
+    ],
+)
+def test_norm_forward_rejects_bad_arguments(kwargs: dict[str, Tensor], message: str) -> None:
+    args: dict[str, Tensor | None] = {"x": torch.ones(2, 16), "weight": None, "residual": None}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        norm_forward_triton(args["x"], args["weight"], None, args["residual"], EPS, 0.0, True)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------------ RoPE
+# cos/sin shapes: [N, r], [1, 1, N, r], and Hugging Face's per-batch [B, 1, N, r] (broadcast over heads).
+COS_SHAPES = {"seq": (5,), "seq_4d": (1, 1, 5), "per_batch": (2, 1, 5)}
+
+
+def _rope_inputs(head_dim: int, rotary_dim: int, cos_shape: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim)
+    x = torch.randn(2, 3, 5, head_dim, generator=gen).to(dtype)
+    angles = torch.randn(*COS_SHAPES[cos_shape], rotary_dim, generator=gen) * 3
+    return x, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cos_shape", sorted(COS_SHAPES))
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), [(16, 16), (16, 8), (40, 40), (40, 16)])
+@pytest.mark.parametrize("layout", [ref.ROPE_ROTATE_HALF, ref.ROPE_INTERLEAVED])
+def test_rope_forward_backward(layout: int, head_dim: int, rotary_dim: int, cos_shape: str,
+                               dtype: torch.dtype) -> None:  # fmt: skip
+    x, cos, sin = _rope_inputs(head_dim, rotary_dim, cos_shape, dtype)
+    y = rope_forward_triton(x, cos, sin, layout, rotary_dim)
+    eager_y = ref.rope_forward(x, cos, sin, layout, rotary_dim)
+    golden_y = ref.rope_forward(x.double(), cos.double(), sin.double(), layout, rotary_dim)
+    _assert_close(y, eager_y, golden_y, 2)
+    assert torch.equal(y[..., rotary_dim:], x[..., rotary_dim:])
+
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    dx = rope_backward_triton(grad, cos, sin, layout, rotary_dim, x.dtype)
+    eager_dx = ref.rope_backward(grad, cos, sin, layout, rotary_dim, x.dtype)
+    golden_dx = ref.rope_backward(grad.double(), cos.double(), sin.double(), layout, rotary_dim, torch.float64)
+    _assert_close(dx, eager_dx, golden_dx, 3)
+
+
+def test_rope_forward_is_deterministic() -> None:
+    x, cos, sin = _rope_inputs(40, 16, "per_batch", torch.bfloat16)
+    first = rope_forward_triton(x, cos, sin, ref.ROPE_INTERLEAVED, 16)
+    assert torch.equal(first, rope_forward_triton(x, cos, sin, ref.ROPE_INTERLEAVED, 16))
+
+
+@pytest.mark.parametrize(
+    ("layout", "rotary_dim", "cos_shape", "message"),
+    [
+        (2, 8, (5, 8), "layout"),
+        (0, 7, (5, 7), "rotary_dim"),
+        (0, 8, (5, 6), "cos"),
+        (0, 8, (4, 8), "broadcast"),
+    ],
+)
+def test_rope_rejects_bad_arguments(layout: int, rotary_dim: int, cos_shape: tuple[int, ...], message: str) -> None:
+    x = torch.ones(2, 5, 16)
+    cos = torch.ones(cos_shape)
+    with pytest.raises(ValueError, match=message):
+        rope_forward_triton(x, cos, cos, layout, rotary_dim)
+
+
+# ------------------------------------------------------------------------------------------- Hopper compile
+_COMPILE_SM90 = textwrap.dedent(
+    """
+    import json, triton
+    from triton.backends.compiler import GPUTarget
+    from tilefuse.codegen.norm_kernels import _norm_backward_kernel, _norm_forward_kernel
+    from tilefuse.codegen.rope_kernels import _rope_kernel
+
+    def build(fn, ptrs, floats, consts):
+        sig = {name: "i32" for name in fn.arg_names}
+        sig.update({name: "*bf16" for name in ptrs})
+        sig.update({name: "fp32" for name in floats})
+        sig.update({name: "constexpr" for name in consts})
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        return sorted(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm)
+
+    norm_fwd = ["X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD"]
+    norm_bwd = ["G", "X", "W", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL"]
+    report = {}
+    for rms in (True, False):
+        report[f"norm_forward_rms={rms}"] = build(_norm_forward_kernel, norm_fwd, ["eps", "weight_offset"], dict(
+            BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True))
+        report[f"norm_backward_rms={rms}"] = build(_norm_backward_kernel, norm_bwd, ["weight_offset"], dict(
+            BLOCK=4096, RMS=rms, HAS_WEIGHT=True))
+    for layout in (0, 1):
+        report[f"rope_layout={layout}"] = build(_rope_kernel, ["X", "COS", "SIN", "Y"], [], dict(
+            BLOCK_ROWS=16, BLOCK_HALF=64, BLOCK_TAIL=64, LAYOUT=layout, BACKWARD=layout == 1, HAS_TAIL=True))
+    print(json.dumps(report))
+    """
+)
+
+
+def test_kernels_compile_for_hopper_without_gpu() -> None:
+    """sm_90 compile in a child process: the interpreter replaces @triton.jit functions in this one."""
+    report = compile_in_child(_COMPILE_SM90)
+    assert len(report) == 6
+    assert all({"ptx", "cubin"} <= set(asm) for asm in report.values())
