@@ -23,6 +23,7 @@ else:
     from .compiler.backend import GLOBAL_REPORT, TilefuseBackend, compile
     from .compiler.options import Options
     from .compiler.report import FusionReport
+    from . import ops
     from .specs import AttentionSpec, NormSpec, RopeSpec
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "compile",
     "explain",
     "export",
+    "ops",
 ]

@@ -1,0 +1,170 @@
+"""Functional API over the fused ops: call tilefuse's attention, norms and RoPE directly, with autograd.
+
+CUDA tensors run the Triton kernels (falling back to the reference, with a logged reason, for cases a kernel
+does not cover); CPU tensors run torch's fused CPU kernels or the reference. Arguments are checked here, so a
+mistake raises ValueError/TypeError naming the argument instead of failing inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers torch.ops.tilefuse)
+
+_ops = torch.ops.tilefuse
+_LAYOUTS = {"rotate_half": 0, "interleaved": 1}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t: object, rank: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32, float64")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dims [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    return t
+
+
+def _same_device(**tensors: Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors are on different devices: {devices}")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, rank=4)
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"batch/heads/seq of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads {q.shape[1]} must be a multiple of k/v heads {k.shape[1]} (GQA)")
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        raise ValueError(f"head dims up to 256 are supported, got q {q.shape[-1]}, v {v.shape[-1]}")
+
+
+def _rope_args(rope: tuple[Tensor, Tensor] | None, layout: str, rotary_dim: int | None, head_dim: int) -> tuple:
+    if rope is None:
+        return None, None, -1, 0
+    if not isinstance(rope, tuple) or len(rope) != 2:
+        raise TypeError("rope must be a (cos, sin) tuple of tensors")
+    cos, sin = (_check_tensor(n, t) for n, t in zip(("cos", "sin"), rope, strict=True))
+    code = _layout_code(layout)
+    dim = _rotary_dim(rotary_dim, cos, head_dim)
+    return cos, sin, code, dim
+
+
+def _layout_code(layout: str) -> int:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"rope_layout={layout!r}; allowed: {sorted(_LAYOUTS)}")
+    return _LAYOUTS[layout]
+
+
+def _rotary_dim(rotary_dim: int | None, cos: Tensor, head_dim: int) -> int:
+    dim = cos.shape[-1] if rotary_dim is None else rotary_dim
+    if dim <= 0 or dim % 2 or dim > head_dim or cos.shape[-1] != dim:
+        raise ValueError(
+            f"rotary_dim={dim} must be even, <= head dim {head_dim} and equal cos's last dim {cos.shape[-1]}"
+        )
+    return dim
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+    rope_layout: Literal["rotate_half", "interleaved"] = "rotate_half",
+    rotary_dim: int | None = None,
+    align: Literal["top_left", "bottom_right"] = "bottom_right",
+    dropout_p: float = 0.0,
+    config: object | None = None,
+) -> Tensor:
+    """softmax(scale·(RoPE(q)·RoPE(k)ᵀ) [softcap] [+ ALiBi] [+ mask]) · v on [B, H, N, D] tensors (GQA allowed).
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Nq, Nk]. window: keys with
+    0 <= pos(q) - k < window are kept. Fully masked rows give zeros. `config` (a tile configuration) is
+    accepted for the autotuner and currently ignored.
+    """
+    _check_qkv(q, k, v)
+    for name, t in (("attn_mask", attn_mask), ("alibi_slopes", alibi_slopes)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    _same_device(q=q, k=k, v=v, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: dropout inside attention is not supported yet (use 0.0)")
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be a positive number of keys, got {window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    if align not in ("top_left", "bottom_right"):
+        raise ValueError(f"align={align!r}; allowed: 'top_left', 'bottom_right'")
+    cos, sin, layout, dim = _rope_args(rope, rope_layout, rotary_dim, q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _ops.attention(
+        q, k, v, attn_mask, alibi_slopes, cos, sin, scale, causal, align == "bottom_right", window or 0,
+        softcap or 0.0, layout, dim,
+    )  # fmt: skip
+
+
+def _check_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float) -> None:
+    _check_tensor("x", x)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (_check_tensor(name, p).shape != x.shape[-1:]):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},), got {tuple(p.shape)}")
+    if residual is not None and _check_tensor("residual", residual).shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    _same_device(x=x, weight=weight, bias=bias, residual=residual)
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor | None, eps: float = 1e-6, residual: Tensor | None = None, weight_offset: float = 0.0
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm over the last axis; with `residual`, returns (rms_norm(x + residual), x + residual)."""
+    _check_norm(x, weight, None, residual, eps)
+    if residual is None:
+        return _ops.rms_norm(x, weight, eps, weight_offset)
+    return _ops.add_rms_norm(x, residual, weight, eps, weight_offset)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last axis; with `residual`, returns (layer_norm(x + residual), x + residual)."""
+    _check_norm(x, weight, bias, residual, eps)
+    if residual is None:
+        return _ops.layer_norm(x, weight, bias, eps)
+    return _ops.add_layer_norm(x, residual, weight, bias, eps)
+
+
+def apply_rope(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: Literal["rotate_half", "interleaved"] = "rotate_half",
+    rotary_dim: int | None = None,
+) -> Tensor:  # fmt: skip
+    """Rotate the first `rotary_dim` features of x (default: cos's last dim); cos/sin broadcast against x."""
+    _check_tensor("x", x)
+    _check_tensor("cos", cos)
+    _check_tensor("sin", sin)
+    _same_device(x=x, cos=cos, sin=sin)
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos shape {tuple(cos.shape)} != sin shape {tuple(sin.shape)}")
+    return _ops.rope(x, cos, sin, _layout_code(layout), _rotary_dim(rotary_dim, cos, x.shape[-1]))
