@@ -17,13 +17,13 @@ if __name__ != "tilefuse":
     # re-register the tilefuse:: ops, which destroys the first registration. Hand it the real package instead.
     _sys.modules[__name__] = _importlib.import_module("tilefuse")
 else:
+    from . import ops
     from .codegen import cuda_kernels as _cuda_kernels  # noqa: F401  (CUDA kernels behind the ops)
     from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers the tilefuse:: ops)
     from .compiler.api import explain, export
     from .compiler.backend import GLOBAL_REPORT, TilefuseBackend, compile
     from .compiler.options import Options
     from .compiler.report import FusionReport
-    from . import ops
     from .specs import AttentionSpec, NormSpec, RopeSpec
 
 __all__ = [
