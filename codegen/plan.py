@@ -1,0 +1,293 @@
+"""TiledPlan: a Spec plus a tile config, and what that pair costs — grid, loop structure, HBM bytes, SRAM, FLOPs.
+
+The plan mirrors the launchers in `attention_fwd.py`, `norm_kernels.py` and `rope_kernels.py` exactly (it reuses
+their block-size helpers, so a tile the launcher clamps is clamped here too); `tests/codegen/test_plan.py` checks
+its byte counts against what the kernels really load and store under the interpreter (`codegen/io_count.py`).
+
+Byte convention (all families): a byte counts when an element is *loaded or stored by a program*. Masked-off lanes
+(rows past the sequence end, padded head-dim columns, padded widths) do not count. Every program's loads count,
+even when several programs (or several tiles of one program) read the same address — e.g. K/V re-read by every query
+block and every query head of a GQA group, a broadcast key-padding mask re-read per query row, the norm weight
+re-read per row, cos/sin re-read per head. Caches are ignored: this is the traffic a kernel issues, an upper bound
+of what DRAM sees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import triton
+
+from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, _pow2_block
+from tilefuse.codegen.norm_kernels import _block as _norm_block
+from tilefuse.codegen.rope_kernels import _BLOCK_ROWS as _ROPE_BLOCK_ROWS
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "bool": 1, "uint8": 1, "int8": 1}
+_LSE_BYTES = 4  # log-sum-exp is fp32
+_STAT_BYTES = 4  # norm mean/rstd are fp32
+_ALIBI_BYTES = 4  # ALiBi slopes are assumed fp32 (the Spec does not record their dtype)
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a Spec dtype string ('float16', 'torch.bfloat16', ...)."""
+    name = dtype.removeprefix("torch.")
+    if name not in _ITEMSIZE:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_ITEMSIZE)}")
+    return _ITEMSIZE[name]
+
+
+def _static(name: str, value: int | None) -> int:
+    if value is None:
+        raise ValueError(f"TiledPlan needs static shapes; {name} is dynamic (None)")
+    return value
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch knobs. block_m/block_n are requests: the attention launcher shrinks them to the problem
+    (max(16, min(block, next_pow2(N)))); norm and RoPE launchers pick their own blocks and ignore them."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class TiledPlan:
+    """Spec + TileConfig: grid, loop structure, HBM bytes read/written, SRAM per program, FLOPs, feasibility.
+
+    Attention (forward, `attention_fwd_kernel`): grid (cdiv(Nq, BLOCK_M), B·Hq). Program (m, bh) loads its Q tile
+    once, then for every key block in `key_blocks_per_program(m)` a K and a V tile (and a mask tile when the Spec has
+    a mask tensor), and stores its O rows and fp32 lse. Mask element size: 1 byte for boolean / key_padding (the
+    launcher views bool as uint8), the attention dtype for additive masks.
+
+    Norm: one program per row. Reads x (+ residual) (+ weight, + bias, once per row), writes y (+ the sum) and the
+    fp32 rstd (+ mean for LayerNorm). Residual, weight and bias are assumed in `spec.dtype`; y in `spec.out_dtype`.
+
+    RoPE: grid cdiv(rows, 16). Per row: reads head_dim elements of x and rotary_dim of cos and of sin (cos/sin
+    assumed in `spec.dtype`), writes head_dim elements of y.
+    """
+
+    spec: AttentionSpec | NormSpec | RopeSpec
+    config: TileConfig = TileConfig()
+
+    # ------------------------------------------------------------------------------------------- shared knobs
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The blocks the launcher really uses: attention (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV); norm (BLOCK,);
+        RoPE (BLOCK_ROWS, BLOCK_HALF, BLOCK_TAIL)."""
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            return (
+                _pow2_block(self.config.block_m, _static("q_len", spec.q_len)),
+                _pow2_block(self.config.block_n, _static("kv_len", spec.kv_len)),
+                _pow2_block(MAX_HEAD_DIM, spec.head_dim),
+                _pow2_block(MAX_HEAD_DIM, spec.v_head_dim),
+            )
+        if isinstance(spec, NormSpec):
+            return (_norm_block(spec.width),)
+        half, tail = spec.rotary_dim // 2, spec.head_dim - spec.rotary_dim
+        return (_ROPE_BLOCK_ROWS, int(triton.next_power_of_2(half)), int(triton.next_power_of_2(max(tail, 1))))
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            heads = _static("batch", spec.batch) * _static("q_heads", spec.q_heads)
+            return (triton.cdiv(_static("q_len", spec.q_len), self.blocks[0]), heads)
+        if isinstance(spec, NormSpec):
+            return (self._rows(),)
+        return (triton.cdiv(self._rows(), _ROPE_BLOCK_ROWS),)
+
+    def _rows(self) -> int:
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            raise TypeError("rows are defined for norm and RoPE plans only")
+        if not spec.shape:
+            raise ValueError(f"{type(spec).__name__} needs a static shape to plan, got ()")
+        return math.prod(_static(f"shape[{i}]", d) for i, d in enumerate(spec.shape[:-1]))
+
+    # ------------------------------------------------------------------------------------ attention structure
+    def _attn(self) -> AttentionSpec:
+        if not isinstance(self.spec, AttentionSpec):
+            raise TypeError(f"attention-only query on a {type(self.spec).__name__} plan")
+        return self.spec
+
+    def _pos_offset(self) -> int:
+        spec = self._attn()
+        return _static("kv_len", spec.kv_len) - _static("q_len", spec.q_len) if spec.align == "bottom_right" else 0
+
+    def key_blocks_per_program(self, m: int) -> range:
+        """Start columns of the key blocks query block `m` visits, exactly the kernel's `range(lo, hi, BLOCK_N)`:
+        causal stops after the block holding the last row's position; a window starts at the block holding
+        `first_pos - window + 1` (floored to BLOCK_N); positions shift by Nk - Nq for bottom-right alignment."""
+        spec = self._attn()
+        q_len, kv_len = _static("q_len", spec.q_len), _static("kv_len", spec.kv_len)
+        block_m, block_n = self.blocks[0], self.blocks[1]
+        pos_offset = self._pos_offset()
+        lo, hi = 0, kv_len
+        if spec.causal:
+            last_pos = min(m * block_m + block_m, q_len) - 1 + pos_offset
+            hi = min(hi, last_pos + 1)
+        if spec.window:
+            lo = max(m * block_m + pos_offset - spec.window + 1, 0) // block_n * block_n
+        return range(lo, hi, block_n)
+
+    def _rows_in_block(self, m: int) -> int:
+        q_len = _static("q_len", self._attn().q_len)
+        return max(0, min(self.blocks[0], q_len - m * self.blocks[0]))
+
+    def _keys_visited(self, m: int) -> int:
+        """Valid (in-range) key columns over all key blocks query block m loads."""
+        starts = self.key_blocks_per_program(m)
+        if len(starts) == 0:
+            return 0
+        kv_len = _static("kv_len", self._attn().kv_len)
+        return min(starts[-1] + self.blocks[1], kv_len) - starts[0]
+
+    def _mask_bytes(self) -> int:
+        spec = self._attn()
+        if spec.mask == "none":
+            return 0
+        return 1 if spec.mask in ("boolean", "key_padding") else itemsize(spec.dtype)
+
+    # -------------------------------------------------------------------------------------------- cost terms
+    @property
+    def hbm_read_bytes(self) -> int:
+        """Bytes loaded by all programs (see the module docstring for the convention)."""
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            es, mask_es = itemsize(spec.dtype), self._mask_bytes()
+            per_head = 0
+            for m in range(self.grid[0]):
+                rows, keys = self._rows_in_block(m), self._keys_visited(m)
+                per_head += rows * spec.head_dim * es + keys * (spec.head_dim + spec.v_head_dim) * es
+                per_head += rows * keys * mask_es + (_ALIBI_BYTES if spec.alibi else 0)
+            return per_head * self.grid[1]
+        if isinstance(spec, NormSpec):
+            es, width = itemsize(spec.dtype), spec.width
+            per_row = width * es * (1 + spec.residual + spec.has_weight + spec.has_bias)
+            return per_row * self._rows()
+        es = itemsize(spec.dtype)
+        return self._rows() * (spec.head_dim * es + 2 * spec.rotary_dim * es)
+
+    @property
+    def hbm_write_bytes(self) -> int:
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            rows = _static("q_len", spec.q_len) * self.grid[1]
+            return rows * (spec.v_head_dim * itemsize(spec.dtype) + _LSE_BYTES)
+        if isinstance(spec, NormSpec):
+            per_row = spec.width * itemsize(spec.out_dtype) + _STAT_BYTES * (1 if spec.norm == "rmsnorm" else 2)
+            per_row += spec.width * itemsize(spec.dtype) if spec.residual else 0
+            return per_row * self._rows()
+        return self._rows() * spec.head_dim * itemsize(spec.dtype)
+
+    @property
+    def smem_bytes(self) -> int:
+        """Shared memory one program needs: attention = Q tile + (K, V [, mask] tiles) × num_stages, padded blocks;
+        norm/RoPE hold no staged tiles (0)."""
+        spec = self.spec
+        if not isinstance(spec, AttentionSpec):
+            return 0
+        bm, bn, bd, bdv = self.blocks
+        es = itemsize(spec.dtype)
+        staged = bn * (bd + bdv) * es + bm * bn * self._mask_bytes()
+        return bm * bd * es + staged * self.config.num_stages
+
+    @property
+    def sram_bytes(self) -> int:
+        """On-chip bytes per program (shared memory + register accumulators, padded blocks). Attention:
+        `smem_bytes` + fp32 acc [BM, BDV] + fp32 scores/probabilities [BM, BN] + fp32 m_i, l_i [BM].
+        Norm: x/y rows in fp32 (2 × BLOCK × 4, + BLOCK × 4 for the residual sum). RoPE: 6 fp32 [BR, BH] operand
+        tiles (x1, x2, c1, c2, s1, s2) + the tail tile in the input dtype."""
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            bm, bn, _, bdv = self.blocks
+            return self.smem_bytes + 4 * (bm * bdv + bm * bn + 2 * bm)
+        if isinstance(spec, NormSpec):
+            return 4 * self.blocks[0] * (2 + spec.residual)
+        br, bh, bt = self.blocks
+        return br * (6 * bh * 4 + bt * itemsize(spec.dtype))
+
+    @property
+    def flops(self) -> int:
+        """Attention: 2·rows·keys·(D + Dv) over every (query row, key column) pair of the *visited* blocks that is
+        in range (so block-level causal/window skipping is credited, in-block masking is not; padding never
+        counts). Softmax/exp work is not counted. Norm: per element 1 (residual add) + 2 (square, sum)
+        [+ 2 LayerNorm centering] + 1 (normalize) [+ 1 weight, +1 offset, +1 bias]. RoPE: 3 per rotated element."""
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            pairs = sum(self._rows_in_block(m) * self._keys_visited(m) for m in range(self.grid[0]))
+            return 2 * pairs * (spec.head_dim + spec.v_head_dim) * self.grid[1]
+        if isinstance(spec, NormSpec):
+            per = 3 + spec.residual + 2 * (spec.norm == "layernorm") + spec.has_weight + spec.has_bias
+            per += spec.has_weight and spec.weight_offset != 0.0
+            return per * spec.width * self._rows()
+        return 3 * spec.rotary_dim * self._rows()
+
+    # ----------------------------------------------------------------------------------------- feasibility
+    def infeasible_reasons(self, target: dict[str, Any]) -> list[str]:
+        """Why this plan cannot run on `target` ({"smem_bytes": ..., "max_head_dim": ...}); [] when it can."""
+        reasons: list[str] = []
+        cfg = self.config
+        for name, value in (("block_m", cfg.block_m), ("block_n", cfg.block_n)):
+            if value < 16 or value & (value - 1):
+                reasons.append(f"{name}={value} is not a power of two >= 16")
+        if cfg.num_warps < 1 or cfg.num_warps & (cfg.num_warps - 1):
+            reasons.append(f"num_warps={cfg.num_warps} is not a power of two")
+        if cfg.num_stages < 1:
+            reasons.append(f"num_stages={cfg.num_stages} < 1")
+        spec = self.spec
+        max_d = int(target.get("max_head_dim", MAX_HEAD_DIM))
+        if isinstance(spec, AttentionSpec) and max(spec.head_dim, spec.v_head_dim) > max_d:
+            reasons.append(f"head dims {spec.head_dim}/{spec.v_head_dim} exceed max_head_dim={max_d}")
+        smem_limit = target.get("smem_bytes")
+        if isinstance(spec, AttentionSpec) and smem_limit is not None and self.smem_bytes > int(smem_limit):
+            reasons.append(f"needs {self.smem_bytes} B of shared memory, target has {smem_limit}")
+        return reasons
+
+    def feasible(self, target: dict[str, Any]) -> bool:
+        return not self.infeasible_reasons(target)
+
+
+def kept_pairs(spec: AttentionSpec) -> int:
+    """(query, key) pairs per head that causal/window keep (mask tensors are data, not counted)."""
+    q_len, kv_len = _static("q_len", spec.q_len), _static("kv_len", spec.kv_len)
+    offset = kv_len - q_len if spec.align == "bottom_right" else 0
+    total = 0
+    for i in range(q_len):
+        pos = i + offset
+        hi = min(kv_len, pos + 1) if spec.causal else kv_len
+        lo = max(0, pos - spec.window + 1) if spec.window else 0
+        total += max(0, hi - lo)
+    return total
+
+
+def io_lower_bound_bytes(spec: AttentionSpec, sram_bytes: int) -> int:
+    """I/O lower bound of attention (Saha & Ye, "The I/O Complexity of Attention"), in bytes, constant 1:
+
+        max(compulsory, B·Hq · P·D·Dv / M) · element_size      when M >= D·Dv
+        max(compulsory, B·Hq · P·sqrt(D·Dv / M)) · element_size  when M <  D·Dv (the matmul-like regime;
+                                                                  both forms agree at M = D·Dv)
+
+    with M = sram_bytes / element_size the SRAM in elements, P = `kept_pairs(spec)` (Nq·Nk for full attention,
+    fewer under causal/window: skipped pairs need no I/O), and compulsory = read Q, K, V once and write O once.
+    The two terms are each a lower bound, so their max is one too (a plain sum is not: with a single query block,
+    FlashAttention moves exactly the compulsory bytes). The lse and mask tensors are not part of the bound.
+    """
+    b, hq = _static("batch", spec.batch), _static("q_heads", spec.q_heads)
+    hkv = _static("kv_heads", spec.kv_heads)
+    q_len, kv_len = _static("q_len", spec.q_len), _static("kv_len", spec.kv_len)
+    d, dv = spec.head_dim, spec.v_head_dim
+    es = itemsize(spec.dtype)
+    m_elems = max(sram_bytes / es, 1.0)
+    compulsory = b * (hq * q_len * (d + dv) + hkv * kv_len * (d + dv))
+    pairs = kept_pairs(spec)
+    ratio = d * dv / m_elems if m_elems >= d * dv else math.sqrt(d * dv / m_elems)
+    tiled = b * hq * pairs * ratio
+    return int(max(compulsory, tiled) * es)
