@@ -155,6 +155,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def default_config(head_dim: int, has_mask: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) used when the caller gives none.
+
+    Chosen so that the sm_90 build does not spill (`tilefuse compile-check` reports it; tests assert it): at
+    D=128 a 64x64 tile with 4 warps needs more than 255 registers per thread, 128x32 with 8 warps does not, and
+    a mask tile costs enough registers to need 64x32 there. The autotuner replaces these per shape.
+    """
+    if head_dim <= 64:
+        return (128, 32, 8, 2) if has_mask else (128, 64, 8, 2)
+    if head_dim <= 128:
+        return (64, 32, 8, 2) if has_mask else (128, 32, 8, 2)
+    return 64, 16, 8, 2
+
+
 def _pow2_block(requested: int, size: int) -> int:
     """The requested block, shrunk to the problem (tiny shapes under the interpreter), never below tl.dot's 16."""
     return max(16, min(requested, triton.next_power_of_2(max(size, 1))))
@@ -217,14 +231,22 @@ def attention_forward_triton(
     inputs: AttnInputs,
     flags: AttnFlags,
     *,
-    block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(output [B, Hq, Nq, Dv] in q's dtype, log-sum-exp [B, Hq, Nq] fp32) of reference.attention_forward."""
+    """(output [B, Hq, Nq, Dv] in q's dtype, log-sum-exp [B, Hq, Nq] fp32) of reference.attention_forward.
+
+    Tile knobs left as None come from `default_config(head_dim)`.
+    """
     _check_tensors(inputs)
     _check_extras(inputs, flags)
+    defaults = default_config(max(inputs.q.shape[-1], inputs.v.shape[-1]), inputs.mask is not None)
+    block_m = defaults[0] if block_m is None else block_m
+    block_n = defaults[1] if block_n is None else block_n
+    num_warps = defaults[2] if num_warps is None else num_warps
+    num_stages = defaults[3] if num_stages is None else num_stages
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")

@@ -24,6 +24,18 @@ def _attention_cuda(
     return gpu.attention(inputs, flags).contiguous()
 
 
+@ops.attention_backward.register_kernel("cuda")
+def _attention_backward_cuda(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
+    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
+    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
+    dq, dk, dv = gpu.attention_backward(grad_out, inputs, flags)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
 @ops.rope.register_kernel("cuda")
 def _rope_cuda(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
     return gpu.rope(x, cos, sin, layout, rotary_dim).contiguous()

@@ -1,8 +1,7 @@
 """CUDA implementations of the fused ops: the Triton kernels, or the reference with a logged reason.
 
 Each launcher raises ValueError for a case its kernel does not cover (RoPE inside attention, fp64, ...); the
-op then runs the reference implementation on the GPU, so a site never fails for lack of a kernel. The
-attention backward has no Triton kernel yet and runs the reference.
+op then runs the reference implementation on the GPU, so a site never fails for lack of a kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +28,19 @@ def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     except ValueError as err:
         _fallback("attention", err)
         return cpu.attention(inputs, flags)
+
+
+def attention_backward(grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
+    """FA2 backward kernels; the forward is recomputed for its output and log-sum-exp (the op saves neither yet)."""
+    from .attention_bwd import attention_backward_triton
+    from .attention_fwd import attention_forward_triton
+
+    try:
+        out, lse = attention_forward_triton(inputs, flags)
+        return attention_backward_triton(grad_out, inputs, flags, out, lse)
+    except ValueError as err:
+        _fallback("attention_backward", err)
+        return ref.attention_backward(grad_out, inputs, flags)
 
 
 def norm(

@@ -121,6 +121,18 @@ def _block(width: int) -> int:
     return int(triton.next_power_of_2(width))
 
 
+def num_warps(block: int) -> int:
+    """Warps per row program: enough threads that a row's BLOCK elements fit in registers without spilling
+    (at BLOCK=4096 the backward spills with 4 warps on sm_80/sm_90; `tilefuse compile-check` shows it)."""
+    if block >= 16384:
+        return 32
+    if block >= 4096:
+        return 16
+    if block >= 1024:
+        return 8
+    return 4
+
+
 def norm_forward_triton(
     x: Tensor,
     weight: Tensor | None,
@@ -152,7 +164,7 @@ def norm_forward_triton(
         _norm_forward_kernel[(rows,)](
             x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset,
             BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None,
+            HAS_RESIDUAL=residual is not None, num_warps=num_warps(_block(width)),
         )  # fmt: skip
     total_out = total.view(x.shape) if total is not None else None
     mean_out = mean.view(stat_shape) if mean is not None else None
@@ -203,7 +215,7 @@ def norm_backward_triton(
     if rows > 0:
         _norm_backward_kernel[(programs,)](
             g2, x2, weight, mean1, rstd1, dx, dw_partial, db_partial, rows, width, weight_offset, rows_per_program,
-            BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None,
+            BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, num_warps=num_warps(_block(width)),
         )  # fmt: skip
     dweight = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx.view(x.shape), dweight, db_partial.sum(dim=0)

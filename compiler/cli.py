@@ -29,15 +29,35 @@ FUSED_KINDS = ("attention", "rmsnorm", "layernorm", "rope")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Spec fields worth a glance in the table, per site kind; the JSON output has them all.
 _SPEC_FIELDS: dict[str, tuple[str, ...]] = {
-    "attention": ("q_len", "kv_len", "head_dim", "gqa_group", "causal", "align", "window", "softcap", "alibi",
-                  "mask", "dropout_p", "rope", "source"),
+    "attention": (
+        "q_len",
+        "kv_len",
+        "head_dim",
+        "gqa_group",
+        "causal",
+        "align",
+        "window",
+        "softcap",
+        "alibi",
+        "mask",
+        "dropout_p",
+        "rope",
+        "source",
+    ),
     "rmsnorm": ("width", "eps", "weight_offset", "residual"),
     "layernorm": ("width", "eps", "has_weight", "has_bias", "residual"),
     "rope": ("layout", "rotary_dim", "head_dim"),
 }
 # Values that say nothing special, left out of the table.
-_UNREMARKABLE: dict[str, Any] = {"gqa_group": 1, "align": "top_left", "mask": "none", "dropout_p": 0.0,
-                                 "weight_offset": 0.0, "source": "matmul", "has_weight": True}
+_UNREMARKABLE: dict[str, Any] = {
+    "gqa_group": 1,
+    "align": "top_left",
+    "mask": "none",
+    "dropout_p": 0.0,
+    "weight_offset": 0.0,
+    "source": "matmul",
+    "has_weight": True,
+}
 
 
 @dataclass(frozen=True)
@@ -66,15 +86,23 @@ def spec_summary(kind: str, spec: Mapping[str, Any] | None) -> str:
     if not spec:
         return ""
     keys = [key for key in _SPEC_FIELDS.get(kind, tuple(spec)) if key in spec]
-    shown = [f"{key}={_format_value(spec[key])}" for key in keys
-             if spec[key] not in (None, False) and spec[key] != _UNREMARKABLE.get(key)]
+    shown = [
+        f"{key}={_format_value(spec[key])}"
+        for key in keys
+        if spec[key] not in (None, False) and spec[key] != _UNREMARKABLE.get(key)
+    ]
     return " ".join(shown)
 
 
 def _site_dicts(report: Any) -> list[dict[str, Any]]:
     return [
-        {"kind": site.kind, "status": site.status, "node": str(site.node), "reason": site.reason,
-         "spec": site.spec.to_dict() if site.spec is not None else None}
+        {
+            "kind": site.kind,
+            "status": site.status,
+            "node": str(site.node),
+            "reason": site.reason,
+            "spec": site.spec.to_dict() if site.spec is not None else None,
+        }
         for site in report.sites
     ]
 
@@ -169,8 +197,11 @@ def demo_problems(max_abs_error: float, report: Any) -> list[str]:
     fallbacks = getattr(report, "fallbacks", [])
     problems += [f"the backend fell back to the unfused graph: {why}" for why in fallbacks]
     sites = _site_dicts(report)
-    problems += [f"no {kind} site was found" for kind in ("attention", "rmsnorm")
-                 if not any(site["kind"] == kind for site in sites)]
+    problems += [
+        f"no {kind} site was found"
+        for kind in ("attention", "rmsnorm")
+        if not any(site["kind"] == kind for site in sites)
+    ]
     for site in sites:
         if site["kind"] in FUSED_KINDS and site["status"] != "fused":
             problems.append(f"{site['kind']} site {site['node']} declined: {site['reason']}")
@@ -199,8 +230,13 @@ def run_demo(args: argparse.Namespace) -> int:
     error, report = _run_demo_model()
     problems = demo_problems(error, report)
     if args.json:
-        result = {"ok": not problems, "max_abs_error": error, "atol": DEMO_ATOL, "problems": problems,
-                  "report": report.to_dict()}
+        result = {
+            "ok": not problems,
+            "max_abs_error": error,
+            "atol": DEMO_ATOL,
+            "problems": problems,
+            "report": report.to_dict(),
+        }
         print(json.dumps(result, indent=2))
     else:
         console = Console()
@@ -210,22 +246,70 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
+# ----------------------------------------------------------------------------------------- compile-check
+
+
+def _add_compile_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (sm_80, sm_86, sm_89, sm_90)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def run_compile_check(args: argparse.Namespace) -> int:
+    from ..codegen.compile_check import compile_check
+
+    try:
+        results = compile_check(args.arch)
+    except (ValueError, RuntimeError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    failed = [r for r in results if not r.ok or (r.spill_bytes or 0) > 0]
+    if args.json:
+        print(json.dumps({"arch": args.arch, "ok": not failed, "kernels": [r.to_dict() for r in results]}, indent=2))
+    else:
+        table = Table(title=f"tilefuse kernels compiled for {args.arch} (no GPU needed)")
+        for column in ("kernel", "ok", "registers", "spill bytes", "shared bytes", "error"):
+            table.add_column(column)
+        for r in results:
+            table.add_row(r.name, "yes" if r.ok else "[red]no[/]", str(r.registers), str(r.spill_bytes),
+                          str(r.shared_bytes), escape(r.error or ""))  # fmt: skip
+        Console().print(table)
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("explain", "show which attention, norm and RoPE sites of a model tilefuse fuses, and why not",
-            _add_model_arguments, run_explain),
-    Command("demo", "compile the built-in tiny Llama-style model, compare with eager, show the fusion report",
-            _add_demo_arguments, run_demo),
+    Command(
+        "explain",
+        "show which attention, norm and RoPE sites of a model tilefuse fuses, and why not",
+        _add_model_arguments,
+        run_explain,
+    ),
+    Command(
+        "demo",
+        "compile the built-in tiny Llama-style model, compare with eager, show the fusion report",
+        _add_demo_arguments,
+        run_demo,
+    ),
+    Command(
+        "compile-check",
+        "compile every kernel family for a GPU target on this machine and report registers, spills and shared memory",
+        _add_compile_check_arguments,
+        run_compile_check,
+    ),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tilefuse", description="Fused, tiled attention, norms and RoPE "
-                                                                  "for torch.compile.")
-    parser.add_argument("--log-level", default=None, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="level of the tilefuse logger (default: WARNING)")
+    parser = argparse.ArgumentParser(
+        prog="tilefuse", description="Fused, tiled attention, norms and RoPE for torch.compile."
+    )
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="level of the tilefuse logger (default: WARNING)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)

@@ -29,6 +29,11 @@ def test_attention_runs_triton_kernel(causal: bool) -> None:
     q, k, v = _qkv(torch.Generator().manual_seed(0))
     inputs, flags = ref.AttnInputs(q, k, v), ref.AttnFlags(0.25, causal, True)
     torch.testing.assert_close(gpu.attention(inputs, flags), ref.attention_forward(inputs, flags), atol=1e-5, rtol=1e-5)
+    grad = torch.randn(1, 4, 17, 16, generator=torch.Generator().manual_seed(9))
+    for got, want in zip(
+        gpu.attention_backward(grad, inputs, flags), ref.attention_backward(grad, inputs, flags), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_attention_with_rope_falls_back_with_reason(caplog: pytest.LogCaptureFixture) -> None:

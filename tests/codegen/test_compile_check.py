@@ -1,0 +1,34 @@
+"""`tilefuse compile-check`: every kernel family compiles for sm_90 and sm_80 on this CPU, and default configs
+do not spill."""
+
+from __future__ import annotations
+
+import textwrap
+
+from _sm90 import compile_in_child
+
+from tilefuse.compiler.cli import main
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from tilefuse.codegen.compile_check import compile_check
+    print(json.dumps({arch: [r.to_dict() for r in compile_check(arch)] for arch in ("sm_90", "sm_80")}))
+    """
+)
+
+
+def test_every_kernel_compiles_without_spills() -> None:
+    report = compile_in_child(_SCRIPT)
+    for arch, results in report.items():
+        names = {r["name"] for r in results}
+        assert {"attention_fwd_d128", "rms_norm_bwd", "layer_norm_fwd", "rope_interleaved"} <= names
+        for r in results:
+            assert r["ok"], (arch, r)
+            assert r["spill_bytes"] == 0, (arch, r)
+            assert 0 < r["registers"] <= 255, (arch, r)
+            assert r["shared_bytes"] <= 228 * 1024, (arch, r)
+
+
+def test_unknown_arch_is_a_usage_error() -> None:
+    assert main(["compile-check", "--arch", "sm_99"]) == 2
