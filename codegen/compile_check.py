@@ -70,15 +70,15 @@ def _rope() -> Any:
     return _rope_kernel
 
 
-def attention_variant(head_dim: int, masked: bool) -> KernelVariant:
-    """Causal bf16 attention forward at its default config, with a boolean mask tile or none."""
+def attention_variant(head_dim: int, masked: bool, rope: bool = False) -> KernelVariant:
+    """Causal bf16 attention forward at its default config, with or without a boolean mask tile and RoPE."""
     from .attention_fwd import MASK_BOOL, MASK_NONE, default_config
 
-    block_m, block_n, warps, stages = default_config(head_dim, masked)
+    block_m, block_n, warps, stages = default_config(head_dim, masked, rope)
     consts = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
         MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False, INPUT_PRECISION="tf32",
-        UPCAST_DOT=False,
+        UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1,
     )  # fmt: skip
     pointers = {
         "Q": "*bf16",
@@ -88,8 +88,10 @@ def attention_variant(head_dim: int, masked: bool) -> KernelVariant:
         "Lse": "*fp32",
         "Mask": "*u8",
         "Alibi": "*fp32",
+        "Cos": "*bf16",
+        "Sin": "*bf16",
     }
-    name = f"attention_fwd_d{head_dim}{'_mask' if masked else ''}"
+    name = f"attention_fwd_d{head_dim}{'_mask' if masked else ''}{'_rope' if rope else ''}"
     return KernelVariant(name, _attention_fwd, pointers, ("qk_scale", "softcap_log2"), consts, warps, stages)
 
 
@@ -100,7 +102,9 @@ def default_variants() -> list[KernelVariant]:
     bf16 = "*bf16"
     norm_fwd = {n: bf16 for n in ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")}
     norm_bwd = {n: bf16 for n in ("G", "X", "W", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL")}
-    variants = [attention_variant(d, masked) for d in (64, 128) for masked in (False, True)]
+    variants = [
+        attention_variant(d, masked, rope) for d in (64, 128) for masked in (False, True) for rope in (False, True)
+    ]
     for rms in (True, False):
         kind = "rms" if rms else "layer"
         fwd = dict(BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True)

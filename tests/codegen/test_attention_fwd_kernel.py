@@ -169,14 +169,86 @@ def _bad_arguments() -> list[tuple[str, ref.AttnInputs, str]]:
         ("too wide", base._replace(q=torch.zeros(1, 2, 4, 512), k=torch.zeros(1, 1, 4, 512)), "exceed"),
         ("heads", ref.AttnInputs(torch.zeros(1, 3, 4, 16), q, q), "multiple"),
         ("mask", base._replace(mask=torch.ones(3, 4, dtype=torch.bool)), "broadcast"),
-        ("rope", base._replace(cos=torch.ones(4, 16), sin=torch.zeros(4, 16)), "RoPE"),
+        ("rope rows", base._replace(cos=torch.ones(5, 16), sin=torch.zeros(5, 16)), "RoPE cos shape"),
+        ("rope width", base._replace(cos=torch.ones(4, 8), sin=torch.zeros(4, 8)), "rotary_dim"),
+        ("rope one", base._replace(cos=torch.ones(4, 16)), "both cos and sin"),
+        (
+            "rope promotes",
+            base._replace(
+                q=q.bfloat16(), k=k.bfloat16(), v=v.bfloat16(), cos=torch.ones(4, 16), sin=torch.zeros(4, 16)
+            ),
+            "promote",
+        ),
     ]
 
 
 @pytest.mark.parametrize(("inputs", "match"), [c[1:] for c in _bad_arguments()], ids=[c[0] for c in _bad_arguments()])
 def test_invalid_arguments_raise_value_error(inputs: ref.AttnInputs, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        attention_forward_triton(inputs, ref.AttnFlags(scale=0.25))
+        attention_forward_triton(inputs, ref.AttnFlags(scale=0.25, rope_layout=ref.ROPE_ROTATE_HALF, rotary_dim=16))
+
+
+def test_rope_table_that_fits_only_q_raises() -> None:
+    """Nq != Nk: one [N, r] table cannot index both q rows [0, Nq) and key rows [0, Nk) (reference.rope_qk fails)."""
+    inputs, flags = _make_inputs(17, 20, 16, 1, torch.float32)
+    cos, sin = _rope_table(17, 16, torch.float32)
+    with pytest.raises(ValueError, match="broadcast to k"):
+        attention_forward_triton(inputs._replace(cos=cos, sin=sin), flags._replace(rope_layout=0, rotary_dim=16))
+
+
+def _rope_table(n: int, rotary_dim: int, dtype: torch.dtype, lead: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+    """cos/sin [*lead, n, r] of the usual frequencies, each frequency repeated in the pairing of neither layout."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]
+    # Distinct angles on every feature (not just per pair) so a wrong partner or cos column shows in the error.
+    angles = torch.cat((angles, angles * 1.37 + 0.3), dim=-1)
+    shape = (*lead, n, rotary_dim)
+    return angles.cos().reshape(shape).to(dtype), angles.sin().reshape(shape).to(dtype)
+
+
+ROPE_CASES = {  # name: (layout, rotary_dim, head_dim, cos lead dims, causal, group)
+    "half_full": (ref.ROPE_ROTATE_HALF, 16, 16, (), True, 2),
+    "inter_full_4d": (ref.ROPE_INTERLEAVED, 16, 16, (1, 1), False, 1),
+    "half_partial": (ref.ROPE_ROTATE_HALF, 8, 16, (1, 1), False, 2),
+    "inter_partial": (ref.ROPE_INTERLEAVED, 16, 40, (), True, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_matches_golden(case: str, dtype: torch.dtype) -> None:
+    layout, rotary_dim, head_dim, lead, causal, group = ROPE_CASES[case]
+    inputs, flags = _make_inputs(20, 20, head_dim, group, dtype)
+    cos, sin = _rope_table(20, rotary_dim, dtype, lead)
+    inputs = inputs._replace(cos=cos, sin=sin)
+    flags = flags._replace(causal=causal, rope_layout=layout, rotary_dim=rotary_dim)
+    out, _ = _check_against_golden(inputs, flags)
+    # The rotation must matter at this tolerance: without it the output is far off.
+    plain = ref.attention_forward(_as_fp64(inputs._replace(cos=None, sin=None)), flags)
+    golden = ref.attention_forward(_as_fp64(inputs), flags)
+    assert (plain - golden).abs().max().item() > 20 * (out.double() - golden).abs().max().item()
+
+
+@pytest.mark.parametrize("layout", [ref.ROPE_ROTATE_HALF, ref.ROPE_INTERLEAVED])
+def test_rope_several_blocks_batch_table(layout: int) -> None:
+    """16-wide tiles (cos/sin rows follow each key block) and a per-batch [B, 1, N, r] table."""
+    inputs, flags = _make_inputs(40, 40, 16, 2, torch.float32, "causal_top_left")
+    cos, sin = _rope_table(40, 8, torch.float32, (1, 1))
+    cos, sin = torch.cat((cos, cos.flip(2))), torch.cat((sin, -sin))
+    inputs = inputs._replace(cos=cos, sin=sin)
+    flags = flags._replace(rope_layout=layout, rotary_dim=8)
+    out, _ = attention_forward_triton(inputs, flags, block_m=16, block_n=16)
+    golden = ref.attention_forward(_as_fp64(inputs), flags)
+    err_eager = (ref.attention_forward(inputs, flags).double() - golden).abs().max().item()
+    assert (out.double() - golden).abs().max().item() <= 2 * err_eager + 4 * torch.finfo(torch.float32).eps
+
+
+def test_rope_layout_none_ignores_the_table() -> None:
+    """reference.rope_qk skips RoPE when the layout is ROPE_NONE, even with cos/sin given."""
+    inputs, flags = _make_inputs(17, 17, 16, 1, torch.float32)
+    cos, sin = _rope_table(17, 16, torch.float32)
+    out, _ = attention_forward_triton(inputs._replace(cos=cos, sin=sin), flags)
+    assert torch.equal(out, attention_forward_triton(inputs, flags)[0])
 
 
 _COMPILE_SM90 = textwrap.dedent(
@@ -188,7 +260,8 @@ _COMPILE_SM90 = textwrap.dedent(
     sig.update(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", Lse="*fp32", Mask="*u8", Alibi="*fp32")
     sig.update(qk_scale="fp32", softcap_log2="fp32")
     consts = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, CAUSAL=True, USE_WINDOW=True, MASK_KIND=1,
-                  HAS_SOFTCAP=True, HAS_ALIBI=True, INPUT_PRECISION="tf32", UPCAST_DOT=False)
+                  HAS_SOFTCAP=True, HAS_ALIBI=True, INPUT_PRECISION="tf32", UPCAST_DOT=False,
+                  ROPE_LAYOUT=-1)
     sig.update({name: "constexpr" for name in consts})
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})

@@ -36,15 +36,21 @@ def test_attention_runs_triton_kernel(causal: bool) -> None:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_with_rope_falls_back_with_reason(caplog: pytest.LogCaptureFixture) -> None:
+def test_attention_rope_forward_in_kernel_backward_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """RoPE runs in the forward kernel's prologue; the backward kernel has no RoPE and falls back, with a reason."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = _qkv(gen)
     cos, sin = torch.randn(17, 16, generator=gen), torch.randn(17, 16, generator=gen)
     inputs, flags = ref.AttnInputs(q, k, v, None, None, cos, sin), ref.AttnFlags(0.25, True, True, 0, 0.0, 0, 16)
     with caplog.at_level(logging.DEBUG, logger="tilefuse.codegen"):
         out = gpu.attention(inputs, flags)
+        assert not caplog.records
+        grad = torch.randn_like(out)
+        grads = gpu.attention_backward(grad, inputs, flags)
     torch.testing.assert_close(out, ref.attention_forward(inputs, flags), atol=1e-5, rtol=1e-5)
-    assert any("reference" in r.message for r in caplog.records)
+    for got, want in zip(grads, ref.attention_backward(grad, inputs, flags), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert any("attention_backward runs the reference" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("rms", [True, False])
