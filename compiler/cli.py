@@ -246,6 +246,31 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
+# ---------------------------------------------------------------------------------------------- io-report
+
+
+def run_io_report(args: argparse.Namespace) -> int:
+    from ..codegen.io_report import io_report
+
+    try:
+        model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
+    except (ValueError, TypeError, ImportError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    rows = io_report(_import_explain()(model, inputs).sites)
+    if args.json:
+        print(json.dumps({"model": args.model, "sites": [r.to_dict() for r in rows]}, indent=2))
+        return EXIT_OK
+    table = Table(title=f"HBM bytes per fused site: {args.model} (batch {args.batch}, seq {args.seq})")
+    for column in ("site", "kind", "fused", "unfused (est.)", "unfused / fused", "fused / lower bound"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        saving = f"{r.unfused_bytes / r.fused_bytes:.1f}x" if r.unfused_bytes else "-"
+        bound = f"{r.fused_bytes / r.lower_bound_bytes:.2f}" if r.lower_bound_bytes else "-"
+        table.add_row(r.node, r.kind, f"{r.fused_bytes:,}", f"{r.unfused_bytes or 0:,}", saving, bound)
+    Console().print(table)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------------------- compile-check
 
 
@@ -290,6 +315,12 @@ COMMANDS: tuple[Command, ...] = (
         "compile the built-in tiny Llama-style model, compare with eager, show the fusion report",
         _add_demo_arguments,
         run_demo,
+    ),
+    Command(
+        "io-report",
+        "HBM bytes of every fused site: fused kernel vs unfused graph vs the attention I/O lower bound",
+        _add_model_arguments,
+        run_io_report,
     ),
     Command(
         "compile-check",
