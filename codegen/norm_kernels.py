@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import emit
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Programs of the backward on CPU (interpreter): few, so each one reduces several rows into its partial sums.
 _CPU_BACKWARD_PROGRAMS = 4
@@ -161,8 +163,8 @@ def norm_forward_triton(
     mean = None if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows > 0:
         res2 = _rows_view(residual) if residual is not None else None
-        _norm_forward_kernel[(rows,)](
-            x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset,
+        emit.launch(
+            _norm_forward_kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset,
             BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, num_warps=num_warps(_block(width)),
         )  # fmt: skip
@@ -213,7 +215,8 @@ def norm_backward_triton(
     dw_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
     if rows > 0:
-        _norm_backward_kernel[(programs,)](
+        emit.launch(
+            _norm_backward_kernel, (programs,),
             g2, x2, weight, mean1, rstd1, dx, dw_partial, db_partial, rows, width, weight_offset, rows_per_program,
             BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, num_warps=num_warps(_block(width)),
         )  # fmt: skip

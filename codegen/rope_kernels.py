@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tilefuse.codegen import emit
 from tilefuse.codegen.reference import ROPE_INTERLEAVED, ROPE_ROTATE_HALF
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,7 +111,8 @@ def _launch(src: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int,
     if rows == 0:
         return out
     half, tail = rotary_dim // 2, head_dim - rotary_dim
-    _rope_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](
+    emit.launch(
+        _rope_kernel, (triton.cdiv(rows, _BLOCK_ROWS),),
         src_c, cos, sin, out, rows, lead[1], lead[2], head_dim, half, *cos_strides, *sin_strides,
         BLOCK_ROWS=_BLOCK_ROWS, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)), LAYOUT=layout, BACKWARD=backward, HAS_TAIL=tail > 0,

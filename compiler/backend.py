@@ -45,6 +45,10 @@ class TilefuseBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         logging.getLogger("tilefuse").setLevel(self.options.log_level.upper())
+        if self.options.dump_kernels is not None:
+            from ..codegen import emit
+
+            emit.set_dump_dir(self.options.dump_kernels)
         timings = self.report.timings_s
         try:
             start = time.perf_counter()

@@ -277,11 +277,15 @@ def run_io_report(args: argparse.Namespace) -> int:
 def _add_compile_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="sm_90", help="GPU architecture to compile for (sm_80, sm_86, sm_89, sm_90)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--dump", metavar="DIR", help="also write the emitted Triton source of every kernel to DIR")
 
 
 def run_compile_check(args: argparse.Namespace) -> int:
+    from ..codegen import emit
     from ..codegen.compile_check import compile_check
 
+    if args.dump:
+        emit.set_dump_dir(args.dump)
     try:
         results = compile_check(args.arch)
     except (ValueError, RuntimeError) as err:

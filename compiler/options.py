@@ -23,6 +23,7 @@ class Options:
     fusions: which rewrite families run (subset of attention, rmsnorm, layernorm, rope, residual).
     autotune: where tile configs come from ("off", "db", "model", "measure").
     log_level: level of the `tilefuse` logger.
+    dump_kernels: a folder that receives a copy of every Triton kernel source tilefuse emits (None: no dump).
     """
 
     strict: bool = False
@@ -30,6 +31,7 @@ class Options:
     fusions: frozenset[str] = frozenset(FUSION_KINDS)
     autotune: str = "db"
     log_level: str = "WARNING"
+    dump_kernels: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strict, bool):
@@ -37,6 +39,8 @@ class Options:
         _check_choice("inner", self.inner, INNER_COMPILERS)
         _check_choice("autotune", self.autotune, AUTOTUNE_MODES)
         _check_choice("log_level", self.log_level.upper(), LOG_LEVELS)
+        if self.dump_kernels is not None and not isinstance(self.dump_kernels, str):
+            raise TypeError(f"dump_kernels must be a folder path (str) or None, got {self.dump_kernels!r}")
         unknown = set(self.fusions) - set(FUSION_KINDS)
         if unknown:
             raise ValueError(f"fusions: unknown {sorted(unknown)}; allowed: {list(FUSION_KINDS)}")
