@@ -36,6 +36,15 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     return compile_fx(gm, list(example_inputs))  # type: ignore[return-value]
 
 
+def _choose_tile_configs(sites: Sequence[Any], options: Options) -> None:
+    """Fill the autotune registry for the fused sites (a database lookup; never raises, see autotune.registry)."""
+    if options.autotune == "off":
+        return
+    from ..autotune.registry import resolve_sites
+
+    resolve_sites(sites, options.autotune, options.tuning_db)
+
+
 class TilefuseBackend:
     """A backend instance with fixed options and its own FusionReport."""
 
@@ -58,6 +67,9 @@ class TilefuseBackend:
             fused, ctx = run_pipeline(fused, self.options)
             timings["passes"] += time.perf_counter() - start
             self.report.extend(ctx.sites, ctx.counters)
+            start = time.perf_counter()
+            _choose_tile_configs(ctx.sites, self.options)
+            timings["autotune_lookup"] += time.perf_counter() - start
             log.info("tilefuse: %s", self.report.summary())
             start = time.perf_counter()
             compiled = inner_compile(fused, example_inputs, self.options)

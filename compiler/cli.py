@@ -307,6 +307,30 @@ def run_compile_check(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..autotune.cli import add_tune_arguments
+
+    add_tune_arguments(parser)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from ..autotune.cli import run_tune
+
+    return run_tune(args)
+
+
+def _add_db_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..autotune.cli import add_db_arguments
+
+    add_db_arguments(parser)
+
+
+def _run_db(args: argparse.Namespace) -> int:
+    from ..autotune.cli import run_db
+
+    return run_db(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "explain",
@@ -331,6 +355,18 @@ COMMANDS: tuple[Command, ...] = (
         "compile every kernel family for a GPU target on this machine and report registers, spills and shared memory",
         _add_compile_check_arguments,
         run_compile_check,
+    ),
+    Command(
+        "tune",
+        "tune the tile configs of every fused site of a model (cost model, or Optuna search on the GPU)",
+        _add_tune_arguments,
+        _run_tune,
+    ),
+    Command(
+        "db",
+        "list, show, export, import or clear the tuning database",
+        _add_db_arguments,
+        _run_db,
     ),
 )
 

@@ -24,6 +24,7 @@ class Options:
     autotune: where tile configs come from ("off", "db", "model", "measure").
     log_level: level of the `tilefuse` logger.
     dump_kernels: a folder that receives a copy of every Triton kernel source tilefuse emits (None: no dump).
+    tuning_db: the tuning database (file path or URL) autotune reads; None: $TILEFUSE_TUNING_DB or the cache file.
     """
 
     strict: bool = False
@@ -32,6 +33,7 @@ class Options:
     autotune: str = "db"
     log_level: str = "WARNING"
     dump_kernels: str | None = None
+    tuning_db: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strict, bool):
@@ -41,6 +43,8 @@ class Options:
         _check_choice("log_level", self.log_level.upper(), LOG_LEVELS)
         if self.dump_kernels is not None and not isinstance(self.dump_kernels, str):
             raise TypeError(f"dump_kernels must be a folder path (str) or None, got {self.dump_kernels!r}")
+        if self.tuning_db is not None and not isinstance(self.tuning_db, str):
+            raise TypeError(f"tuning_db must be a file path or database URL (str) or None, got {self.tuning_db!r}")
         unknown = set(self.fusions) - set(FUSION_KINDS)
         if unknown:
             raise ValueError(f"fusions: unknown {sorted(unknown)}; allowed: {list(FUSION_KINDS)}")

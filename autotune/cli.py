@@ -1,0 +1,247 @@
+"""`tilefuse tune MODEL` and `tilefuse db list|show|export|import|clear`: argument parsers and runners, registered in
+compiler/cli.py's COMMANDS table. Reports are JSON first (report.py), then rendered as rich tables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from tilefuse.costmodel.hardware import GPUSpec, get_gpu, gpu_names
+
+from .search import MODES, TuneOutcome, TuneSettings
+from .space import config_to_dict
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _fail(message: str, code: int) -> int:
+    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False)
+    return code
+
+
+# ------------------------------------------------------------------------------------------------------ tune
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from tilefuse.compiler.cli import _add_model_arguments, _positive_int
+
+    _add_model_arguments(parser)
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype the sites are tuned for")
+    parser.add_argument("--budget", type=_positive_int, default=16, help="measured configs per site (measure mode)")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="model (cost model only; default without a GPU), measure (GPU search; default with "
+                             "one) or exhaustive (measure every feasible config)")  # fmt: skip
+    parser.add_argument("--db", default=None, help="tuning database: file path, sqlite:///... or postgresql://... "
+                        "(default: $TILEFUSE_TUNING_DB or ~/.cache/tilefuse/tuning.sqlite)")  # fmt: skip
+    parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes on one study (one per GPU)")
+    parser.add_argument("--gpu", default=None, help=f"GPU to tune for when it is not this machine's ({gpu_names()})")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write report.json (+ plots) to DIR")
+    parser.add_argument("--force", action="store_true", help="tune again even when the database has the key")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+
+
+def _target(args: argparse.Namespace) -> GPUSpec:
+    from .registry import target_gpu
+
+    if args.gpu:
+        return get_gpu(args.gpu)
+    return target_gpu() or get_gpu("h100")
+
+
+def site_specs(report: Any, dtype: str) -> list[tuple[str, Any]]:
+    """(node, Spec in `dtype`) of every fused site that launches its own kernel, each Spec once."""
+    seen: dict[Any, str] = {}
+    for site in report.sites:
+        if site.status != "fused" or site.spec is None or site.detail.get("fused_into"):
+            continue
+        spec = _with_dtype(site.spec, dtype)
+        seen.setdefault(spec, site.node)
+    return [(node, spec) for spec, node in seen.items()]
+
+
+def _with_dtype(spec: Any, dtype: str) -> Any:
+    fields = {"dtype": dtype}
+    if getattr(spec, "rope", None) is not None:
+        fields["rope"] = dataclasses.replace(spec.rope, dtype=dtype)
+    if hasattr(spec, "out_dtype"):
+        fields["out_dtype"] = dtype
+    return dataclasses.replace(spec, **fields)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from tilefuse.compiler.cli import _import_explain
+    from tilefuse.compiler.presets import load_model
+
+    from .db import TuningDB, TuningDBError
+    from .report import tune_report, write_report
+
+    try:
+        model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
+        gpu = _target(args)
+        mode = args.mode or ("measure" if _has_cuda() else "model")
+        settings = TuneSettings(mode=mode, budget=args.budget, workers=args.workers, force=args.force, seed=args.seed)
+        db = TuningDB(args.db)
+    except (ValueError, TypeError, TuningDBError) as err:
+        return _fail(str(err), EXIT_USAGE)
+    sites = site_specs(_import_explain()(model, inputs), args.dtype)
+    outcomes = _tune_sites(sites, gpu, settings, db)
+    report = tune_report(args, gpu, settings, sites, outcomes)
+    if args.out:
+        report["notes"] += write_report(report, outcomes, Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _render_tune(Console(), report)
+    return EXIT_OK if all(row.get("error") is None for row in report["sites"]) else EXIT_FAILED
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _tune_sites(sites: list[tuple[str, Any]], gpu: GPUSpec, settings: TuneSettings, db: Any) -> list[Any]:
+    from .search import tune_spec
+
+    outcomes: list[TuneOutcome | Exception] = []
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("tuning", total=len(sites))
+        for node, spec in sites:
+            progress.update(task, description=f"tuning {node}")
+            try:
+                outcomes.append(tune_spec(spec, gpu, settings, db=db))
+            except (ValueError, RuntimeError) as err:  # dynamic dims, no GPU for measure mode
+                outcomes.append(err)
+            progress.advance(task)
+    return outcomes
+
+
+def _fmt_config(config: dict[str, int] | None) -> str:
+    if not config:
+        return "-"
+    return f"{config['block_m']}x{config['block_n']} w{config['num_warps']} s{config['num_stages']}"
+
+
+def _fmt_us(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
+def _render_tune(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"tilefuse tune {report['model']} on {report['gpu']} ({report['mode']}, {report['dtype']})")
+    for column in ("site", "kind", "best config", "predicted µs", "measured µs", "default", "speed-up", "from"):
+        table.add_column(column)
+    for row in report["sites"]:
+        if row.get("error"):
+            table.add_row(row["node"], row["kind"], f"[red]{escape(row['error'])}[/]", "", "", "", "", "")
+            continue
+        measured = row["best_latency_us"] if row["source"] != "model" else None
+        speedup = f"{row['speedup_over_default']:.2f}x" if row["speedup_over_default"] else "-"
+        attention = row["kind"] == "attention"
+        best = _fmt_config(row["best"]) if attention else "(launcher's own blocks)"
+        predicted = row["best_predicted_us"] if not row["hit"] else row["best_latency_us"]
+        default = _fmt_config(row["default"]) if attention else "-"
+        origin = "db hit" if row["hit"] else row["source"]
+        table.add_row(row["node"], row["kind"], best, _fmt_us(predicted), _fmt_us(measured), default, speedup, origin)
+    console.print(table)
+    for note in report["notes"]:
+        console.print(f"[dim]{escape(note)}[/]")
+
+
+# -------------------------------------------------------------------------------------------------------- db
+def add_db_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "show", "export", "import", "clear"))
+    parser.add_argument(
+        "target", nargs="?", default=None, help="show: a key digest prefix; export/import: a JSON file ('-': stdio)"
+    )
+    parser.add_argument("--db", default=None, help="tuning database path or URL (default: the cache file)")
+    parser.add_argument("--family", default=None, help="only this kernel family (attention, rmsnorm, ...)")
+    parser.add_argument("--recover", action="store_true", help="clear: move a corrupt/foreign database aside first")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_db(args: argparse.Namespace) -> int:
+    from .db import TuningDB, TuningDBError
+
+    try:
+        db = TuningDB(args.db, recover=args.recover and args.action == "clear")
+        if args.action in ("show", "export", "import") and args.target is None:
+            raise ValueError(f"db {args.action} needs a target (see tilefuse db --help)")
+        return _DB_ACTIONS[args.action](db, args)
+    except (ValueError, KeyError, OSError, TuningDBError) as err:
+        return _fail(str(err).strip("'\""), EXIT_USAGE if not isinstance(err, TuningDBError) else EXIT_FAILED)
+
+
+def _db_list(db: Any, args: argparse.Namespace) -> int:
+    records = db.records(args.family)
+    if args.json:
+        print(json.dumps([{**r.to_dict(), "trials": len(r.trials)} for r in records], indent=2))
+        return EXIT_OK
+    table = Table(title=f"tuning database {db.url} ({len(records)} entries)")
+    for column in ("key", "site", "best config", "latency µs", "source", "versions"):
+        table.add_column(column)
+    for r in records:
+        best = config_to_dict(r.best) if r.best else None
+        versions = " ".join(f"{k} {v}" for k, v in json.loads(r.key.versions).items())
+        table.add_row(r.key.digest[:12], r.key.describe(), _fmt_config(best), _fmt_us(r.best_latency_us), r.source,
+                      versions)  # fmt: skip
+    Console().print(table)
+    return EXIT_OK
+
+
+def _db_show(db: Any, args: argparse.Namespace) -> int:
+    record = db.find(args.target)
+    if args.json:
+        print(json.dumps(record.to_dict(), indent=2))
+        return EXIT_OK
+    console = Console()
+    best = _fmt_config(config_to_dict(record.best) if record.best else None)
+    console.print(f"[bold]{escape(record.key.describe())}[/] ({record.key.digest})  best {best} "
+                  f"{_fmt_us(record.best_latency_us)} µs from {record.source}")  # fmt: skip
+    table = Table(title="trials")
+    for column in ("config", "status", "p50 µs", "p20–p80 µs", "predicted µs", "error"):
+        table.add_column(column)
+    for t in record.trials:
+        spread = f"{t.latency_us['p20']:.1f}–{t.latency_us['p80']:.1f}" if "p20" in t.latency_us else "-"
+        table.add_row(_fmt_config(config_to_dict(t.config)), t.status, _fmt_us(t.latency_us.get("p50")), spread,
+                      _fmt_us(t.predicted_us), escape(t.error or ""))  # fmt: skip
+    console.print(table)
+    return EXIT_OK
+
+
+def _db_export(db: Any, args: argparse.Namespace) -> int:
+    text = json.dumps(db.export_json(args.family), indent=2)
+    if args.target == "-":
+        print(text)
+    else:
+        Path(args.target).write_text(text + "\n")
+        Console(stderr=True).print(f"exported to {escape(args.target)}")
+    return EXIT_OK
+
+
+def _db_import(db: Any, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.target == "-" else Path(args.target).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{args.target}: not JSON ({err})") from err
+    count = db.import_json(data)
+    Console(stderr=True).print(f"imported {count} entries into {escape(db.url)}")
+    return EXIT_OK
+
+
+def _db_clear(db: Any, args: argparse.Namespace) -> int:
+    count = db.clear(args.family)
+    Console(stderr=True).print(f"deleted {count} entries from {escape(db.url)}")
+    return EXIT_OK
+
+
+_DB_ACTIONS = {"list": _db_list, "show": _db_show, "export": _db_export, "import": _db_import, "clear": _db_clear}

@@ -1,0 +1,155 @@
+"""Tuning keys: which tuned config may serve which site. A key names the kernel family, the Spec with its shape
+dims bucketed to powers of two (dynamic dims marked "dyn"), the dtype, the GPU arch, the tilefuse/Triton/torch
+versions and a hash of the kernel family's generic source — so a config tuned for another kernel never applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
+
+from .space import default_config, family
+
+DYNAMIC = "dyn"
+# Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
+_IGNORED = {
+    "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape"),
+    "norm": ("eps", "weight_offset", "compute_dtype"),
+    "rope": ("source",),
+}
+_ATTENTION_DIMS = ("batch", "q_heads", "kv_heads", "q_len", "kv_len")
+
+
+def bucket_dim(dim: int | None) -> int | str:
+    """Shape dims bucket to the next power of two (1, 2, 4, ..., 17 → 32); a dynamic dim stays "dyn"."""
+    if dim is None:
+        return DYNAMIC
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+        raise ValueError(f"a shape dim must be an int >= 0 or None, got {dim!r}")
+    return 1 if dim <= 1 else 1 << (dim - 1).bit_length()
+
+
+def spec_bucket(spec: Spec) -> dict[str, Any]:
+    """The Spec as the key sees it: shape dims bucketed, head/feature widths exact, flags that select kernel code
+    kept (causal, mask kind, window presence, softcap presence, ALiBi, RoPE layout, dropout presence)."""
+    data = spec.to_dict()
+    if isinstance(spec, AttentionSpec):
+        for name in _ATTENTION_DIMS:
+            data[name] = bucket_dim(getattr(spec, name))
+        data["window"] = bucket_dim(spec.window) if spec.window else None
+        data["softcap_on"] = bool(spec.softcap)
+        data["dropout_on"] = spec.dropout_p > 0
+        data["rope"] = _rope_bucket(spec.rope) if spec.rope else None
+        return _drop(data, _IGNORED["attention"])
+    if isinstance(spec, NormSpec):
+        data["shape"] = [*map(bucket_dim, spec.shape[:-1]), spec.shape[-1]] if spec.shape else []
+        return _drop(data, _IGNORED["norm"])
+    return _rope_bucket(spec)
+
+
+def _rope_bucket(spec: RopeSpec) -> dict[str, Any]:
+    data = spec.to_dict()
+    data["shape"] = [*map(bucket_dim, spec.shape[:-1]), spec.shape[-1]] if spec.shape else []
+    return _drop(data, _IGNORED["rope"])
+
+
+def _drop(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in names}
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """tilefuse, Triton and torch versions of this process."""
+    import importlib.metadata
+
+    import torch
+    import triton
+
+    try:
+        tilefuse_version = importlib.metadata.version("tilefuse")
+    except importlib.metadata.PackageNotFoundError:
+        tilefuse_version = "0+unknown"
+    return {"tilefuse": tilefuse_version, "triton": triton.__version__, "torch": torch.__version__}
+
+
+@functools.cache
+def kernel_source_hash(kind: str) -> str:
+    """SHA-256 of the generic Triton source of the family's forward kernel (and the helpers it calls)."""
+    from tilefuse.codegen.plan import TiledPlan
+    from tilefuse.costmodel.features import kernel_source_digest
+    from tilefuse.costmodel.variants import variant_for_plan
+
+    spec = _SAMPLE_SPECS.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown kernel family {kind!r}; expected one of {sorted(_SAMPLE_SPECS)}")
+    kernel = variant_for_plan(TiledPlan(spec, default_config(spec))).kernel()
+    return kernel_source_digest(kernel)
+
+
+_SAMPLE_SPECS: dict[str, Spec] = {
+    "attention": AttentionSpec(1, 1, 1, 16, 16, 16, 16, "float16", 0.25),
+    "rmsnorm": NormSpec("rmsnorm", 16, (1, 16), "float16", 1e-6),
+    "layernorm": NormSpec("layernorm", 16, (1, 16), "float16", 1e-6),
+    "rope": RopeSpec("rotate_half", 16, 16, (1, 1, 16, 16), "float16"),
+}
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    """Everything a tuned config depends on. `digest` is the primary key in the database."""
+
+    family: str
+    bucket: str  # canonical JSON of `spec_bucket`
+    dtype: str
+    arch: str
+    versions: str  # canonical JSON of `versions()`
+    source_hash: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family, "bucket": json.loads(self.bucket), "dtype": self.dtype, "arch": self.arch,
+            "versions": json.loads(self.versions), "source_hash": self.source_hash,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuningKey:
+        if not isinstance(data, dict):
+            raise TypeError(f"a tuning key must be a dict, got {type(data).__name__}")
+        missing = {"family", "bucket", "dtype", "arch", "versions", "source_hash"} - set(data)
+        if missing:
+            raise ValueError(f"tuning key is missing {sorted(missing)}")
+        return cls(
+            str(data["family"]), _canonical(data["bucket"]), str(data["dtype"]), str(data["arch"]),
+            _canonical(data["versions"]), str(data["source_hash"]),
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        bucket = json.loads(self.bucket)
+        if self.family == "attention":
+            dims = "x".join(str(bucket[n]) for n in _ATTENTION_DIMS)
+            return f"attention {dims} d{bucket['head_dim']} {self.dtype} {self.arch}"
+        return f"{self.family} {bucket.get('shape')} {self.dtype} {self.arch}"
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def tuning_key(spec: Spec, arch: str, *, source_hash: str | None = None) -> TuningKey:
+    """The key of `spec` on a GPU of `arch` ("sm_90") with this process's versions and kernel source."""
+    if not isinstance(arch, str) or not arch.startswith("sm_"):
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    kind = family(spec)
+    return TuningKey(
+        kind, _canonical(spec_bucket(spec)), spec.dtype.removeprefix("torch."), arch, _canonical(versions()),
+        source_hash if source_hash is not None else kernel_source_hash(kind),
+    )  # fmt: skip

@@ -1,0 +1,113 @@
+"""The search strategy on a synthetic latency function (no GPU): db hit, cost-model order, Optuna search with
+screening, failures recorded, stopping rules, exhaustive ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from _synthetic import OPTIMUM, synthetic_cost, synthetic_latency
+
+from tilefuse.autotune.db import TuningDB
+from tilefuse.autotune.records import Measurement
+from tilefuse.autotune.search import TuneSettings, predicted_latencies, tune_spec
+from tilefuse.autotune.space import build_space, default_config
+from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.hardware import get_gpu
+from tilefuse.specs import AttentionSpec, Spec
+
+H100 = get_gpu("h100")
+SPEC = AttentionSpec(2, 8, 8, 1024, 1024, 64, 64, "bfloat16", 0.125, causal=True)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_model_mode_takes_the_cost_models_best_and_stores_it(tmp_path: Path) -> None:
+    db = TuningDB(tmp_path / "t.sqlite")
+    outcome = tune_spec(SPEC, H100, TuneSettings(mode="model"), db=db)
+    predicted = predicted_latencies(SPEC, build_space(SPEC, H100).configs, H100)
+    assert outcome.record.best == next(iter(predicted)) and outcome.record.source == "model"
+    assert all(t.status == "predicted" for t in outcome.record.trials)
+    assert outcome.default == default_config(SPEC) and outcome.speedup is not None and outcome.speedup >= 1.0
+    again = tune_spec(SPEC, H100, TuneSettings(mode="model"), db=db)
+    assert again.hit and again.record.best == outcome.record.best
+
+
+def test_measure_mode_without_a_gpu_says_so() -> None:
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        tune_spec(SPEC, H100, TuneSettings(mode="measure"))
+
+
+def test_measure_search_finds_the_synthetic_optimum_within_budget(tmp_path: Path) -> None:
+    calls: list[TileConfig] = []
+
+    def synthetic(spec: Spec, config: TileConfig) -> Measurement:
+        calls.append(config)
+        return synthetic_latency(spec, config)
+
+    db = TuningDB(tmp_path / "t.sqlite")
+    settings = TuneSettings(mode="measure", budget=24, patience=24, seed=1, remeasure=0)
+    outcome = tune_spec(SPEC, H100, settings, db=db, measure=synthetic)
+    space = build_space(SPEC, H100)
+    measured = [t for t in outcome.record.trials if t.status in ("ok", "compile-fail")]
+    assert len(measured) == 24 and len({t.config for t in measured}) == 24  # budget spent, nothing measured twice
+    assert all(t.config in space for t in measured)  # hard constraints filtered before suggesting
+    assert measured[0].config == default_config(SPEC)  # the default first, then the model's picks
+    assert outcome.record.best_latency_us <= synthetic_cost(OPTIMUM) * 1.25  # type: ignore[operator]
+    assert outcome.record.source == "measure" and outcome.speedup is not None
+    assert len(calls) == 24 + 1 - (default_config(SPEC) in {t.config for t in measured})  # + the default's baseline
+
+
+def test_failed_configs_are_recorded_not_fatal() -> None:
+    def flaky(spec: Spec, config: TileConfig) -> Measurement:
+        if config.num_stages == 1:
+            raise RuntimeError("synthetic: launch failed")
+        return synthetic_latency(spec, config)
+
+    outcome = tune_spec(SPEC, H100, TuneSettings(mode="exhaustive"), measure=flaky)
+    statuses = {t.status for t in outcome.record.trials}
+    assert {"ok", "error", "compile-fail"} <= statuses
+    assert all(t.error for t in outcome.record.trials if t.status != "ok")
+    assert outcome.record.best is not None and outcome.record.best.num_stages != 1
+
+
+def test_exhaustive_is_the_ground_truth() -> None:
+    outcome = tune_spec(SPEC, H100, TuneSettings(mode="exhaustive"), measure=synthetic_latency)
+    space = build_space(SPEC, H100)
+    assert len(outcome.record.trials) == len(space.configs)
+    ok = [c for c in space.configs if not (c.block_n == 16 and c.num_warps == 2)]
+    assert outcome.record.best_latency_us == min(synthetic_cost(c) for c in ok)
+
+
+def test_search_stops_when_nothing_improves() -> None:
+    def flat(spec: Spec, config: TileConfig) -> Measurement:
+        return Measurement.ok(5.0)
+
+    outcome = tune_spec(SPEC, H100, TuneSettings(mode="measure", budget=40, patience=4), measure=flat)
+    assert len(outcome.record.trials) == 5  # the first sets the best, four more without improvement
+
+
+def test_every_failure_leaves_no_best() -> None:
+    def broken(spec: Spec, config: TileConfig) -> Measurement:
+        return Measurement("compile-fail", error="synthetic")
+
+    outcome = tune_spec(SPEC, H100, TuneSettings(mode="measure", budget=6), measure=broken)
+    assert outcome.record.best is None and len(outcome.record.trials) == 6
+
+
+def test_a_measured_db_entry_satisfies_a_model_request(tmp_path: Path) -> None:
+    db = TuningDB(tmp_path / "t.sqlite")
+    tune_spec(SPEC, H100, TuneSettings(mode="exhaustive"), db=db, measure=synthetic_latency)
+    hit = tune_spec(SPEC, H100, TuneSettings(mode="model"), db=db)
+    assert hit.hit and hit.record.source == "exhaustive"
+    miss = tune_spec(SPEC, H100, TuneSettings(mode="model", force=True), db=db)
+    assert not miss.hit
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        TuneSettings(mode="fast")
+    with pytest.raises(ValueError, match="budget"):
+        TuneSettings(budget=0)
+    with pytest.raises(ValueError, match="workers"):
+        TuneSettings(mode="model", workers=2)
