@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers torch.ops.tilefuse)
+from .codegen import custom_ops as _custom_ops  # registers torch.ops.tilefuse
 
 _ops = torch.ops.tilefuse
 _LAYOUTS = {"rotate_half": 0, "interleaved": 1}
@@ -97,15 +97,17 @@ def attention(
 
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Nq, Nk]. window: keys with
     0 <= pos(q) - k < window are kept. Fully masked rows give zeros. `config` (a tile configuration) is
-    accepted for the autotuner and currently ignored.
+    accepted for the autotuner and currently ignored. dropout_p drops each probability with that chance after the
+    softmax (scaling the kept ones by 1/(1-p)); the keep mask is drawn from torch's generator on q's device, so
+    `torch.manual_seed` makes it reproducible, and the backward drops the same probabilities.
     """
     _check_qkv(q, k, v)
     for name, t in (("attn_mask", attn_mask), ("alibi_slopes", alibi_slopes)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
     _same_device(q=q, k=k, v=v, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: dropout inside attention is not supported yet (use 0.0)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and window <= 0:
         raise ValueError(f"window must be a positive number of keys, got {window}")
     if softcap is not None and softcap <= 0:
@@ -114,10 +116,17 @@ def attention(
         raise ValueError(f"align={align!r}; allowed: 'top_left', 'bottom_right'")
     cos, sin, layout, dim = _rope_args(rope, rope_layout, rotary_dim, q.shape[-1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _ops.attention(
+    rng = dropout_rng(q.device) if dropout_p > 0 else None
+    out, _ = _ops.attention(
         q, k, v, attn_mask, alibi_slopes, cos, sin, scale, causal, align == "bottom_right", window or 0,
-        softcap or 0.0, layout, dim,
+        softcap or 0.0, layout, dim, float(dropout_p), rng,
     )  # fmt: skip
+    return out
+
+
+def dropout_rng(device: torch.device | str) -> Tensor:
+    """An int64 [seed, offset] for the attention dropout's counter-based RNG, drawn from torch's generator."""
+    return torch.randint(0, _custom_ops.RNG_HIGH, (2,), dtype=torch.int64, device=device)
 
 
 def _check_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float) -> None:

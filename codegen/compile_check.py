@@ -30,6 +30,10 @@ class KernelVariant:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int = 2
+    # Integer argument values of a representative launch. When given, the compile specializes as a launch does:
+    # an int equal to 1 becomes a constant, multiples of 16 and every pointer get tt.divisibility=16 (enables
+    # vectorized loads and cp.async pipelining; the TTGIR and shared memory differ from the unspecialized build).
+    ints: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,18 @@ def _attention_fwd() -> Any:
     return attention_fwd_kernel
 
 
+def _decode_split() -> Any:
+    from .attention_decode import attention_decode_split_kernel
+
+    return attention_decode_split_kernel
+
+
+def _decode_combine() -> Any:
+    from .attention_decode import attention_decode_combine_kernel
+
+    return attention_decode_combine_kernel
+
+
 def _norm_fwd() -> Any:
     from .norm_kernels import _norm_forward_kernel
 
@@ -70,17 +86,20 @@ def _rope() -> Any:
     return _rope_kernel
 
 
-def attention_variant(head_dim: int, masked: bool, rope: bool = False) -> KernelVariant:
-    """Causal bf16 attention forward at its default config, with or without a boolean mask tile and RoPE."""
+def attention_variant(head_dim: int, masked: bool, rope: bool = False, dropout: bool = False) -> KernelVariant:
+    """Causal bf16 attention forward at its default config, with or without a boolean mask tile, RoPE, dropout."""
     from .attention_fwd import MASK_BOOL, MASK_NONE, default_config
 
-    block_m, block_n, warps, stages = default_config(head_dim, masked, rope)
+    block_m, block_n, warps, stages = default_config(head_dim, masked, rope, dropout)
     consts = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
         MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False, INPUT_PRECISION="tf32",
-        UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1,
+        UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1, HAS_DROPOUT=dropout, SKIP_TILES=masked,
     )  # fmt: skip
     pointers = {
+        "Rng": "*i64",
+        "BlockIdx": "*i32",
+        "BlockCount": "*i32",
         "Q": "*bf16",
         "K": "*bf16",
         "V": "*bf16",
@@ -91,8 +110,113 @@ def attention_variant(head_dim: int, masked: bool, rope: bool = False) -> Kernel
         "Cos": "*bf16",
         "Sin": "*bf16",
     }
-    name = f"attention_fwd_d{head_dim}{'_mask' if masked else ''}{'_rope' if rope else ''}"
-    return KernelVariant(name, _attention_fwd, pointers, ("qk_scale", "softcap_log2"), consts, warps, stages)
+    name = (
+        f"attention_fwd_d{head_dim}{'_mask' if masked else ''}{'_rope' if rope else ''}{'_dropout' if dropout else ''}"
+    )
+    ints = _prefill_ints(head_dim, masked, rope)
+    return KernelVariant(name, _attention_fwd, pointers, ("qk_scale", "softcap_log2"), consts, warps, stages, ints)
+
+
+def _prefill_ints(d: int, masked: bool, rope: bool) -> dict[str, int]:
+    """Integer arguments of a Llama-3-8B-like prefill launch (Hq 32, Hkv 8, N 4096, contiguous, batch > 1), so the
+    compile gets the specialization a real launch gets (unit strides folded, multiples of 16 marked aligned)."""
+    heads, kv_heads, n = 32, 8, 4096
+    ints: dict[str, int] = {}
+    for t, h, row in (("q", heads, "m"), ("k", kv_heads, "n"), ("v", kv_heads, "n"), ("o", heads, "m")):
+        ints |= {f"stride_{t}b": h * n * d, f"stride_{t}h": n * d, f"stride_{t}{row}": d, f"stride_{t}d": 1}
+    if masked:  # a [B, 1, 1, N] key-padding mask and its block list ([B, 1, 1, N / 32] and [B, 1, 1])
+        ints |= dict(stride_mb=n, stride_mh=0, stride_mm=0, stride_mn=1)
+        ints |= dict(stride_ib=n // 32, stride_ih=0, stride_im=0, stride_nb=1, stride_nh=0, stride_nm=0)
+    if rope:  # an [N, d] table shared by batch and heads
+        ints |= dict(stride_cb=0, stride_ch=0, stride_cn=d, stride_cd=1)
+        ints |= dict(stride_sb=0, stride_sh=0, stride_sn=d, stride_sd=1)
+    ints |= dict(num_q_heads=heads, group=heads // kv_heads, q_len=n, kv_len=n, head_dim=d, head_dim_v=d)
+    ints |= dict(rotary_dim=d if rope else 0, window=0, pos_offset=0)
+    return ints
+
+
+def _decode_ints(q_len: int, masked: bool, rope: bool) -> dict[str, int]:
+    """Integer arguments of a Llama-70B-like decode launch (B 4, Hq 64, Hkv 8, Nk 4096, D 128, contiguous)."""
+    heads, kv_heads, kv_len, d = 64, 8, 4096, 128
+    ints = dict(stride_qb=heads * q_len * d, stride_qh=q_len * d, stride_qm=d, stride_qd=1)
+    for t in "kv":
+        kv_strides = (kv_heads * kv_len * d, kv_len * d, d, 1)
+        ints |= {f"stride_{t}{dim}": stride for dim, stride in zip("bhnd", kv_strides, strict=True)}
+    if masked:  # a [B, 1, 1, Nk] key-padding mask
+        ints.update(stride_mb=kv_len, stride_mh=0, stride_mm=0, stride_mn=1)
+    if rope:  # a [1, r] table shared by all positions (the only shape reference.rope_qk allows with Nq != Nk)
+        ints.update(stride_cb=0, stride_ch=0, stride_cn=0, stride_cd=1, stride_sb=0, stride_sh=0, stride_sn=0,
+                    stride_sd=1, rotary_dim=d)  # fmt: skip
+    ints.update(kv_heads=kv_heads, group=heads // kv_heads, q_len=q_len, kv_len=kv_len, head_dim=d, head_dim_v=d,
+                window=0, pos_offset=kv_len - q_len, vis_lo=0, vis_hi=kv_len, split_len=512, num_splits=8,
+                work_splits=8)  # fmt: skip
+    return ints
+
+
+def decode_variants(head_dim: int = 128) -> list[KernelVariant]:
+    """Split-KV decode at its default configs, bf16: phase 1 for a group of 8 single-row queries (BLOCK_M 16) with
+    and without a mask tile / RoPE, for 64 packed rows (8 heads x 8 speculative tokens), and phase 2."""
+    from .attention_decode import COMBINE_WARPS, decode_config
+    from .attention_fwd import MASK_BOOL, MASK_NONE
+
+    bf16, fp32 = "*bf16", "*fp32"
+    pointers = dict(Q=bf16, K=bf16, V=bf16, Acc=fp32, Stat=fp32, Mask="*u8", Alibi=fp32, Cos=bf16, Sin=bf16,
+                    Rng="*i64")  # fmt: skip
+    variants = []
+    for block_m, masked, rope in ((16, False, False), (16, True, False), (16, False, True), (64, False, False)):
+        block_n, warps, stages = decode_config(block_m, head_dim, rope)
+        consts = dict(
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
+            MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False,
+            INPUT_PRECISION="tf32", UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1, HAS_DROPOUT=False,
+        )  # fmt: skip
+        name = f"attention_decode_d{head_dim}_m{block_m}{'_mask' if masked else ''}{'_rope' if rope else ''}"
+        ints = _decode_ints(block_m // 8, masked, rope) if head_dim == 128 else None
+        floats = ("qk_scale", "softcap_log2", "drop_p", "drop_scale")
+        variants.append(KernelVariant(name, _decode_split, pointers, floats, consts, warps, stages, ints))
+    combine = dict(Acc=fp32, Stat=fp32, Out=bf16, Lse=fp32)
+    ints = dict(stride_ob=64 * head_dim, stride_oh=head_dim, stride_om=head_dim, stride_od=1, num_q_heads=64,
+                q_len=1, head_dim_v=head_dim, num_splits=8, work_splits=8)  # fmt: skip
+    variants.append(KernelVariant(f"attention_decode_combine_d{head_dim}", _decode_combine, combine, (),
+                                  dict(BLOCK_S=8, BLOCK_DV=head_dim), COMBINE_WARPS, ints=ints))  # fmt: skip
+    return variants
+
+
+def _attention_bwd_dkdv() -> Any:
+    from .attention_bwd import attention_bwd_dkdv_kernel
+
+    return attention_bwd_dkdv_kernel
+
+
+def _attention_bwd_dq() -> Any:
+    from .attention_bwd import attention_bwd_dq_kernel
+
+    return attention_bwd_dq_kernel
+
+
+def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
+    """Causal bf16 attention backward (dK/dV and dQ kernels) at `backward_config`: plain, RoPE (rotate-half, the
+    register-permutation epilogue), RoPE with a non-power-of-two span (the tl.gather epilogue), and dropout."""
+    from .attention_args import backward_config
+    from .attention_fwd import MASK_NONE
+
+    bf16, fp32 = "*bf16", "*fp32"
+    pointers = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DQ=bf16, DK=bf16, DV=bf16, Lse=fp32, Delta=fp32, Mask="*u8",
+                    Alibi=fp32, Cos=bf16, Sin=bf16, Rng="*i64")  # fmt: skip
+    floats = ("sm_scale", "qk_scale", "softcap_log2", "drop_p", "drop_scale")
+    variants = []
+    for suffix, layout, span, dropout in (("", -1, 0, False), ("_rope", 0, head_dim, False),
+                                          ("_rope_gather", 0, 0, False), ("_dropout", -1, 0, True)):  # fmt: skip
+        configs = backward_config(head_dim, False, layout >= 0, dropout)
+        for kind, kernel, config in (("dkdv", _attention_bwd_dkdv, configs[0]), ("dq", _attention_bwd_dq, configs[1])):
+            consts = dict(
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True,
+                USE_WINDOW=False, MASK_KIND=MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False, INPUT_PRECISION="tf32",
+                UPCAST_DOT=False, ROPE_LAYOUT=layout, SWAP_SPAN=span, HAS_DROPOUT=dropout,
+            )  # fmt: skip
+            name = f"attention_bwd_{kind}_d{head_dim}{suffix}"
+            variants.append(KernelVariant(name, kernel, pointers, floats, consts, config.num_warps, config.num_stages))
+    return variants
 
 
 def default_variants() -> list[KernelVariant]:
@@ -105,6 +229,12 @@ def default_variants() -> list[KernelVariant]:
     variants = [
         attention_variant(d, masked, rope) for d in (64, 128) for masked in (False, True) for rope in (False, True)
     ]
+    variants += [
+        attention_variant(d, masked, rope, dropout=True) for d, masked, rope in ((128, True, False), (128, False, True))
+    ]
+    variants += [attention_variant(256, False, rope) for rope in (False, True)]
+    variants += decode_variants()
+    variants += attention_bwd_variants()
     for rms in (True, False):
         kind = "rms" if rms else "layer"
         fwd = dict(BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True)
@@ -135,26 +265,46 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in fields.items()}
 
 
-def compile_variant(variant: KernelVariant, arch: str) -> CompileResult:
-    """Compile one variant for `arch`; a compile error is a result (ok=False), not an exception."""
+def compile_kernel(variant: KernelVariant, arch: str) -> Any:
+    """The Triton kernel of `variant` compiled for `arch` (`.asm`: ttir, ttgir, llir, ptx, cubin; `.metadata`).
+    Raises on a compile error."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn = variant.kernel()
+    from . import emit
+
+    # Compile the emitted source the launcher runs: literal constexprs are baked in, the rest stay parameters.
+    emitted = emit.specialize(variant.kernel(), variant.constexprs)
+    fn = emitted.kernel
+    constexprs = {k: v for k, v in variant.constexprs.items() if k not in emitted.baked}
     signature = {name: "i32" for name in fn.arg_names}
-    signature.update(variant.pointers)
-    signature.update({name: "fp32" for name in variant.floats})
-    signature.update({name: "constexpr" for name in variant.constexprs})
+    signature.update({k: v for k, v in variant.pointers.items() if k in signature})
+    signature.update({name: "fp32" for name in variant.floats if name in signature})
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    if variant.ints is not None:
+        constexprs.update({k: 1 for k, v in variant.ints.items() if v == 1 and k in signature})
+        aligned = {k for k, v in variant.ints.items() if v % 16 == 0} | set(variant.pointers)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(fn.arg_names) if k in aligned - set(constexprs)}
+    signature.update({name: "constexpr" for name in constexprs})
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", ARCHES[arch], 32), options=options)
+
+
+def kernel_resources(kernel: Any) -> tuple[int | None, int, int]:
+    """(registers per thread, spill bytes per thread, shared memory bytes per program) of a compiled kernel."""
+    usage = _resource_usage(kernel.asm["cubin"])
+    shared = int(kernel.metadata.shared) + usage.get("SHARED", 0)
+    return usage.get("REG"), usage.get("STACK", 0) + usage.get("LOCAL", 0), shared
+
+
+def compile_variant(variant: KernelVariant, arch: str) -> CompileResult:
+    """Compile one variant for `arch`; a compile error is a result (ok=False), not an exception."""
     try:
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=variant.constexprs)
-        options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
-        kernel = triton.compile(source, target=GPUTarget("cuda", ARCHES[arch], 32), options=options)
-        usage = _resource_usage(kernel.asm["cubin"])
+        registers, spill, shared = kernel_resources(compile_kernel(variant, arch))
     except Exception as err:  # compile failures are data for the cost model
         return CompileResult(variant.name, arch, False, error=f"{type(err).__name__}: {str(err)[:300]}")
-    shared = int(kernel.metadata.shared) + usage.get("SHARED", 0)
-    spill = usage.get("STACK", 0) + usage.get("LOCAL", 0)
-    return CompileResult(variant.name, arch, True, usage.get("REG"), spill, shared)
+    return CompileResult(variant.name, arch, True, registers, spill, shared)
 
 
 def compile_check(arch: str, variants: list[KernelVariant] | None = None) -> list[CompileResult]:

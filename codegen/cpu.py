@@ -2,7 +2,7 @@
 
 The semantics are those of codegen/reference.py (tests hold the two equal); these paths exist so that a model
 compiled with tilefuse is not slower than eager on CPU. Cases a fused torch kernel cannot express (softcap,
-ALiBi) run the reference.
+ALiBi, dropout, whose keep mask must be the Triton kernels' Philox draw) run the reference.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ def _sdpa_mask(
     return mask.masked_fill(~keep, float("-inf")), False
 
 
+def _runs_reference(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> bool:
+    return flags.softcap > 0 or inputs.alibi_slopes is not None or flags.dropout_p > 0
+
+
 def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
-    """reference.attention_forward through SDPA's fused CPU kernel; softcap and ALiBi run the reference."""
-    q, k, v, mask, alibi_slopes, cos, sin = inputs
-    if flags.softcap > 0 or alibi_slopes is not None:
+    """reference.attention_forward through SDPA's fused CPU kernel; softcap, ALiBi and dropout run the reference."""
+    q, k, v, mask, _, cos, sin = inputs[:7]
+    if _runs_reference(inputs, flags):
         return ref.attention_forward(inputs, flags)
     qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
     dtype = torch.promote_types(torch.promote_types(qr.dtype, kr.dtype), v.dtype)
@@ -53,6 +57,73 @@ def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.to(torch.result_type(q, v))
+
+
+def attention_with_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor]:
+    """(out, lse): reference.attention_forward and the log-sum-exp of its masked scores (see attention_lse).
+
+    CPU tensors without softcap, ALiBi or dropout take torch's flash CPU kernel, which returns both at once.
+    """
+    q, k, v = inputs[:3]
+    if q.numel() == 0 or k.shape[-2] == 0:  # the flash CPU kernel divides by zero on empty inputs
+        out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=torch.result_type(q, v))
+        return out, q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+    if q.device.type == "cpu" and not _runs_reference(inputs, flags):
+        return _flash_cpu(inputs, flags)
+    return attention(inputs, flags), attention_lse(inputs, flags)
+
+
+def _flash_cpu(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor]:
+    """The flash CPU kernel on GQA-expanded, head-dim-padded inputs; its lse is 0 on fully masked rows: -inf here."""
+    q, k, v, mask, _, cos, sin = inputs[:7]
+    qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
+    dtype = torch.promote_types(torch.promote_types(qr.dtype, kr.dtype), v.dtype)
+    q_len, kv_len, head_dim, v_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    attn_mask, is_causal = _sdpa_mask(mask, q_len, kv_len, flags.causal, flags.bottom_right, flags.window, q.device)
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.dtype == torch.bool:  # the kernel takes only an additive mask of q's dtype
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=q.device).masked_fill(
+                ~attn_mask, float("-inf")
+            )
+        attn_mask = attn_mask.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    kx, vx = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (kr, v))
+    width = max(head_dim, v_dim)  # the kernel wants one head dim; zero features change neither QKᵀ nor PV
+    qp, kp, vp = (F.pad(t.to(dtype), (0, width - t.shape[-1])) for t in (qr, kx, vx))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qp, kp, vp, 0.0, is_causal, attn_mask=attn_mask, scale=flags.scale
+    )
+    lse = lse.float()
+    if attn_mask is not None:
+        alive = (attn_mask > float("-inf")).any(dim=-1)
+        lse = lse.masked_fill(~alive.expand(lse.shape), float("-inf"))
+    return out[..., :v_dim].to(torch.result_type(q, v)), lse
+
+
+def attention_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
+    """fp32 [B, Hq, Nq] natural-log log-sum-exp over keys of the scores reference.attention_probs normalizes
+    (scaled, soft-capped, ALiBi and masks applied); -inf on fully masked rows. Dropout does not change it."""
+    q, k, _, mask, alibi_slopes, cos, sin = inputs[:7]
+    qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
+    ct = ref.compute_dtype(qr.dtype)
+    group = q.shape[1] // k.shape[1]
+    scores = torch.matmul(qr.to(ct), kr.repeat_interleave(group, dim=1).to(ct).transpose(-1, -2)) * flags.scale
+    if flags.softcap > 0:
+        scores = torch.tanh(scores / flags.softcap) * flags.softcap
+    q_len, kv_len = scores.shape[-2:]
+    if alibi_slopes is not None:
+        offset = kv_len - q_len if flags.bottom_right else 0
+        rel = torch.arange(kv_len, device=q.device) - (torch.arange(q_len, device=q.device).unsqueeze(-1) + offset)
+        scores = scores + alibi_slopes.to(ct).reshape(*alibi_slopes.shape, 1, 1) * rel.to(ct)
+    attn_mask, is_causal = _sdpa_mask(mask, q_len, kv_len, flags.causal, flags.bottom_right, flags.window, q.device)
+    if is_causal:
+        attn_mask = ref.keep_mask(q_len, kv_len, True, False, 0, q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(ct)
+    return torch.logsumexp(scores, dim=-1).float()
 
 
 def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float, rms: bool) -> Tensor:

@@ -1,11 +1,15 @@
 """Register the CUDA implementations (codegen/gpu.py) behind the tilefuse:: custom ops.
 
 Kept apart from custom_ops.py so the op definitions stay device-neutral; triton is imported only when a CUDA
-tensor first reaches an op.
+tensor first reaches an op. The attention op returns the log-sum-exp with its output; the backward reads that
+saved (out, lse) instead of recomputing the forward.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import Tensor
 
 from . import custom_ops as ops
@@ -13,40 +17,44 @@ from . import gpu
 from . import reference as ref
 
 
-@ops.attention.register_kernel("cuda")
 def _attention_cuda(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
     cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
-) -> Tensor:  # fmt: skip
-    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
-    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
-    return gpu.attention(inputs, flags).contiguous()
+    window: int, softcap: float, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
+    rng: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
+    out, lse = gpu.attention_with_lse(inputs, flags)
+    return out.contiguous(), lse.contiguous()
 
 
-@ops.attention_backward.register_kernel("cuda")
 def _attention_backward_cuda(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
-    window: int, softcap: float, rope_layout: int, rotary_dim: int,
+    cos: Tensor | None, sin: Tensor | None, out: Tensor, lse: Tensor, scale: float, causal: bool,
+    bottom_right: bool, window: int, softcap: float, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
-    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
-    dq, dk, dv = gpu.attention_backward(grad_out, inputs, flags)
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
+    dq, dk, dv = gpu.attention_backward(grad_out, inputs, flags, out, lse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@ops.rope.register_kernel("cuda")
 def _rope_cuda(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
     return gpu.rope(x, cos, sin, layout, rotary_dim).contiguous()
 
 
-@ops.rms_norm.register_kernel("cuda")
+def _rope_backward_cuda(
+    grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype
+) -> Tensor:
+    return gpu.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype).contiguous()
+
+
 def _rms_norm_cuda(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
     return gpu.norm(x, weight, None, None, eps, weight_offset, rms=True)[0].contiguous()
 
 
-@ops.layer_norm.register_kernel("cuda")
 def _layer_norm_cuda(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     return gpu.norm(x, weight, bias, None, eps, 0.0, rms=False)[0].contiguous()
 
@@ -57,24 +65,53 @@ def _with_sum(pair: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
     return y.contiguous(), total.contiguous()
 
 
-@ops.add_rms_norm.register_kernel("cuda")
 def _add_rms_norm_cuda(
     x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float
 ) -> tuple[Tensor, Tensor]:
     return _with_sum(gpu.norm(x, weight, None, residual, eps, weight_offset, rms=True))
 
 
-@ops.add_layer_norm.register_kernel("cuda")
 def _add_layer_norm_cuda(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
     return _with_sum(gpu.norm(x, weight, bias, residual, eps, 0.0, rms=False))
 
 
-@ops.norm_backward.register_kernel("cuda")
 def _norm_backward_cuda(
     grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dweight, dbias = gpu.norm_backward(grad, x, weight, eps, weight_offset, rms)
     empty = x.new_empty((0,))
     return dx.contiguous(), (dweight if dweight is not None else empty).contiguous(), dbias.to(x.dtype).contiguous()
+
+
+_KERNELS = (
+    (ops.attention, _attention_cuda),
+    (ops.attention_backward, _attention_backward_cuda),
+    (ops.rope, _rope_cuda),
+    (ops.rope_backward, _rope_backward_cuda),
+    (ops.rms_norm, _rms_norm_cuda),
+    (ops.layer_norm, _layer_norm_cuda),
+    (ops.add_rms_norm, _add_rms_norm_cuda),
+    (ops.add_layer_norm, _add_layer_norm_cuda),
+    (ops.norm_backward, _norm_backward_cuda),
+)
+
+
+def cpu_runs_kernels() -> bool:
+    """Whether CPU tensors run the Triton kernels (under the interpreter) instead of the reference: when
+    TRITON_INTERPRET=1, unless TILEFUSE_CPU_KERNELS=reference; TILEFUSE_CPU_KERNELS=triton asks for it."""
+    mode = os.environ.get("TILEFUSE_CPU_KERNELS")
+    if mode not in (None, "", "triton", "reference"):
+        raise ValueError(f"TILEFUSE_CPU_KERNELS={mode!r}; allowed: 'triton', 'reference'")
+    return mode == "triton" or (not mode and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _register(device: str) -> None:
+    for op, kernel in _KERNELS:
+        op.register_kernel(device)(kernel)
+
+
+_register("cuda")
+if cpu_runs_kernels():
+    _register("cpu")

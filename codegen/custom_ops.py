@@ -16,6 +16,10 @@ from torch import Tensor
 from . import cpu
 from . import reference as ref
 
+# Attention dropout's rng is int64 [seed, offset] drawn uniformly from [0, RNG_HIGH): below 2^31, so a kernel can
+# take either as int32 or int64, and offset + counter never overflows int64.
+RNG_HIGH = 2**31 - 1
+
 
 def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Every op returns contiguous tensors, as its fake kernel promises, whatever the input strides."""
@@ -41,17 +45,25 @@ def attention(
     softcap: float,
     rope_layout: int,
     rotary_dim: int,
-) -> Tensor:
-    """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument."""
-    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
-    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
-    return cpu.attention(inputs, flags).contiguous()
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument.
+
+    Returns (out, lse): lse is the fp32 [B, Hq, Nq] natural-log log-sum-exp of each row's masked scores (-inf
+    for fully masked rows), saved for the backward. With dropout_p > 0, `rng` is the int64 [seed, offset] the
+    keep mask is drawn from (reference.dropout_keep); the backward reads the same rng, so it drops the same
+    probabilities.
+    """
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
+    return _contiguous(*cpu.attention_with_lse(inputs, flags))  # type: ignore[return-value]
 
 
 @attention.register_fake
-def _attention_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> Tensor:
-    shape = (*q.shape[:-1], v.shape[-1])
-    return q.new_empty(shape, dtype=torch.result_type(q, v))
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.result_type(q, v))
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("tilefuse::attention_backward", mutates_args=())
@@ -64,6 +76,8 @@ def attention_backward(
     alibi_slopes: Tensor | None,
     cos: Tensor | None,
     sin: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
     scale: float,
     causal: bool,
     bottom_right: bool,
@@ -71,9 +85,12 @@ def attention_backward(
     softcap: float,
     rope_layout: int,
     rotary_dim: int,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin)
-    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim)
+    """(dq, dk, dv) of tilefuse::attention, given its (out, lse); the CPU reference recomputes P instead."""
+    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
+    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
     grads = ref.attention_backward(grad_out, inputs, flags)
     return _contiguous(*grads)  # type: ignore[return-value]
 
@@ -85,16 +102,18 @@ def _attention_backward_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     q, k, v, mask, alibi, cos, sin = inputs[:7]
-    ctx.save_for_backward(q, k, v, mask, alibi, cos, sin)
-    ctx.flags = inputs[7:]
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, mask, alibi, cos, sin, out, lse, inputs[15])
+    ctx.flags = inputs[7:15]  # scale ... rotary_dim, dropout_p
 
 
-def _attention_grad(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    q, k, v, mask, alibi, cos, sin = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, *ctx.flags)
-    return (dq, dk, dv) + (None,) * 11
+def _attention_grad(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    q, k, v, mask, alibi, cos, sin, out, lse, rng = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng)
+    return (dq, dk, dv) + (None,) * 13
 
 
 attention.register_autograd(_attention_grad, setup_context=_attention_setup)

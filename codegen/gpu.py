@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor
 
 from . import cpu
@@ -21,22 +22,48 @@ def _fallback(op: str, err: ValueError) -> None:
 
 
 def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
-    from .attention_fwd import attention_forward_triton
+    return attention_with_lse(inputs, flags)[0]
+
+
+def attention_with_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor]:
+    """(out, lse) of split-KV decode for a few query rows over a long KV (`attention_decode.use_decode`), else of
+    the FA2 forward at the tile config chosen at compile time (autotune registry) or its default; the reference
+    when neither kernel covers the case."""
+    from .attention_decode import attention_triton
 
     try:
-        return attention_forward_triton(inputs, flags)[0]
+        return attention_triton(inputs, flags, **_tuned_config(inputs, flags))
     except ValueError as err:
         _fallback("attention", err)
-        return cpu.attention(inputs, flags)
+        return cpu.attention_with_lse(inputs, flags)
 
 
-def attention_backward(grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
-    """FA2 backward kernels; the forward is recomputed for its output and log-sum-exp (the op saves neither yet)."""
+def _tuned_config(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> dict[str, int]:
+    from ..autotune import registry
+
+    q, k, v = inputs.q, inputs.k, inputs.v
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0:
+        return {}  # the launcher raises the clear error
+    rope = inputs.cos is not None and inputs.sin is not None and flags.rope_layout != ref.ROPE_NONE
+    key = registry.launch_key(
+        q.shape[-1], v.shape[-1], str(q.dtype), q.shape[1] // k.shape[1], q.shape[2], k.shape[2], flags.causal,
+        flags.window > 0, flags.softcap > 0, inputs.alibi_slopes is not None, inputs.mask is not None, rope,
+        flags.dropout_p > 0,
+    )  # fmt: skip
+    config = registry.config_for_launch(key)
+    if config is None:
+        return {}
+    return dict(block_m=config.block_m, block_n=config.block_n, num_warps=config.num_warps,
+                num_stages=config.num_stages)  # fmt: skip
+
+
+def attention_backward(
+    grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FA2 backward kernels from the forward's saved output and log-sum-exp; no forward is recomputed."""
     from .attention_bwd import attention_backward_triton
-    from .attention_fwd import attention_forward_triton
 
     try:
-        out, lse = attention_forward_triton(inputs, flags)
         return attention_backward_triton(grad_out, inputs, flags, out, lse)
     except ValueError as err:
         _fallback("attention_backward", err)
@@ -81,3 +108,13 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> T
     except ValueError as err:
         _fallback("rope", err)
         return ref.rope_forward(x, cos, sin, layout, rotary_dim)
+
+
+def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype) -> Tensor:
+    from .rope_kernels import rope_backward_triton
+
+    try:
+        return rope_backward_triton(grad, cos, sin, layout, rotary_dim, x_dtype)
+    except ValueError as err:
+        _fallback("rope_backward", err)
+        return ref.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype)

@@ -1,34 +1,42 @@
 """TiledPlan: a Spec plus a tile config, and what that pair costs — grid, loop structure, HBM bytes, SRAM, FLOPs.
 
-The plan mirrors the launchers in `attention_fwd.py`, `norm_kernels.py` and `rope_kernels.py` exactly (it reuses
-their block-size helpers, so a tile the launcher clamps is clamped here too); `tests/codegen/test_plan.py` checks
-its byte counts against what the kernels really load and store under the interpreter (`codegen/io_count.py`).
+The plan mirrors the launchers in `attention_fwd.py`, `attention_decode.py`, `norm_kernels.py` and `rope_kernels.py`
+exactly (it reuses their block-size helpers, so a tile the launcher clamps is clamped here too);
+`tests/codegen/test_plan.py` checks its byte counts against what the kernels really load and store under the
+interpreter (`codegen/io_count.py`).
 
 Byte convention (all families): a byte counts when an element is *loaded or stored by a program*. Masked-off lanes
 (rows past the sequence end, padded head-dim columns, padded widths) do not count. Every program's loads count,
 even when several programs (or several tiles of one program) read the same address — e.g. K/V re-read by every query
 block and every query head of a GQA group, a broadcast key-padding mask re-read per query row, the norm weight
 re-read per row, cos/sin re-read per head. Caches are ignored: this is the traffic a kernel issues, an upper bound
-of what DRAM sees.
+of what DRAM sees. With a mask tensor the attention kernel skips the key tiles the mask keeps nothing of (data the
+plan cannot see); the plan assumes no tile is skipped, again an upper bound.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import triton
 
+from tilefuse.codegen.attention_decode import MAX_DECODE_ROWS, SplitLayout, max_decode_rows, split_layout, use_decode
 from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, _pow2_block
 from tilefuse.codegen.norm_kernels import _block as _norm_block
+from tilefuse.codegen.reference import AttnFlags
 from tilefuse.codegen.rope_kernels import _BLOCK_ROWS as _ROPE_BLOCK_ROWS
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "bool": 1, "uint8": 1, "int8": 1}
 _LSE_BYTES = 4  # log-sum-exp is fp32
+_BLOCK_LIST_BYTES = 4  # int32 entries of the mask's visited-key-block list (attention_args.mask_block_list)
 _STAT_BYTES = 4  # norm mean/rstd are fp32
 _ALIBI_BYTES = 4  # ALiBi slopes are assumed fp32 (the Spec does not record their dtype)
+_SCRATCH_BYTES = 4  # split-KV partial outputs and log2-sum-exps are fp32
+_RNG_BYTES = 16  # the int64 [seed, offset] dropout tensor, read by every program that draws
+FAMILIES = ("auto", "attention_fwd", "attention_decode", "norm", "rope")
 
 
 def itemsize(dtype: str) -> int:
@@ -48,12 +56,20 @@ def _static(name: str, value: int | None) -> int:
 @dataclass(frozen=True)
 class TileConfig:
     """Launch knobs. block_m/block_n are requests: the attention launcher shrinks them to the problem
-    (max(16, min(block, next_pow2(N)))); norm and RoPE launchers pick their own blocks and ignore them."""
+    (max(16, min(block, next_pow2(N)))); norm and RoPE launchers pick their own blocks and ignore them. The decode
+    launcher ignores block_m (its rows are the GQA group's query rows); num_splits None means its heuristic."""
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    num_splits: int | None = None
+
+
+class _DecodeCosts(NamedTuple):
+    read_bytes: int
+    write_bytes: int
+    flops: int
 
 
 @dataclass(frozen=True)
@@ -70,10 +86,35 @@ class TiledPlan:
 
     RoPE: grid cdiv(rows, 16). Per row: reads head_dim elements of x and rotary_dim of cos and of sin (cos/sin
     assumed in `spec.dtype`), writes head_dim elements of y.
+
+    Attention decode (`attention_decode.py`, split-KV): phase 1 grid (num_splits, B·Hkv); a working split loads the
+    group's Q rows (group·Nq), its key blocks' K, V (and mask, ALiBi, RoPE partner + cos/sin in `spec.dtype`) and
+    stores fp32 partial rows (Dv + 1 values each); splits past the visible range move nothing. Phase 2 (one program
+    per query row) loads the working splits' partials and stores O and lse. `family` picks the kernel: "auto" is
+    what codegen/gpu.py dispatches (`use_decode`).
     """
 
     spec: AttentionSpec | NormSpec | RopeSpec
     config: TileConfig = TileConfig()
+    family: str = "auto"
+
+    @property
+    def kernel_family(self) -> str:
+        """The kernel this plan describes: attention_fwd, attention_decode, norm or rope."""
+        spec = self.spec
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}; expected one of {FAMILIES}")
+        if not isinstance(spec, AttentionSpec):
+            return "rope" if isinstance(spec, RopeSpec) else "norm"
+        if self.family != "auto":
+            return self.family
+        q_len, kv_len = _static("q_len", spec.q_len), _static("kv_len", spec.kv_len)
+        decode = use_decode(q_len, kv_len, self._group(), max(spec.head_dim, spec.v_head_dim))
+        return "attention_decode" if decode else "attention_fwd"
+
+    @property
+    def _decode(self) -> bool:
+        return isinstance(self.spec, AttentionSpec) and self.kernel_family == "attention_decode"
 
     # ------------------------------------------------------------------------------------------- shared knobs
     @property
@@ -82,8 +123,12 @@ class TiledPlan:
         RoPE (BLOCK_ROWS, BLOCK_HALF, BLOCK_TAIL)."""
         spec = self.spec
         if isinstance(spec, AttentionSpec):
+            block_m = self.config.block_m
+            rows = _static("q_len", spec.q_len)
+            if self._decode:  # one tile holds every query row of a GQA group
+                block_m, rows = MAX_DECODE_ROWS, rows * self._group()
             return (
-                _pow2_block(self.config.block_m, _static("q_len", spec.q_len)),
+                _pow2_block(block_m, rows),
                 _pow2_block(self.config.block_n, _static("kv_len", spec.kv_len)),
                 _pow2_block(MAX_HEAD_DIM, spec.head_dim),
                 _pow2_block(MAX_HEAD_DIM, spec.v_head_dim),
@@ -96,6 +141,8 @@ class TiledPlan:
     @property
     def grid(self) -> tuple[int, ...]:
         spec = self.spec
+        if isinstance(spec, AttentionSpec) and self._decode:
+            return (self.decode_layout().num_splits, _static("batch", spec.batch) * _static("kv_heads", spec.kv_heads))
         if isinstance(spec, AttentionSpec):
             heads = _static("batch", spec.batch) * _static("q_heads", spec.q_heads)
             return (triton.cdiv(_static("q_len", spec.q_len), self.blocks[0]), heads)
@@ -149,6 +196,49 @@ class TiledPlan:
         kv_len = _static("kv_len", self._attn().kv_len)
         return min(starts[-1] + self.blocks[1], kv_len) - starts[0]
 
+    def _group(self) -> int:
+        spec = self._attn()
+        return _static("q_heads", spec.q_heads) // max(_static("kv_heads", spec.kv_heads), 1)
+
+    def decode_layout(self) -> SplitLayout:
+        """The decode launcher's cut of the visible key range into splits (`attention_decode.split_layout`)."""
+        spec = self._attn()
+        flags = AttnFlags(spec.scale, spec.causal, spec.align == "bottom_right", spec.window or 0)
+        programs = _static("batch", spec.batch) * _static("kv_heads", spec.kv_heads)
+        q_len, kv_len = _static("q_len", spec.q_len), _static("kv_len", spec.kv_len)
+        return split_layout(q_len, kv_len, self.blocks[1], flags, programs, self.config.num_splits)
+
+    @property
+    def combine_grid(self) -> tuple[int, ...]:
+        """Grid of the decode family's phase 2 (one program per query row); () for every other family."""
+        if not self._decode:
+            return ()
+        spec = self._attn()
+        return (_static("batch", spec.batch) * _static("q_heads", spec.q_heads) * _static("q_len", spec.q_len),)
+
+    def _decode_costs(self) -> _DecodeCosts:
+        """Bytes and FLOPs of both decode phases: phase 1 summed over the working splits of one (batch, kv head) and
+        scaled by B·Hkv, phase 2 per query row (it reads the working splits' partials)."""
+        spec = self._attn()
+        es, d, dv, bn = itemsize(spec.dtype), spec.head_dim, spec.v_head_dim, self.blocks[1]
+        layout, (splits, programs) = self.decode_layout(), self.grid
+        kv_len, rows = _static("kv_len", spec.kv_len), self._group() * _static("q_len", spec.q_len)
+        per_row = d * es + (_ALIBI_BYTES if spec.alibi else 0) + (3 * spec.rope.rotary_dim * es if spec.rope else 0)
+        per_key = (d + dv) * es + (3 * spec.rope.rotary_dim * es if spec.rope else 0)
+        read = write = pairs = 0
+        for split in range(layout.work_splits):
+            lo = layout.vis_lo + split * layout.split_len
+            last = range(lo, min(lo + layout.split_len, layout.vis_hi), bn)[-1]
+            keys = min(last + bn, kv_len) - lo
+            read += rows * per_row + keys * per_key + rows * keys * self._mask_bytes()
+            write += rows * (dv + 1) * _SCRATCH_BYTES
+            pairs += rows * keys
+        read = read * programs + (_RNG_BYTES * splits * programs if spec.dropout_p > 0 else 0)
+        q_rows = self.combine_grid[0]
+        read += q_rows * layout.work_splits * (dv + 1) * _SCRATCH_BYTES
+        write = write * programs + q_rows * (dv * es + _LSE_BYTES)
+        return _DecodeCosts(read, write, 2 * pairs * (d + dv) * programs)
+
     def _mask_bytes(self) -> int:
         spec = self._attn()
         if spec.mask == "none":
@@ -160,6 +250,8 @@ class TiledPlan:
     def hbm_read_bytes(self) -> int:
         """Bytes loaded by all programs (see the module docstring for the convention)."""
         spec = self.spec
+        if isinstance(spec, AttentionSpec) and self._decode:
+            return self._decode_costs().read_bytes
         if isinstance(spec, AttentionSpec):
             es, mask_es = itemsize(spec.dtype), self._mask_bytes()
             per_head = 0
@@ -167,6 +259,8 @@ class TiledPlan:
                 rows, keys = self._rows_in_block(m), self._keys_visited(m)
                 per_head += rows * spec.head_dim * es + keys * (spec.head_dim + spec.v_head_dim) * es
                 per_head += rows * keys * mask_es + (_ALIBI_BYTES if spec.alibi else 0)
+                if mask_es:  # the launcher's block list: a count, then the index of every visited key block
+                    per_head += _BLOCK_LIST_BYTES * (1 + len(self.key_blocks_per_program(m)))
             return per_head * self.grid[1]
         if isinstance(spec, NormSpec):
             es, width = itemsize(spec.dtype), spec.width
@@ -178,6 +272,8 @@ class TiledPlan:
     @property
     def hbm_write_bytes(self) -> int:
         spec = self.spec
+        if isinstance(spec, AttentionSpec) and self._decode:
+            return self._decode_costs().write_bytes
         if isinstance(spec, AttentionSpec):
             rows = _static("q_len", spec.q_len) * self.grid[1]
             return rows * (spec.v_head_dim * itemsize(spec.dtype) + _LSE_BYTES)
@@ -221,6 +317,8 @@ class TiledPlan:
         counts). Softmax/exp work is not counted. Norm: per element 1 (residual add) + 2 (square, sum)
         [+ 2 LayerNorm centering] + 1 (normalize) [+ 1 weight, +1 offset, +1 bias]. RoPE: 3 per rotated element."""
         spec = self.spec
+        if isinstance(spec, AttentionSpec) and self._decode:
+            return self._decode_costs().flops
         if isinstance(spec, AttentionSpec):
             pairs = sum(self._rows_in_block(m) * self._keys_visited(m) for m in range(self.grid[0]))
             return 2 * pairs * (spec.head_dim + spec.v_head_dim) * self.grid[1]
@@ -246,9 +344,19 @@ class TiledPlan:
         max_d = int(target.get("max_head_dim", MAX_HEAD_DIM))
         if isinstance(spec, AttentionSpec) and max(spec.head_dim, spec.v_head_dim) > max_d:
             reasons.append(f"head dims {spec.head_dim}/{spec.v_head_dim} exceed max_head_dim={max_d}")
+        if self._decode:
+            reasons += self._decode_reasons()
         smem_limit = target.get("smem_bytes")
         if isinstance(spec, AttentionSpec) and smem_limit is not None and self.smem_bytes > int(smem_limit):
             reasons.append(f"needs {self.smem_bytes} B of shared memory, target has {smem_limit}")
+        return reasons
+
+    def _decode_reasons(self) -> list[str]:
+        spec, splits = self._attn(), self.config.num_splits
+        rows, limit = self._group() * _static("q_len", spec.q_len), max_decode_rows(max(spec.head_dim, spec.v_head_dim))
+        reasons = [f"num_splits={splits} < 1"] if splits is not None and splits < 1 else []
+        if rows > limit:
+            reasons.append(f"group x q_len = {rows} rows exceed the decode tile ({limit})")
         return reasons
 
     def feasible(self, target: dict[str, Any]) -> bool:

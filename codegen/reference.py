@@ -6,10 +6,13 @@ are computed in fp32 (fp64 stays fp64); results are cast back to the op's output
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .philox import uniform
 
 ROPE_ROTATE_HALF = 0
 ROPE_INTERLEAVED = 1
@@ -26,6 +29,7 @@ class AttnInputs(NamedTuple):
     alibi_slopes: Tensor | None = None
     cos: Tensor | None = None
     sin: Tensor | None = None
+    rng: Tensor | None = None  # int64 [seed, offset] of the dropout RNG (see dropout_keep)
 
 
 class AttnFlags(NamedTuple):
@@ -38,6 +42,7 @@ class AttnFlags(NamedTuple):
     softcap: float = 0.0
     rope_layout: int = -1
     rotary_dim: int = 0
+    dropout_p: float = 0.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,12 +151,42 @@ def rope_qk(
     return rope_forward(q, cos, sin, rope_layout, rotary_dim), rope_forward(k, cos, sin, rope_layout, rotary_dim)
 
 
+def dropout_keep(rng: Tensor, shape: tuple[int, int, int, int], p: float) -> Tensor:
+    """Bool keep mask (True = kept) of attention dropout over the [B, Hq, Nq, Nk] probabilities, on rng's device.
+
+    rng is int64 [seed, offset]; element (b, h, i, j) is kept iff tl.rand(seed, counter) >= p with the int64
+    counter offset + ((b·Hq + h)·Nq + i)·Nk + j, which is what the Triton kernels draw in-kernel.
+    """
+    if rng.dtype != torch.int64 or tuple(rng.shape) != (2,):
+        raise ValueError(f"rng must be an int64 tensor [seed, offset], got {rng.dtype} {tuple(rng.shape)}")
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"shape must be [B, Hq, Nq, Nk] with sizes >= 0, got {shape}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    seed, offset = (int(x) for x in rng.tolist())
+    counters = offset + torch.arange(math.prod(shape), dtype=torch.int64, device=rng.device).reshape(shape)
+    return uniform(seed, counters) >= torch.tensor(p, dtype=torch.float32, device=rng.device)
+
+
+def _dropout_scale(probs: Tensor, inputs: AttnInputs, flags: AttnFlags) -> Tensor | None:
+    """keep / (1 - p) in probs' dtype and device (the factor on P and on dP), or None without dropout."""
+    if flags.dropout_p == 0.0:
+        return None
+    if inputs.rng is None:
+        raise ValueError(f"dropout_p={flags.dropout_p} needs the rng tensor [seed, offset]; got rng=None")
+    keep = dropout_keep(inputs.rng, tuple(probs.shape), flags.dropout_p).to(probs.device)  # type: ignore[arg-type]
+    return keep.to(probs.dtype) * (1.0 / (1.0 - flags.dropout_p))
+
+
 def attention_forward(inputs: AttnInputs, flags: AttnFlags) -> Tensor:
-    q, k, v, mask, alibi_slopes, cos, sin = inputs
+    q, k, v, mask, alibi_slopes, cos, sin = inputs[:7]
     qr, kr = rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
     probs, _ = attention_probs(
         qr, kr, mask, alibi_slopes, flags.scale, flags.causal, flags.bottom_right, flags.window, flags.softcap
     )
+    dropout = _dropout_scale(probs, inputs, flags)
+    if dropout is not None:
+        probs = probs * dropout  # on normalized P, after the softmax statistics: lse is unaffected
     group = q.shape[1] // k.shape[1]
     out = torch.matmul(probs, _expand_kv(v, group).to(probs.dtype))
     return out.to(torch.result_type(q, v))
@@ -162,18 +197,26 @@ def _reduce_group(t: Tensor, group: int) -> Tensor:
 
 
 def attention_backward(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ, dK, dV by the FlashAttention-2 formulas: dS = P ∘ (dP - rowsum(dO ∘ O))."""
-    q, k, v, mask, alibi_slopes, cos, sin = inputs
-    scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim = flags
+    """dQ, dK, dV by the FlashAttention-2 formulas: dS = P ∘ (dP - rowsum(dO ∘ O)).
+
+    With dropout (keep mask M, r = 1/(1-p)) O = (P∘M·r)V, so dV uses the dropped P, dP = (dO·Vᵀ)∘M·r, and
+    rowsum(P∘dP) = rowsum(dO∘O) still: delta needs no mask.
+    """
+    q, k, v, mask, alibi_slopes, cos, sin = inputs[:7]
+    scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim = flags[:7]
     qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, tanh_scores = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
     ct = probs.dtype
     group = q.shape[1] // k.shape[1]
     do = grad_out.to(ct)
     v_full = _expand_kv(v, group).to(ct)
-    out = torch.matmul(probs, v_full)
-    dv = _reduce_group(torch.matmul(probs.transpose(-1, -2), do), group)
+    dropout = _dropout_scale(probs, inputs, flags)
+    dropped = probs if dropout is None else probs * dropout
+    out = torch.matmul(dropped, v_full)
+    dv = _reduce_group(torch.matmul(dropped.transpose(-1, -2), do), group)
     dp = torch.matmul(do, v_full.transpose(-1, -2))
+    if dropout is not None:
+        dp = dp * dropout
     ds = probs * (dp - (do * out).sum(dim=-1, keepdim=True))
     if tanh_scores is not None:
         ds = ds * (1 - tanh_scores * tanh_scores)

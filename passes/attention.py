@@ -2,7 +2,9 @@
 
 Sites are anchored on softmax nodes (primitive spellings) and SDPA calls. Masks are analyzed so that causal and
 sliding-window structure becomes flags and ALiBi biases become slopes; RoPE ops feeding both Q and K, directly or
-through the same head permute, are absorbed into the attention call.
+through the same head permute, are absorbed into the attention call. Training-mode dropout on the probabilities
+(or SDPA's dropout_p) becomes the op's dropout_p plus a node that draws its rng; the op returns (out, lse) and
+the site's users read item 0.
 """
 
 from __future__ import annotations
@@ -14,11 +16,22 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..codegen.custom_ops import RNG_HIGH
 from ..specs import AttentionSpec, RopeSpec
 from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
 from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site
 from .base import Decline, PassContext, PassResult
-from .graph import aten, escaping_nodes, insert_call, is_op, region_between, replace_with, static_shape, tensor_val
+from .graph import (
+    aten,
+    escaping_nodes,
+    getitem,
+    insert_call,
+    is_op,
+    region_between,
+    replace_with,
+    static_shape,
+    tensor_val,
+)
 from .head_fold import merge_heads, unfold_heads
 from .rope_absorb import absorb_rope
 from .sdpa import match_sdpa_site, sdpa_signature
@@ -115,27 +128,46 @@ def _spec(
         window=mask.window, softcap=match.softcap, alibi=mask.alibi is not None,
         mask=mask.kind, mask_shape=mask_shape,  # type: ignore[arg-type]
         gqa_group=match.gqa_group, dropout_p=match.dropout_p, rope=rope, source=match.source,
-    )
+    )  # fmt: skip
 
 
 def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: AttentionSpec) -> None:
     q, k, v = match.q, match.k, match.v
-    layout, rotary_dim = (_layout_code(spec.rope), spec.rope.rotary_dim) if spec.rope is not None else (-1, 0)
-    cos, sin = match.rope_cos, match.rope_sin
     with graph.inserting_before(match.output):
         if match.three_d:
             q, k, v = (insert_call(graph, aten.unsqueeze.default, (n, 1)) for n in (q, k, v))
-        out = insert_call(
-            graph, torch.ops.tilefuse.attention.default,
-            (q, k, v, mask.node, mask.alibi, cos, sin, spec.scale, spec.causal, spec.align == "bottom_right",
-             spec.window or 0, spec.softcap or 0.0, layout, rotary_dim),
-        )
+        tensors = (q, k, v, mask.node, mask.alibi, match.rope_cos, match.rope_sin)
+        args = (*tensors, *_op_flags(spec), _dropout_rng(graph, q, spec))
+        call = insert_call(graph, torch.ops.tilefuse.attention.default, args)
+        call.meta["tilefuse_spec"] = spec
+        out = getitem(graph, call, 0)  # (out, lse): the lse reaches only the backward, through autograd
         if match.three_d:
             out = insert_call(graph, aten.squeeze.dim, (out, 1))
         if match.heads_folded is not None:
             out = merge_heads(graph, out)
     out.meta["tilefuse_spec"] = spec
     replace_with(match.output, out)
+
+
+def _op_flags(spec: AttentionSpec) -> tuple[Any, ...]:
+    """The op's scalar arguments, scale ... dropout_p, in its schema's order."""
+    layout, rotary_dim = (_layout_code(spec.rope), spec.rope.rotary_dim) if spec.rope is not None else (-1, 0)
+    bottom_right = spec.align == "bottom_right"
+    window, softcap = spec.window or 0, spec.softcap or 0.0
+    return (spec.scale, spec.causal, bottom_right, window, softcap, layout, rotary_dim, spec.dropout_p)
+
+
+def _dropout_rng(graph: fx.Graph, q: fx.Node, spec: AttentionSpec) -> fx.Node | None:
+    """With dropout, a node drawing the op's int64 [seed, offset] from torch's generator on Q's device.
+
+    It is an ordinary random op in the graph, so AOTAutograd runs it once per forward and saves its value for the
+    backward, which then drops the same probabilities.
+    """
+    if not spec.dropout_p:
+        return None
+    q_val = tensor_val(q)
+    device = q_val.device if q_val is not None else None
+    return insert_call(graph, aten.randint.low, (0, RNG_HIGH, [2]), {"dtype": torch.int64, "device": device})
 
 
 def _layout_code(rope: RopeSpec) -> int:

@@ -1,8 +1,9 @@
 """Match the semantic core of attention: softmax of a Q·Kᵀ contraction feeding a contraction with V.
 
 The matcher anchors on the softmax, walks outward through ops that do not change meaning (casts, copies, GQA
-repeats, transposes, eval-mode dropout) and records what it passes on the way (scale, softcap, masks). Anything
-it cannot account for ends the match with a Decline carrying the reason.
+repeats, transposes, dropout) and records what it passes on the way (scale, softcap, masks). Anything
+it cannot account for ends the match with a Decline carrying the reason. Training-mode dropout on the
+probabilities is recorded as dropout_p: the fused op draws its own keep mask (it cannot reproduce eager's).
 """
 
 from __future__ import annotations
@@ -56,11 +57,9 @@ def skip_casts(node: Any) -> Any:
 
 
 def _dropout_p(node: fx.Node) -> float:
-    """The dropout probability in effect (0 in eval mode); Decline when it is active (training with p > 0)."""
+    """The dropout probability in effect: p in training mode, 0 in eval mode (where dropout is the identity)."""
     p = float(arg(node, 1, "p", 0.0))
     train = arg(node, 2, "train", False)
-    if train and p > 0:
-        raise Decline(f"attention dropout p={p} in training mode is not fused yet (eval mode or p=0 is)")
     return p if train else 0.0
 
 

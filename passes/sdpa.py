@@ -28,13 +28,16 @@ class SdpaSignature:
     scale: tuple[int, str]
     gqa: tuple[int, str]
     tuple_output: bool
+    dropout_mask: tuple[int, str] = (-1, "")
 
 
+# fmt: off
 SDPA_VARIANTS: dict[Any, SdpaSignature] = {
     aten.scaled_dot_product_attention: SdpaSignature(
         (3, "attn_mask"), (4, "dropout_p"), (5, "is_causal"), (6, "scale"), (7, "enable_gqa"), False),
     aten._scaled_dot_product_attention_math: SdpaSignature(
-        (3, "attn_mask"), (4, "dropout_p"), (5, "is_causal"), (7, "scale"), (8, "enable_gqa"), True),
+        (3, "attn_mask"), (4, "dropout_p"), (5, "is_causal"), (7, "scale"), (8, "enable_gqa"), True,
+        dropout_mask=(6, "dropout_mask")),
     aten._scaled_dot_product_flash_attention: SdpaSignature(
         (-1, ""), (3, "dropout_p"), (4, "is_causal"), (6, "scale"), (-1, ""), True),
     aten._scaled_dot_product_flash_attention_for_cpu: SdpaSignature(
@@ -44,6 +47,7 @@ SDPA_VARIANTS: dict[Any, SdpaSignature] = {
     aten._scaled_dot_product_cudnn_attention: SdpaSignature(
         (3, "attn_bias"), (5, "dropout_p"), (6, "is_causal"), (8, "scale"), (-1, ""), True),
 }
+# fmt: on
 
 
 def sdpa_signature(node: fx.Node) -> SdpaSignature | None:
@@ -77,9 +81,9 @@ def match_sdpa_site(node: fx.Node) -> AttentionMatch:
         raise Decline(f"{node.target} is not an SDPA variant")
     if ndim(node.args[0]) != 4:
         raise Decline(f"SDPA on rank-{ndim(node.args[0])} tensors (only [B, H, N, D] is fused)")
-    dropout_p = float(_get(node, sig.dropout, 0.0))
-    if dropout_p > 0:
-        raise Decline(f"SDPA dropout_p={dropout_p} is not fused yet")
+    dropout_p = float(_get(node, sig.dropout, 0.0))  # SDPA applies any p > 0: it is training-mode dropout
+    if isinstance(_get(node, sig.dropout_mask, None), fx.Node):
+        raise Decline(f"{node.target} is given an explicit dropout mask")
     q, k, v = node.args[:3]
     if not isinstance(q, fx.Node) or not isinstance(k, fx.Node) or not isinstance(v, fx.Node):
         raise Decline("SDPA query, key or value is not a graph value")
@@ -91,8 +95,8 @@ def match_sdpa_site(node: fx.Node) -> AttentionMatch:
         anchor=node, output=_output_of(node, sig.tuple_output), q=skip_casts(q), k=k, v=v,
         scale=_get(node, sig.scale, None), causal=bool(_get(node, sig.causal, False)), gqa_group=k_group,
         source=str(getattr(node.target, "overloadpacket", node.target)).split(".")[-1],
-        enable_gqa=bool(_get(node, sig.gqa, False)),
-    )
+        enable_gqa=bool(_get(node, sig.gqa, False)), dropout_p=dropout_p,
+    )  # fmt: skip
     mask = _get(node, sig.mask, None)
     if isinstance(mask, fx.Node):
         if is_bool(mask):

@@ -88,6 +88,28 @@ def test_forward_backward_match_eager(case: str) -> None:
         torch.testing.assert_close(grad, ref_grads[name], atol=5e-5, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("case", ["hf:gpt2@eager", "hf:bert@sdpa"])
+def test_training_mode_attention_dropout_fuses(case: str) -> None:
+    """nn.Dropout on the probabilities (GPT-2 eager) and SDPA's dropout_p (BERT) fuse in train mode; forward and
+    backward are finite and a manual_seed reproduces them (eager's own dropout mask cannot be reproduced)."""
+    model, inputs = load_model(case)
+    model.train()
+    report = tilefuse.explain(model, inputs, strict=True)
+    assert not _declines(report), _declines(report)
+    specs = [s.spec for s in report.by_kind("attention")]
+    assert len(specs) >= 2 and all(spec is not None and spec.dropout_p == 0.1 for spec in specs), specs
+    compiled = tilefuse.compile(model, strict=True, inner="eager", fullgraph=True)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(_run(model, compiled, inputs))
+    (out, grads), (out_again, grads_again) = runs
+    assert torch.isfinite(out).all() and torch.equal(out, out_again)
+    assert grads.keys() == grads_again.keys() and grads
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all() and torch.equal(grad, grads_again[name]), name
+
+
 def test_two_sequence_lengths_bounded_recompiles() -> None:
     model, inputs = load_model("hf:llama@eager", seq=16)
     _, longer = load_model("hf:llama@eager", seq=24)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 pytest.importorskip("triton", reason="triton is not installed; the Triton attention kernels cannot run")
 
-from test_attention_fwd_kernel import DTYPES, SHAPES, VARIANTS, _as_fp64, _make_inputs
+from test_attention_fwd_kernel import DTYPES, ROPE_CASES, SHAPES, VARIANTS, _as_fp64, _make_inputs, _rope_table
 
 from tilefuse.codegen import reference as ref
 from tilefuse.codegen.attention_bwd import attention_backward_triton
@@ -107,10 +107,50 @@ def test_non_contiguous_inputs() -> None:
     _check_against_golden(inputs._replace(q=q, k=k, v=v), flags)
 
 
+BWD_ROPE_CASES = {  # the forward's cases, plus rotary dims that take the tl.gather epilogue (not a power of two)
+    **ROPE_CASES,
+    "half_full_gather": (ref.ROPE_ROTATE_HALF, 40, 40, (), True, 2),
+    "half_partial_gather": (ref.ROPE_ROTATE_HALF, 24, 40, (1, 1), False, 1),
+}
+
+
+def _with_rope(case: str, dtype: torch.dtype, n: int = 20, lead: tuple[int, ...] | None = None) -> tuple[
+    ref.AttnInputs, ref.AttnFlags]:  # fmt: skip
+    layout, rotary_dim, head_dim, case_lead, causal, group = BWD_ROPE_CASES[case]
+    inputs, flags = _make_inputs(n, n, head_dim, group, dtype)
+    cos, sin = _rope_table(n, rotary_dim, dtype, case_lead if lead is None else lead)
+    flags = flags._replace(causal=causal, rope_layout=layout, rotary_dim=rotary_dim)
+    return inputs._replace(cos=cos, sin=sin), flags
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(BWD_ROPE_CASES))
+def test_rope_gradients_match_golden(case: str, dtype: torch.dtype) -> None:
+    """RoPE in the backward: rotated Q/K tiles, dQ/dK mapped back through RoPEᵀ in the epilogue."""
+    inputs, flags = _with_rope(case, dtype)
+    ours = _check_against_golden(inputs, flags)
+    # The rotation must matter at this tolerance: the gradients without RoPEᵀ are far off.
+    grad_out = _grad_out(inputs)
+    golden = ref.attention_backward(grad_out.double(), _as_fp64(inputs), flags)
+    plain = ref.attention_backward(grad_out.double(), _as_fp64(inputs._replace(cos=None, sin=None)), flags)
+    for mine, gold, unrotated in zip(ours[:2], golden[:2], plain[:2], strict=True):
+        assert (unrotated - gold).abs().max().item() > 10 * (mine.double() - gold).abs().max().item()
+
+
+@pytest.mark.parametrize("case", ["half_full", "inter_partial"])
+def test_rope_several_blocks_batch_table(case: str) -> None:
+    """16-wide tiles: cos/sin rows follow each query and key block, dK sums the GQA group; a [B, 1, N, r] table."""
+    inputs, flags = _with_rope(case, torch.float32, n=40, lead=(1, 1))
+    cos, sin = inputs.cos, inputs.sin
+    assert cos is not None and sin is not None
+    inputs = inputs._replace(cos=torch.cat((cos, cos.flip(2))), sin=torch.cat((sin, -sin)))
+    _check_against_golden(inputs, flags, block_m=16, block_n=16)
+
+
 def _bad_arguments() -> list[tuple[str, dict[str, object], str]]:
     grad, out, lse = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4)
     return [
-        ("rope", {"cos": torch.ones(4, 16), "sin": torch.zeros(4, 16)}, "RoPE"),
+        ("rope one", {"cos": torch.ones(4, 16), "sin": None}, "both cos and sin"),
         ("grad shape", {"grad_out": grad[..., :8]}, "grad_out shape"),
         ("out dtype", {"out": out.double()}, "out dtype"),
         ("lse dtype", {"lse": lse.double()}, "lse must be fp32"),
@@ -140,13 +180,14 @@ _COMPILE_SM90 = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from tilefuse.codegen import attention_bwd as bwd
     consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, CAUSAL=True, USE_WINDOW=True, MASK_KIND=1,
-                  HAS_SOFTCAP=True, HAS_ALIBI=True, INPUT_PRECISION="tf32", UPCAST_DOT=False)
+                  HAS_SOFTCAP=True, HAS_ALIBI=True, INPUT_PRECISION="tf32", UPCAST_DOT=False,
+                  ROPE_LAYOUT=0, SWAP_SPAN=128, HAS_DROPOUT=True)
     report = {}
     for fn in (bwd.attention_bwd_dkdv_kernel, bwd.attention_bwd_dq_kernel):
         sig = {name: "i32" for name in fn.arg_names}
         sig.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DQ", "DK", "DV") if name in fn.arg_names})
-        sig.update(Lse="*fp32", Delta="*fp32", Mask="*u8", Alibi="*fp32")
-        sig.update(sm_scale="fp32", qk_scale="fp32", softcap_log2="fp32")
+        sig.update(Lse="*fp32", Delta="*fp32", Mask="*u8", Alibi="*fp32", Cos="*bf16", Sin="*bf16", Rng="*i64")
+        sig.update(sm_scale="fp32", qk_scale="fp32", softcap_log2="fp32", drop_p="fp32", drop_scale="fp32")
         sig.update({name: "constexpr" for name in consts})
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
@@ -157,7 +198,8 @@ _COMPILE_SM90 = textwrap.dedent(
 
 
 def test_compiles_for_hopper_without_gpu() -> None:
-    """sm_90 compile of the dK/dV and dQ kernels in a child process (the interpreter is on in this one)."""
+    """sm_90 compile of the dK/dV and dQ kernels, RoPE and dropout included, in a child process (the interpreter
+    is on in this one)."""
     report = compile_in_child(_COMPILE_SM90)
     for name, kernel in report.items():
         assert kernel["cubin"], name

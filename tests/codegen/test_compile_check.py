@@ -18,6 +18,10 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+# Largest shared memory one block may opt into: H100 227 KiB, A100 163 KiB (CUDA programming guide, table 21).
+SHARED_LIMIT_BYTES = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+
+
 def test_every_kernel_compiles_without_spills() -> None:
     report = compile_in_child(_SCRIPT)
     for arch, results in report.items():
@@ -27,7 +31,7 @@ def test_every_kernel_compiles_without_spills() -> None:
             assert r["ok"], (arch, r)
             assert r["spill_bytes"] == 0, (arch, r)
             assert 0 < r["registers"] <= 255, (arch, r)
-            assert r["shared_bytes"] <= 228 * 1024, (arch, r)
+            assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[arch], (arch, r)  # Triton only refuses it at launch
 
 
 def test_unknown_arch_is_a_usage_error() -> None:

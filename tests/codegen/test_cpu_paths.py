@@ -24,6 +24,14 @@ def _ref(args: tuple[object, ...]) -> torch.Tensor:
     return ref.attention_forward(ref.AttnInputs(*args[:7]), ref.AttnFlags(*args[7:]))  # type: ignore[arg-type]
 
 
+def _with_lse(args: tuple[object, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    return cpu.attention_with_lse(ref.AttnInputs(*args[:7]), ref.AttnFlags(*args[7:]))  # type: ignore[arg-type]
+
+
+def _lse(args: tuple[object, ...]) -> torch.Tensor:
+    return cpu.attention_lse(ref.AttnInputs(*args[:7]), ref.AttnFlags(*args[7:]))  # type: ignore[arg-type]
+
+
 MASKS = ["none", "bool_padding", "bool_full", "additive"]
 
 
@@ -55,7 +63,12 @@ def test_attention_cpu_equals_reference(
     q, k, v = _inputs(q_len, kv_len, group, gen)
     mask = _mask(mask_kind, q_len, kv_len, gen)
     args = (q, k, v, mask, None, None, None, 0.25, causal, bottom_right, window, 0.0, -1, 0)
-    torch.testing.assert_close(_cpu(args), _ref(args), atol=2e-6, rtol=1e-5)
+    want = _ref(args)
+    torch.testing.assert_close(_cpu(args), want, atol=2e-6, rtol=1e-5)
+    out, lse = _with_lse(args)  # the flash CPU kernel's (out, lse) against the reference and the scores' lse
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    torch.testing.assert_close(lse, _lse(args), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", [0, 1])
@@ -65,6 +78,38 @@ def test_attention_cpu_rope_equals_reference(layout: int) -> None:
     cos, sin = torch.randn(11, 12, generator=gen), torch.randn(11, 12, generator=gen)
     args = (q, k, v, None, None, cos, sin, 0.3, True, True, 0, 0.0, layout, 12)
     torch.testing.assert_close(_cpu(args), _ref(args), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_attention_lse_equals_fp64_logsumexp(dtype: torch.dtype) -> None:
+    """Softcap, ALiBi (bottom-right) and a keep-mask with one fully masked row: lse = log Σ exp(scores), or -inf."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (t.to(dtype) for t in _inputs(5, 9, 2, gen))
+    keep = torch.rand(2, 1, 5, 9, generator=gen) > 0.3
+    keep[1, 0, 2] = False
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    args = (q, k, v, keep, slopes, None, None, 0.3, False, True, 0, 4.0, -1, 0)
+    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+    scores = torch.tanh(scores / 4.0) * 4.0
+    rel = torch.arange(9) - (torch.arange(5).unsqueeze(-1) + 4)
+    scores = (scores + slopes.double().reshape(4, 1, 1) * rel).masked_fill(~keep, float("-inf"))
+    out, lse = _with_lse(args)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), atol=1e-5, rtol=1e-5)
+    assert (lse[1, :, 2] == float("-inf")).all()
+    torch.testing.assert_close(out, _ref(args))
+
+
+def test_attention_with_lse_head_dims_differ_and_empty() -> None:
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = _inputs(7, 7, 2, gen)  # head dim 16, value head dim 8: the flash kernel gets padded inputs
+    args = (q, k, v, None, None, None, None, 0.25, True, False, 0, 0.0, -1, 0)
+    out, lse = _with_lse(args)
+    torch.testing.assert_close(out, _ref(args), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, _lse(args), atol=2e-6, rtol=1e-5)
+    out, lse = _with_lse((q[:, :, :0], k, v, *args[3:]))
+    assert out.shape == (2, 4, 0, 8) and lse.shape == (2, 4, 0)
+    out, lse = _with_lse((q, k[:, :, :0], v[:, :, :0], *args[3:]))
+    assert (out == 0).all() and (lse == float("-inf")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

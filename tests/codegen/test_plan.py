@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -15,6 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed; the Triton kernel
 from triton.runtime import interpreter
 
 from tilefuse.codegen import reference as ref
+from tilefuse.codegen.attention_decode import attention_decode_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
 from tilefuse.codegen.io_count import count_io
 from tilefuse.codegen.norm_kernels import norm_forward_triton
@@ -39,25 +41,41 @@ ATTN_CASES: dict[str, tuple[Any, ...]] = {
 CONFIGS = [TileConfig(16, 16), TileConfig(16, 32)]
 
 
-def _attention_case(name: str) -> tuple[AttentionSpec, ref.AttnInputs, ref.AttnFlags]:
-    b, hq, hkv, nq, nk, d, dv, dtype, flag_kw, mask_kind = ATTN_CASES[name]
+def _attention_case(
+    case: tuple[Any, ...], extras: frozenset[str] = frozenset()
+) -> tuple[AttentionSpec, ref.AttnInputs, ref.AttnFlags]:
+    """Inputs and Spec of one case; extras may add "alibi" slopes, a "rope" table ([1, D], shared by q and k rows)
+    and "dropout" (p = 0.3)."""
+    b, hq, hkv, nq, nk, d, dv, dtype, flag_kw, mask_kind = case
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(b, hq, nq, d, generator=gen).to(dtype)
     k = torch.randn(b, hkv, nk, d, generator=gen).to(dtype)
     v = torch.randn(b, hkv, nk, dv, generator=gen).to(dtype)
     mask = None
     if mask_kind == "key_padding":
-        mask = torch.arange(nk)[None, None, None, :] < torch.tensor([nk, nk - 9])[:, None, None, None]
+        # no 16-key tile is fully masked: the kernel would skip it, which the plan does not predict
+        mask = torch.arange(nk)[None, None, None, :] < torch.tensor([nk, nk - 2])[:, None, None, None]
     elif mask_kind == "additive":
         mask = torch.randn(1, hq, nq, nk, generator=gen).to(dtype)
     flags = ref.AttnFlags(scale=d**-0.5, **flag_kw)
+    inputs = ref.AttnInputs(q, k, v, mask=mask)
+    if "alibi" in extras:
+        inputs = inputs._replace(alibi_slopes=torch.rand(hq, generator=gen))
+    if "rope" in extras:
+        cos, sin = torch.rand(2, 1, d, generator=gen).to(dtype)
+        inputs = inputs._replace(cos=cos, sin=sin)
+        flags = flags._replace(rope_layout=ref.ROPE_ROTATE_HALF, rotary_dim=d)
+    if "dropout" in extras:
+        inputs, flags = inputs._replace(rng=torch.tensor([7, 0])), flags._replace(dropout_p=0.3)
+    rope = RopeSpec("rotate_half", d, d, dtype=_DTYPE_NAMES[dtype]) if "rope" in extras else None
     spec = AttentionSpec(
         batch=b, q_heads=hq, kv_heads=hkv, q_len=nq, kv_len=nk, head_dim=d, v_head_dim=dv,
         dtype=_DTYPE_NAMES[dtype], scale=flags.scale, causal=flags.causal,
         align="bottom_right" if flags.bottom_right else "top_left", window=flags.window or None,
-        mask=mask_kind, mask_shape=tuple(mask.shape) if mask is not None else (), gqa_group=hq // hkv,
+        alibi="alibi" in extras, mask=mask_kind, mask_shape=tuple(mask.shape) if mask is not None else (),
+        gqa_group=hq // hkv, dropout_p=flags.dropout_p, rope=rope,
     )  # fmt: skip
-    return spec, ref.AttnInputs(q, k, v, mask=mask), flags
+    return spec, inputs, flags
 
 
 def _close(predicted: int, counted: int) -> bool:
@@ -67,7 +85,7 @@ def _close(predicted: int, counted: int) -> bool:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}")
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 def test_attention_plan_bytes_match_kernel(case: str, config: TileConfig) -> None:
-    spec, inputs, flags = _attention_case(case)
+    spec, inputs, flags = _attention_case(ATTN_CASES[case])
     plan = TiledPlan(spec, config)
     with count_io() as io:
         attention_forward_triton(inputs, flags, block_m=config.block_m, block_n=config.block_n)
@@ -77,6 +95,75 @@ def test_attention_plan_bytes_match_kernel(case: str, config: TileConfig) -> Non
     bound = io_lower_bound_bytes(spec, plan.sram_bytes)
     assert 0 < bound <= plan.hbm_read_bytes + plan.hbm_write_bytes
     assert plan.flops > 0 and plan.feasible({"smem_bytes": 228 * 1024, "max_head_dim": 256})
+
+
+def test_fully_masked_key_tiles_are_not_loaded() -> None:
+    """Batch 1 keeps 3 of 35 keys: its programs read one key tile of three, so the count falls below the plan by
+    exactly the skipped K/V/mask tiles and their index entries."""
+    spec, inputs, flags = _attention_case(ATTN_CASES["key_padding"])
+    padded = torch.arange(35)[None, None, None, :] < torch.tensor([35, 3])[:, None, None, None]
+    plan = TiledPlan(spec, TileConfig(16, 16))
+    with count_io() as io:
+        out, _ = attention_forward_triton(inputs._replace(mask=padded), flags, block_m=16, block_n=16)
+    golden = ref.attention_forward(inputs._replace(mask=padded), flags)
+    assert torch.allclose(out, golden, atol=1e-5)
+    heads, rows, skipped_keys = 2, 16 + 1, 35 - 16  # batch 1: 2 heads x 2 query blocks skip tiles 16-31, 32-34
+    programs = heads * 2
+    kv_bytes = programs * skipped_keys * 16 * 4 * 2  # K and V rows, fp32, D = 16
+    mask_bytes = heads * rows * skipped_keys  # one byte per (row, key)
+    index_bytes = programs * 2 * 4  # two int32 index entries fewer per program
+    expected = plan.hbm_read_bytes - kv_bytes - mask_bytes - index_bytes
+    assert io.read_bytes == expected, (io.read_bytes, expected)
+
+
+# name: (case as in ATTN_CASES, extras, num_splits (None: the launcher's heuristic), block_n)
+DECODE_CASES: dict[str, tuple[Any, ...]] = {
+    "plain": ((2, 4, 2, 1, 70, 16, 16, torch.float32, {}, "none"), (), 3, 16),
+    "gqa_causal_bottom_right": ((1, 8, 2, 3, 50, 24, 16, torch.float16, {"causal": True, "bottom_right": True}, "none"),
+                                (), None, 16),
+    "causal_top_left_empty_splits": ((1, 2, 2, 4, 60, 16, 16, torch.float32, {"causal": True}, "none"), (), 4, 16),
+    "window_bottom_right": ((1, 2, 1, 2, 80, 16, 16, torch.float32, {"window": 20, "bottom_right": True}, "none"),
+                            (), 8, 16),
+    "key_padding_alibi": ((2, 2, 2, 1, 40, 16, 16, torch.float32, {}, "key_padding"), ("alibi",), 2, 16),
+    "additive_rope_dropout": ((1, 4, 1, 2, 45, 16, 16, torch.float16, {"causal": True, "bottom_right": True},
+                               "additive"), ("rope", "dropout"), 3, 32),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_plan_bytes_match_kernel(case: str) -> None:
+    """Both phases of the split-KV kernel: plan bytes (incl. scratch traffic) equal the counted bytes."""
+    attn_case, extras, num_splits, block_n = DECODE_CASES[case]
+    spec, inputs, flags = _attention_case(attn_case, frozenset(extras))
+    plan = TiledPlan(spec, TileConfig(block_n=block_n, num_splits=num_splits), family="attention_decode")
+    with count_io() as io:
+        attention_decode_triton(inputs, flags, block_n=block_n, num_splits=num_splits)
+    assert plan.kernel_family == "attention_decode"
+    assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
+    assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)
+    assert plan.grid[1] == spec.batch * spec.kv_heads  # type: ignore[operator]
+    assert plan.combine_grid == (spec.batch * spec.q_heads * spec.q_len,)  # type: ignore[operator]
+    assert plan.flops > 0 and plan.feasible({"smem_bytes": 228 * 1024, "max_head_dim": 256})
+
+
+def test_decode_family_choice_and_split_structure() -> None:
+    """Family "auto" picks the kernel codegen/gpu.py dispatches; the visible range is cut into block-aligned splits."""
+    decode = AttentionSpec(4, 32, 8, 1, 4096, 128, 128, "bfloat16", 0.08, causal=True, align="bottom_right")
+    assert TiledPlan(decode).kernel_family == "attention_decode"
+    assert TiledPlan(AttentionSpec(4, 32, 8, 64, 4096, 128, 128, "bfloat16", 0.08)).kernel_family == "attention_fwd"
+    assert TiledPlan(AttentionSpec(1, 1, 1, 1, 128, 64, 64, "float16", 0.1)).kernel_family == "attention_fwd"
+    plan = TiledPlan(decode, TileConfig(block_n=64))
+    assert plan.blocks == (16, 64, 128, 128) and plan.grid == (9, 32)  # ceil(264 / 32) splits over 64 key blocks
+    layout = plan.decode_layout()
+    assert layout.split_len == 8 * 64 and layout.work_splits == 8  # 64 blocks in 8-block splits: one split idle
+    windowed = TiledPlan(dataclasses.replace(decode, window=100), TileConfig(block_n=64, num_splits=4))
+    assert windowed.decode_layout()[:2] == (3968, 4096)  # only the window's two key blocks are visible
+    assert windowed.decode_layout().work_splits == 2
+    assert TiledPlan(decode, TileConfig(block_n=64), family="attention_fwd").grid == (1, 128)
+    wide = dataclasses.replace(decode, q_len=16, head_dim=256, v_head_dim=256)  # 64 rows of D 256 would spill
+    assert not TiledPlan(wide, family="attention_decode").feasible({})
+    with pytest.raises(ValueError, match="family"):
+        _ = TiledPlan(decode, family="decode").grid
 
 
 def test_key_block_skipping_structure() -> None:

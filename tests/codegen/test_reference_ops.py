@@ -39,7 +39,7 @@ def test_attention_matches_golden(
     # SDPA's is_causal is top-left aligned, so compare with that alignment.
     golden = _attention_eager(*gold_in, causal)
     eager = _attention_eager(q, k, v, causal)
-    ours = ops.attention(q, k, v, None, None, None, None, scale, causal, False, 0, 0.0, -1, 0)
+    ours, _ = ops.attention(q, k, v, None, None, None, None, scale, causal, False, 0, 0.0, -1, 0)
     assert ours.dtype == dtype and torch.isfinite(ours).all()
     floor = 1e-6 if dtype == torch.float32 else 1e-3
     assert _err(ours, golden) <= 2 * _err(eager, golden) + floor
@@ -56,7 +56,8 @@ def test_fully_masked_rows_are_zero_with_zero_grad() -> None:
     q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     mask[..., 1, :] = False
-    out = ops.attention(q, k, v, mask, None, None, None, 0.35, False, False, 0, 0.0, -1, 0)
+    out, lse = ops.attention(q, k, v, mask, None, None, None, 0.35, False, False, 0, 0.0, -1, 0)
+    assert (lse[:, :, 1] == float("-inf")).all() and torch.isfinite(lse[:, :, [0, 2, 3]]).all()
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
@@ -66,7 +67,7 @@ def test_fully_masked_rows_are_zero_with_zero_grad() -> None:
 def test_fp16_large_inputs_stay_finite() -> None:
     gen = torch.Generator().manual_seed(1)
     q, k, v = (5 * torch.randn(1, 2, 64, 64, generator=gen).half() for _ in range(3))
-    out = ops.attention(q, k, v, None, None, None, None, 0.125, True, True, 0, 0.0, -1, 0)
+    out, _ = ops.attention(q, k, v, None, None, None, None, 0.125, True, True, 0, 0.0, -1, 0)
     assert torch.isfinite(out).all()
 
 
@@ -99,10 +100,23 @@ def test_attention_gradcheck_all_features() -> None:
             4.0,
             0,
             8,
-        )
+        )[0]
         return out[:, :, :7]
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_attention_dropout_gradcheck_and_lse_takes_no_grad() -> None:
+    """A fixed rng makes dropout a fixed mask: the op is then an ordinary differentiable function."""
+    q, k, v = _f64(1, 4, 6, 8), _f64(1, 2, 9, 8), _f64(1, 2, 9, 5)
+    rng = torch.tensor([7, 11])
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ops.attention(q, k, v, None, None, None, None, 0.4, True, True, 0, 0.0, -1, 0, 0.3, rng)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out, lse = ops.attention(q, k, v, None, None, None, None, 0.4, False, False, 0, 0.0, -1, 0)
+    assert out.requires_grad and not lse.requires_grad and lse.dtype == torch.float32
 
 
 @pytest.mark.parametrize("layout", [0, 1])
@@ -119,6 +133,12 @@ def test_norm_gradchecks() -> None:
     assert torch.autograd.gradcheck(lambda x, r, w: ops.add_rms_norm(x, r, w, 1e-6, 0.0), (x, r, w))
     assert torch.autograd.gradcheck(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, 1e-5), (x, r, w, b))
     assert torch.autograd.gradcheck(lambda x: ops.layer_norm(x, None, None, 1e-5), (x,))
+
+
+QKV = (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4))
+DOUT, LSE = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5)  # grad_out (and out), lse
+FLAGS = (0.3, True, True, 0, 0.0, -1, 0)  # scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim
+DROPOUT = (0.25, torch.tensor([3, 0]))  # dropout_p, rng [seed, offset]
 
 
 @pytest.mark.parametrize(
@@ -143,6 +163,8 @@ def test_norm_gradchecks() -> None:
                 8,
             ),
         ),
+        (ops.attention.default, (*QKV, None, None, None, None, *FLAGS, *DROPOUT)),
+        (ops.attention_backward.default, (DOUT, *QKV, None, None, None, None, DOUT, LSE, *FLAGS, *DROPOUT)),
         (ops.rope.default, (torch.randn(2, 5, 8), torch.randn(5, 8), torch.randn(5, 8), 1, 8)),
         (ops.add_rms_norm.default, (torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(8), 1e-6, 0.0)),
         (

@@ -1,0 +1,272 @@
+"""Host-side argument checks and launch arguments shared by the attention forward and backward launchers."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .reference import ROPE_INTERLEAVED, ROPE_NONE, ROPE_ROTATE_HALF, AttnFlags, AttnInputs
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_tensors(inputs: AttnInputs) -> None:
+    q, k, v = inputs.q, inputs.k, inputs.v
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+        if t.device != q.device:
+            raise ValueError(f"devices differ: q on {q.device}, {name} on {t.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dims of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims {q.shape[-1]}/{v.shape[-1]} exceed the supported {MAX_HEAD_DIM}")
+
+
+def _rope_active(inputs: AttnInputs, flags: AttnFlags) -> bool:
+    """Whether reference.rope_qk rotates q/k: both cos and sin given and a layout other than ROPE_NONE."""
+    return inputs.cos is not None and inputs.sin is not None and flags.rope_layout != ROPE_NONE
+
+
+def _check_rope(inputs: AttnInputs, flags: AttnFlags) -> None:
+    q, k, cos, sin = inputs.q, inputs.k, inputs.cos, inputs.sin
+    if (cos is None) != (sin is None):
+        raise ValueError("RoPE needs both cos and sin; got only one of them")
+    if not _rope_active(inputs, flags):
+        return
+    assert cos is not None and sin is not None
+    layout, rotary_dim = flags.rope_layout, flags.rotary_dim
+    if layout not in (ROPE_ROTATE_HALF, ROPE_INTERLEAVED):
+        raise ValueError(f"RoPE layout must be {ROPE_ROTATE_HALF}, {ROPE_INTERLEAVED} or {ROPE_NONE}, got {layout}")
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > q.shape[-1]:
+        raise ValueError(f"RoPE rotary_dim must be even and in (0, head_dim={q.shape[-1]}], got {rotary_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.device != q.device:
+            raise ValueError(f"devices differ: q on {q.device}, {name} on {t.device}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"RoPE {name} dtype {t.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+        if torch.result_type(q, t) != q.dtype:
+            # reference.rope_forward would promote the rotated q/k (and so QKᵀ) to that dtype; the kernel rounds the
+            # rotated tiles to q's dtype, so it only takes tables that do not widen q.
+            raise ValueError(f"RoPE {name} dtype {t.dtype} would promote q/k ({q.dtype}); cast it to q's dtype")
+        if not 1 <= t.dim() <= 4 or t.shape[-1] != rotary_dim:
+            raise ValueError(f"RoPE {name} shape {tuple(t.shape)} must be [..., rotary_dim={rotary_dim}], at most 4-D")
+        for who, x in (("q", q), ("k", k)):
+            try:
+                t.expand(*x.shape[:-1], rotary_dim)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"RoPE {name} shape {tuple(t.shape)} does not broadcast to {who}'s [B, H, N, rotary_dim] "
+                    f"{(*x.shape[:-1], rotary_dim)}"
+                ) from err
+
+
+def _check_extras(inputs: AttnInputs, flags: AttnFlags) -> None:
+    q = inputs.q
+    _check_rope(inputs, flags)
+    _check_dropout(inputs, flags)
+    for name, t in (("mask", inputs.mask), ("alibi_slopes", inputs.alibi_slopes)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"devices differ: q on {q.device}, {name} on {t.device}")
+    mask = inputs.mask
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"mask dtype must be bool or floating, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], inputs.k.shape[2]))
+        except RuntimeError as err:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to [B, Hq, Nq, Nk]") from err
+    slopes = inputs.alibi_slopes
+    if slopes is not None and tuple(slopes.shape) not in ((q.shape[1],), (q.shape[0], q.shape[1])):
+        raise ValueError(f"alibi_slopes shape {tuple(slopes.shape)} must be [Hq] or [B, Hq]")
+    if flags.window < 0 or flags.softcap < 0:
+        raise ValueError(f"window ({flags.window}) and softcap ({flags.softcap}) must be >= 0")
+
+
+def _broadcast_strides(t: Tensor | None, shape: tuple[int, ...]) -> tuple[Tensor | None, tuple[int, ...]]:
+    """t expanded (stride 0 on broadcast dims, no copy) to `shape`, and its strides; zeros when t is None."""
+    if t is None:
+        return None, (0,) * len(shape)
+    t = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape)).expand(shape)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)  # same bytes, a pointer type every backend loads
+    return t, tuple(t.stride())
+
+
+def _check_dropout(inputs: AttnInputs, flags: AttnFlags) -> None:
+    p, rng = flags.dropout_p, inputs.rng
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if p > 0.0 and (rng is None or rng.dtype != torch.int64 or tuple(rng.shape) != (2,)):
+        got = "None" if rng is None else f"{rng.dtype} {tuple(rng.shape)}"
+        raise ValueError(f"dropout_p={p} needs rng, an int64 tensor [seed, offset]; got {got}")
+
+
+class RopeArgs(NamedTuple):
+    """cos/sin (expanded, no copy) and their strides as seen from [B, Hq, Nq, r], the rotary dim and the layout."""
+
+    cos: Tensor | None
+    sin: Tensor | None
+    cos_strides: tuple[int, ...]
+    sin_strides: tuple[int, ...]
+    rotary_dim: int
+    layout: int
+
+
+def rope_args(inputs: AttnInputs, flags: AttnFlags) -> RopeArgs:
+    """Kernel arguments of RoPE; all zeros / None and layout ROPE_NONE when RoPE is off.
+
+    Strides of cos/sin expanded to q's [B, Hq, Nq, r]; _check_rope made sure they expand to k's too, which gives
+    the same strides (a non-broadcast head or row dim has equal sizes for q and k), so a nonzero head stride
+    implies group == 1 and the kernels may index it by the kv head.
+    """
+    rope = _rope_active(inputs, flags)
+    batch, q_heads, q_len = inputs.q.shape[:3]
+    shape = (batch, q_heads, q_len, flags.rotary_dim)
+    cos, cos_strides = _broadcast_strides(inputs.cos if rope else None, shape)
+    sin, sin_strides = _broadcast_strides(inputs.sin if rope else None, shape)
+    return RopeArgs(cos, sin, cos_strides, sin_strides, flags.rotary_dim if rope else 0,
+                    flags.rope_layout if rope else ROPE_NONE)  # fmt: skip
+
+
+def rope_swap_span(rope: RopeArgs) -> int:
+    """SWAP_SPAN of the RoPE gradient epilogue: the power-of-two column group whose halves are partners, else 0.
+
+    Interleaved pairs are 2-wide groups; rotate-half pairs d with d + r/2, a register permutation only when r is a
+    power of two (it then divides the padded head dim). Otherwise (e.g. r = 40, 80, 96) the kernel uses tl.gather.
+    """
+    if rope.layout == ROPE_INTERLEAVED:
+        return 2
+    r = rope.rotary_dim
+    return r if rope.layout == ROPE_ROTATE_HALF and r >= 2 and r & (r - 1) == 0 else 0
+
+
+def dropout_args(inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor | None, float, float]:
+    """(rng on q's device or None, p, 1/(1-p)); the kernels read seed and offset themselves (no host sync)."""
+    if flags.dropout_p == 0.0 or inputs.rng is None:
+        return None, 0.0, 1.0
+    return inputs.rng.to(inputs.q.device, non_blocking=True), flags.dropout_p, 1.0 / (1.0 - flags.dropout_p)
+
+
+def _check_backward_tensors(grad_out: Tensor, inputs: AttnInputs, out: Tensor, lse: Tensor) -> None:
+    q, v = inputs.q, inputs.v
+    out_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != out_shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must be [B, Hq, Nq, Dv] = {out_shape}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must match q's {q.dtype}")
+    if tuple(lse.shape) != out_shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [B, Hq, Nq] = {out_shape[:3]}, got {lse.dtype} {tuple(lse.shape)}")
+    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
+        if t.device != q.device:
+            raise ValueError(f"devices differ: q on {q.device}, {name} on {t.device}")
+
+
+def _check_launch(block_m: int, block_n: int) -> None:
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+class BwdConfig(NamedTuple):
+    """Launch knobs of one backward kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def backward_config(
+    head_dim: int, has_mask: bool = False, has_rope: bool = False, has_dropout: bool = False
+) -> tuple[BwdConfig, BwdConfig]:
+    """(dK/dV config, dQ config) used when the caller gives none; chosen so the sm_90 build does not spill.
+
+    At D=128 the dQ kernel keeps q, dO and the fp32 dQ rows live across its key loop, so it takes narrow key
+    blocks; RoPE adds the partner/cos/sin tiles of every rotated K (dQ) or Q (dK/dV) tile, and dropout its Philox
+    state, which need smaller tiles still. `tilefuse compile-check` covers these; the autotuner replaces them.
+    """
+    if head_dim <= 64 and not (has_rope or has_dropout):
+        return BwdConfig(64, 64, 4, 2), BwdConfig(64, 32, 4, 2)
+    if has_rope:
+        return BwdConfig(32, 64, 8, 2), BwdConfig(32, 16, 8, 1)
+    if has_dropout or has_mask:
+        return BwdConfig(32, 64, 8, 2), BwdConfig(32, 32, 8, 2)
+    return BwdConfig(64, 64, 8, 2), BwdConfig(32, 32, 8, 2)
+
+
+def _configs(
+    inputs: AttnInputs, flags: AttnFlags, knobs: tuple[int | None, int | None, int | None, int | None]
+) -> tuple[BwdConfig, BwdConfig]:
+    """The default configs with every knob the caller gave (not None) replacing it in both kernels."""
+    rope = _rope_active(inputs, flags)
+    head_dim = max(inputs.q.shape[-1], inputs.v.shape[-1])
+    defaults = backward_config(head_dim, inputs.mask is not None, rope, flags.dropout_p > 0)
+    configs = tuple(BwdConfig(*(d if k is None else k for d, k in zip(c, knobs, strict=True))) for c in defaults)
+    for config in configs:
+        _check_launch(config.block_m, config.block_n)
+    return configs[0], configs[1]
+
+
+class BlockList(NamedTuple):
+    """Per (batch, head, query block): how many key blocks to visit and which, visited ones first in order.
+
+    Dims the mask broadcasts over have size 1 here, and stride 0 in the strides the kernel gets.
+    """
+
+    block_index: Tensor  # int32 [Bm, Hm, Mb, key blocks]
+    block_count: Tensor  # int32 [Bm, Hm, Mb]
+
+    def strides(self) -> tuple[int, ...]:
+        def of(t: Tensor) -> tuple[int, int, int]:
+            return tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3], strict=True))  # type: ignore[return-value]
+
+        return (*of(self.block_index), *of(self.block_count))
+
+
+def mask_block_list(mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags) -> BlockList:
+    """The key blocks each query block must visit: those inside its causal/window range (the same range the
+    kernel computes) holding at least one key the mask keeps. A fully masked tile is never loaded.
+
+    Costs one read of the mask on the device and no host sync; a mask broadcast over rows (key padding) gives one
+    list per (batch, head) that every query block shares.
+    """
+    kept = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    kept = kept if kept.dtype == torch.bool else kept != float("-inf")
+    n_mb, n_nb = -(-q_len // block_m), -(-kv_len // block_n)
+    rows = kept.shape[2]
+    kept = kept.expand(*kept.shape[:3], kv_len).to(torch.uint8)
+    kept = torch.nn.functional.pad(kept, (0, n_nb * block_n - kv_len, 0, n_mb * block_m - q_len if rows > 1 else 0))
+    row_blocks, row_block = (n_mb, block_m) if rows > 1 else (1, 1)
+    tiles = kept.view(*kept.shape[:2], row_blocks, row_block, n_nb, block_n).amax(dim=(3, 5)) > 0
+    if flags.causal or flags.window > 0:
+        tiles = tiles & _range_tiles(q_len, kv_len, block_m, block_n, flags, mask.device)
+    count = tiles.sum(dim=-1, dtype=torch.int32)
+    index = torch.sort((~tiles).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return BlockList(index, count)
+
+
+def _range_tiles(q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, device: torch.device) -> Tensor:
+    """[query blocks, key blocks] bool: key block inside the query block's causal/window range (as in the kernel)."""
+    pos_offset = kv_len - q_len if flags.bottom_right else 0
+    starts_m = torch.arange(0, q_len, block_m, device=device)
+    lo = torch.zeros_like(starts_m)
+    hi = torch.full_like(starts_m, kv_len)
+    if flags.causal:
+        hi = torch.minimum(hi, torch.clamp(starts_m + block_m, max=q_len) + pos_offset)
+    if flags.window > 0:
+        lo = torch.clamp(starts_m + pos_offset - flags.window + 1, min=0) // block_n * block_n
+    starts_n = torch.arange(0, kv_len, block_n, device=device)
+    return (starts_n[None, :] >= lo[:, None]) & (starts_n[None, :] < hi[:, None])
