@@ -56,7 +56,11 @@ def measure(name: str, batch: int, seq: int, repeats: int) -> dict[str, Any]:
                 samples[label].append(_time_ms(fn, inputs))
     median = {k: statistics.median(v) for k, v in samples.items()}
     return {
-        "model": name, "batch": batch, "seq": seq, "repeats": repeats, "median_ms": median,
+        "model": name,
+        "batch": batch,
+        "seq": seq,
+        "repeats": repeats,
+        "median_ms": median,
         "speedup_vs_eager": {k: median["eager"] / v for k, v in median.items()},
         "speedup_vs_inductor": {k: median["inductor"] / v for k, v in median.items()},
     }
@@ -77,8 +81,11 @@ def main() -> None:
         speed = f"{s['tilefuse']:>8.2f}x {si['tilefuse']:>10.2f}x"
         print(f"{row['model']:<12} {m['eager']:>9.2f} {m['inductor']:>11.2f} {m['tilefuse']:>11.2f} {speed}")
     meta = {
-        "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"), "note": "CPU; tilefuse ops run reference implementations",
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "note": "CPU; tilefuse ops run reference implementations",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -1,0 +1,159 @@
+"""The benchmark harness end to end on CPU at tiny sizes: every suite runs in-process, its result follows the JSON
+schema, and a contender whose output fails the reference check is recorded as failed and never timed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tilefuse.benchmarks import run as bench
+from tilefuse.benchmarks import suite_tuning
+from tilefuse.benchmarks.harness import STATUSES, Case, Context, Unavailable, max_rel_error, run_case
+
+RESULT_KEYS = {"schema", "suite", "metric", "x_axis", "config", "env", "elapsed_s", "notes", "records"}
+RECORD_KEYS = {"suite", "case", "params", "contender", "status", "reason", "median_ms", "p20_ms", "p80_ms", "timing",
+               "max_rel_err", "tolerance", "metrics", "best_peer", "speedup_vs_best_peer"}  # fmt: skip
+TIMED_SUITES = ("attention", "decode", "norms", "e2e")
+
+
+def _ctx(**kwargs: Any) -> Context:
+    return Context(torch.device("cpu"), tiny=True, **{"repeats": 2, **kwargs})
+
+
+def check_schema(result: dict[str, Any]) -> None:
+    assert set(result) == RESULT_KEYS
+    json.dumps(result)  # serializable as is
+    assert result["env"]["torch"] == torch.__version__ and result["env"]["date"]
+    assert result["records"], "a suite must produce records"
+    for record in result["records"]:
+        assert set(record) == RECORD_KEYS
+        assert record["status"] in STATUSES
+        if record["status"] != "ok":
+            assert record["median_ms"] is None and isinstance(record["reason"], str)
+        elif result["suite"] in TIMED_SUITES:
+            assert record["median_ms"] > 0 and record["max_rel_err"] <= record["tolerance"]
+
+
+# ------------------------------------------------------------------------------------------------ harness
+def test_failed_check_is_recorded_not_timed() -> None:
+    ref = torch.ones(8, dtype=torch.float64)
+    calls = {"good": 0, "bad": 0}
+
+    def counted(name: str, value: float) -> Any:
+        def run() -> torch.Tensor:
+            calls[name] += 1
+            return torch.full((8,), value)
+
+        return run
+
+    def missing() -> Any:
+        raise Unavailable("not installed here")
+
+    def broken() -> Any:
+        def run() -> torch.Tensor:
+            raise RuntimeError("kernel exploded")
+
+        return run
+
+    case = Case("toy", {"n": 8}, lambda: ref,
+                {"good": lambda: counted("good", 1.0), "bad": lambda: counted("bad", 2.0), "missing": missing,
+                 "broken": broken}, tolerance=1e-3, work={"flops": 8.0})  # fmt: skip
+    records = {r.contender: r for r in run_case("toy", case, _ctx(repeats=3))}
+    assert records["bad"].status == "check_failed" and records["bad"].median_ms is None
+    assert records["bad"].max_rel_err == pytest.approx(1.0)
+    assert calls["bad"] == 1, "a contender that failed its check must not be timed"
+    assert records["good"].status == "ok" and records["good"].median_ms is not None
+    assert calls["good"] == 1 + 3 + 3  # check, 3 warm-up calls, 3 timed rounds
+    assert records["good"].metrics["tflops"] > 0
+    assert records["missing"].status == "unavailable" and records["missing"].reason == "not installed here"
+    assert records["broken"].status == "error" and "kernel exploded" in str(records["broken"].reason)
+
+
+def test_max_rel_error_flags_shape_and_nan() -> None:
+    ref = torch.ones(4, dtype=torch.float64)
+    assert max_rel_error(torch.ones(4), ref) == 0.0
+    assert max_rel_error(torch.ones(5), ref) == float("inf")
+    assert max_rel_error(torch.tensor([1.0, float("nan"), 1.0, 1.0]), ref) == float("inf")
+    assert max_rel_error((torch.ones(4),), (ref, ref)) == float("inf")
+
+
+# ------------------------------------------------------------------------------------------------- suites
+def test_attention_suite_tiny() -> None:
+    cases = r"^fwd(\+bwd)? bf16 d64 N64 (causal|softcap)$"
+    ctx = _ctx(contenders=frozenset({"tilefuse", "sdpa", "eager"}), case_filter=cases)
+    result = bench.run_suite("attention", ctx)
+    check_schema(result)
+    records = {(r["case"], r["contender"]): r for r in result["records"]}
+    assert len(records) == 12
+    assert records[("fwd bf16 d64 N64 softcap", "sdpa")]["status"] == "unavailable"
+    assert records[("fwd+bwd bf16 d64 N64 causal", "tilefuse")]["status"] == "ok"
+    assert records[("fwd bf16 d64 N64 causal", "tilefuse")]["speedup_vs_best_peer"] > 0
+
+
+def test_decode_suite_tiny() -> None:
+    result = bench.run_suite("decode", _ctx(contenders=frozenset({"tilefuse", "sdpa"}), case_filter="q4 kv64$"))
+    check_schema(result)
+    assert {r["status"] for r in result["records"]} == {"ok"}
+    assert all(r["metrics"]["gbps"] > 0 for r in result["records"])
+
+
+def test_norms_suite_tiny_has_copy_yardstick() -> None:
+    ctx = _ctx(contenders=frozenset({"tilefuse", "liger", "eager"}), case_filter=r"^fwd(\+bwd)? rmsnorm\+residual ")
+    result = bench.run_suite("norms", ctx)
+    check_schema(result)
+    by_contender = {(r["contender"], r["params"]["mode"]): r for r in result["records"]}
+    assert by_contender[("copy", "copy")]["metrics"]["gbps"] > 0
+    assert by_contender[("liger", "fwd")]["status"] == "unavailable"  # Triton kernels need CUDA
+    assert by_contender[("tilefuse", "fwd+bwd")]["metrics"]["copy_fraction"] > 0
+
+
+def test_io_suite() -> None:
+    result = bench.run_suite("io", _ctx())
+    check_schema(result)
+    attention = [r for r in result["records"] if r["case"].startswith("attention")]
+    assert all(r["status"] == "ok" and r["metrics"]["fused_over_bound"] >= 1.0 for r in attention)
+
+
+@pytest.mark.hf
+def test_e2e_suite_tiny() -> None:
+    pytest.importorskip("transformers")
+    ctx = _ctx(contenders=frozenset({"tilefuse", "eager"}), case_filter="^prefill", inner="eager")
+    result = bench.run_suite("e2e", ctx)
+    check_schema(result)
+    assert {r["contender"]: r["status"] for r in result["records"]} == {"tilefuse": "ok", "eager": "ok"}
+    assert all(r["metrics"]["tokens_per_s"] > 0 for r in result["records"])
+
+
+@pytest.mark.hf
+def test_compile_suite_tiny() -> None:
+    pytest.importorskip("transformers")
+    ctx = _ctx(contenders=frozenset({"tilefuse"}), case_filter="^compile 2 layers$", inner="eager")
+    result = bench.run_suite("compile", ctx)
+    check_schema(result)
+    (record,) = result["records"]
+    assert record["status"] == "ok" and record["metrics"]["passes_s"] > 0
+    assert record["params"]["sites"]["attention"]["fused"] == 2
+
+
+def test_tuning_suite_without_tune_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite_tuning, "tune_available", lambda: False)
+    result = bench.run_suite("tuning", _ctx())
+    check_schema(result)
+    assert [r["status"] for r in result["records"]] == ["unavailable"]
+
+
+def test_main_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["io", "--tiny", "--out", str(tmp_path), "--json", "--filter", "d64 N128"]) == 0
+    written = json.loads((tmp_path / "io-tiny.json").read_text())
+    check_schema(written)
+    assert json.loads(capsys.readouterr().out)["suite"] == "io"
+    table = (tmp_path / "io-tiny.md").read_text()
+    assert "attention bf16 d64 N128 causal" in table and "| case |" in table
+
+
+def test_main_refuses_full_size_gpu_suites_on_cpu(tmp_path: Path) -> None:
+    assert bench.main(["attention", "--device", "cpu", "--out", str(tmp_path)]) == 2
