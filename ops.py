@@ -13,7 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .autotune.registry import launch_config
 from .codegen import custom_ops as _custom_ops  # registers torch.ops.tilefuse
+from .codegen.plan import TileConfig
 
 _ops = torch.ops.tilefuse
 _LAYOUTS = {"rotate_half": 0, "interleaved": 1}
@@ -91,15 +93,17 @@ def attention(
     rotary_dim: int | None = None,
     align: Literal["top_left", "bottom_right"] = "bottom_right",
     dropout_p: float = 0.0,
-    config: object | None = None,
+    config: TileConfig | None = None,
 ) -> Tensor:
     """softmax(scale·(RoPE(q)·RoPE(k)ᵀ) [softcap] [+ ALiBi] [+ mask]) · v on [B, H, N, D] tensors (GQA allowed).
 
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Nq, Nk]. window: keys with
-    0 <= pos(q) - k < window are kept. Fully masked rows give zeros. `config` (a tile configuration) is
-    accepted for the autotuner and currently ignored. dropout_p drops each probability with that chance after the
-    softmax (scaling the kept ones by 1/(1-p)); the keep mask is drawn from torch's generator on q's device, so
-    `torch.manual_seed` makes it reproducible, and the backward drops the same probabilities.
+    0 <= pos(q) - k < window are kept. Fully masked rows give zeros. `config` fixes the forward kernel's tile
+    configuration (block_m, block_n: powers of two >= 16; num_warps; num_stages) instead of the tuned or default
+    one; it applies where the Triton kernels run (CUDA, or CPU under TRITON_INTERPRET=1).
+    dropout_p drops each probability with that chance after the softmax (scaling the kept ones by 1/(1-p)); the
+    keep mask is drawn from torch's generator on q's device, so `torch.manual_seed` makes it reproducible, and the
+    backward drops the same probabilities.
     """
     _check_qkv(q, k, v)
     for name, t in (("attn_mask", attn_mask), ("alibi_slopes", alibi_slopes)):
@@ -116,12 +120,27 @@ def attention(
         raise ValueError(f"align={align!r}; allowed: 'top_left', 'bottom_right'")
     cos, sin, layout, dim = _rope_args(rope, rope_layout, rotary_dim, q.shape[-1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _check_config(config)
     rng = dropout_rng(q.device) if dropout_p > 0 else None
-    out, _ = _ops.attention(
-        q, k, v, attn_mask, alibi_slopes, cos, sin, scale, causal, align == "bottom_right", window or 0,
-        softcap or 0.0, layout, dim, float(dropout_p), rng,
-    )  # fmt: skip
+    with launch_config(config):
+        out, _ = _ops.attention(
+            q, k, v, attn_mask, alibi_slopes, cos, sin, scale, causal, align == "bottom_right", window or 0,
+            softcap or 0.0, layout, dim, float(dropout_p), rng,
+        )  # fmt: skip
     return out
+
+
+def _check_config(config: object) -> None:
+    if config is None:
+        return
+    if not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a tilefuse TileConfig or None, got {type(config).__name__}")
+    for name in ("block_m", "block_n"):
+        value = getattr(config, name)
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16, got {value}")
+    if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages < 1:
+        raise ValueError(f"config.num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got {config}")
 
 
 def dropout_rng(device: torch.device | str) -> Tensor:

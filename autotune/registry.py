@@ -8,11 +8,13 @@ launchers ask. Nothing here may fail a compile: errors are logged and leave the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +60,25 @@ def _spec_launch_key(spec: AttentionSpec) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+_override: contextvars.ContextVar[TileConfig | None] = contextvars.ContextVar("tilefuse_tile_config", default=None)
+
+
+@contextlib.contextmanager
+def launch_config(config: TileConfig | None) -> Iterator[None]:
+    """Within the block, attention forward launches use `config` (tilefuse.ops.attention's `config=`)."""
+    token = _override.set(config)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 def config_for_launch(key: tuple[Any, ...]) -> TileConfig | None:
-    """The config chosen at compile time for a site that launches with this `launch_key`, or None."""
+    """The config for a launch with this `launch_key`: an explicit `launch_config`, else the one chosen at compile
+    time for a site with that key, else None (the launcher's default)."""
+    explicit = _override.get()
+    if explicit is not None:
+        return explicit
     with _lock:
         return _by_launch.get(key)
 

@@ -147,3 +147,23 @@ def test_cpu_tensors_run_the_triton_kernels_under_the_interpreter() -> None:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"attention_fwd_kernel", "_norm_forward_kernel"} <= set(report["kernels"])
     assert report["err"] < 1e-5 and report["norm_err"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [("64x64", TypeError), (dict(block_m=64), TypeError), ((48, 64, 4, 2), TypeError)],
+    ids=["str", "dict", "tuple"],
+)
+def test_attention_config_must_be_a_tile_config(config: object, error: type[Exception]) -> None:
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(error, match="TileConfig"):
+        ops.attention(q, q, q, config=config)  # type: ignore[arg-type]
+
+
+def test_attention_config_blocks_must_be_powers_of_two() -> None:
+    from tilefuse.codegen.plan import TileConfig
+
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        ops.attention(q, q, q, config=TileConfig(48, 64))
+    torch.testing.assert_close(ops.attention(q, q, q, config=TileConfig(16, 16, 2, 1)), ops.attention(q, q, q))

@@ -140,3 +140,24 @@ def test_attention_launch_uses_the_config_chosen_at_compile_time(monkeypatch: py
         registry.clear()
     assert seen == [{}, {"block_m": 16, "block_n": 16, "num_warps": 2, "num_stages": 1}]
     torch.testing.assert_close(out, ref.attention_forward(inputs, flags), atol=1e-5, rtol=1e-5)
+
+
+def test_an_explicit_launch_config_wins_over_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tilefuse.ops.attention(config=...) scopes a TileConfig around the op; the launcher takes it."""
+    from tilefuse.autotune import registry
+    from tilefuse.codegen import attention_decode
+    from tilefuse.codegen.plan import TileConfig
+
+    seen: list[dict[str, int]] = []
+    real = attention_decode.attention_forward_triton
+
+    def spy(inputs: ref.AttnInputs, flags: ref.AttnFlags, **knobs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(knobs)
+        return real(inputs, flags, **knobs)
+
+    monkeypatch.setattr(attention_decode, "attention_forward_triton", spy)
+    q, k, v = _qkv(torch.Generator().manual_seed(0))
+    with registry.launch_config(TileConfig(32, 16, 4, 2)):
+        gpu.attention_with_lse(ref.AttnInputs(q, k, v), ref.AttnFlags(0.25))
+    gpu.attention_with_lse(ref.AttnInputs(q, k, v), ref.AttnFlags(0.25))
+    assert seen == [{"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2}, {}]
