@@ -11,7 +11,8 @@ even when several programs (or several tiles of one program) read the same addre
 block and every query head of a GQA group, a broadcast key-padding mask re-read per query row, the norm weight
 re-read per row, cos/sin re-read per head. Caches are ignored: this is the traffic a kernel issues, an upper bound
 of what DRAM sees. With a mask tensor the attention kernel skips the key tiles the mask keeps nothing of (data the
-plan cannot see); the plan assumes no tile is skipped, again an upper bound.
+plan cannot see); the plan assumes no tile is skipped, again an upper bound. The attention backward family's cost
+terms live in `plan_backward.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 
 import triton
 
+from tilefuse.codegen import plan_backward as bwd
 from tilefuse.codegen.attention_decode import MAX_DECODE_ROWS, SplitLayout, max_decode_rows, split_layout, use_decode
 from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, _pow2_block
 from tilefuse.codegen.norm_kernels import _block as _norm_block
@@ -36,7 +38,7 @@ _STAT_BYTES = 4  # norm mean/rstd are fp32
 _ALIBI_BYTES = 4  # ALiBi slopes are assumed fp32 (the Spec does not record their dtype)
 _SCRATCH_BYTES = 4  # split-KV partial outputs and log2-sum-exps are fp32
 _RNG_BYTES = 16  # the int64 [seed, offset] dropout tensor, read by every program that draws
-FAMILIES = ("auto", "attention_fwd", "attention_decode", "norm", "rope")
+FAMILIES = ("auto", "attention_fwd", "attention_decode", "attention_backward", "norm", "norm_backward", "rope")
 
 
 def itemsize(dtype: str) -> int:
@@ -57,7 +59,8 @@ def _static(name: str, value: int | None) -> int:
 class TileConfig:
     """Launch knobs. block_m/block_n are requests: the attention launcher shrinks them to the problem
     (max(16, min(block, next_pow2(N)))); norm and RoPE launchers pick their own blocks and ignore them. The decode
-    launcher ignores block_m (its rows are the GQA group's query rows); num_splits None means its heuristic."""
+    launcher ignores block_m (its rows are the GQA group's query rows); num_splits None means its heuristic. The
+    norm backward takes num_splits as its program count (the launcher's SM count; None: 132)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -79,7 +82,14 @@ class TiledPlan:
     Attention (forward, `attention_fwd_kernel`): grid (cdiv(Nq, BLOCK_M), B·Hq). Program (m, bh) loads its Q tile
     once, then for every key block in `key_blocks_per_program(m)` a K and a V tile (and a mask tile when the Spec has
     a mask tensor), and stores its O rows and fp32 lse. Mask element size: 1 byte for boolean / key_padding (the
-    launcher views bool as uint8), the attention dtype for additive masks.
+    launcher views bool as uint8), the attention dtype for additive masks. RoPE adds, for the Q tile and every K
+    tile, the partner columns and cos/sin (rotary_dim each per row, cos/sin assumed in `spec.dtype`); dropout adds
+    the int64 [seed, offset] rng read once per program.
+
+    Attention backward (family="attention_backward", never picked by "auto"): preprocess + dK/dV + dQ kernels
+    (`plan_backward.py`); `grid` is the dK/dV kernel's, `backward_costs()` has all three grids, and the bytes and
+    FLOPs are the three kernels' sum. block_m/block_n apply to both main kernels, as the launcher's given knobs do.
+    Norm backward (family="norm_backward"): `plan_backward.norm_backward_costs`.
 
     Norm: one program per row. Reads x (+ residual) (+ weight, + bias, once per row), writes y (+ the sum) and the
     fp32 rstd (+ mean for LayerNorm). Residual, weight and bias are assumed in `spec.dtype`; y in `spec.out_dtype`.
@@ -100,12 +110,13 @@ class TiledPlan:
 
     @property
     def kernel_family(self) -> str:
-        """The kernel this plan describes: attention_fwd, attention_decode, norm or rope."""
+        """The kernel this plan describes: attention_fwd, attention_decode, attention_backward, norm or rope."""
         spec = self.spec
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}; expected one of {FAMILIES}")
         if not isinstance(spec, AttentionSpec):
-            return "rope" if isinstance(spec, RopeSpec) else "norm"
+            backward = isinstance(spec, NormSpec) and self.family == "norm_backward"
+            return "rope" if isinstance(spec, RopeSpec) else "norm_backward" if backward else "norm"
         if self.family != "auto":
             return self.family
         q_len, kv_len = _static("q_len", spec.q_len), _static("kv_len", spec.kv_len)
@@ -115,6 +126,10 @@ class TiledPlan:
     @property
     def _decode(self) -> bool:
         return isinstance(self.spec, AttentionSpec) and self.kernel_family == "attention_decode"
+
+    @property
+    def _backward(self) -> bool:
+        return isinstance(self.spec, AttentionSpec) and self.kernel_family == "attention_backward"
 
     # ------------------------------------------------------------------------------------------- shared knobs
     @property
@@ -143,11 +158,13 @@ class TiledPlan:
         spec = self.spec
         if isinstance(spec, AttentionSpec) and self._decode:
             return (self.decode_layout().num_splits, _static("batch", spec.batch) * _static("kv_heads", spec.kv_heads))
+        if isinstance(spec, AttentionSpec) and self._backward:
+            return self.backward_costs().dkdv_grid
         if isinstance(spec, AttentionSpec):
             heads = _static("batch", spec.batch) * _static("q_heads", spec.q_heads)
             return (triton.cdiv(_static("q_len", spec.q_len), self.blocks[0]), heads)
         if isinstance(spec, NormSpec):
-            return (self._rows(),)
+            return self._norm_bwd().grid if self.kernel_family == "norm_backward" else (self._rows(),)
         return (triton.cdiv(self._rows(), _ROPE_BLOCK_ROWS),)
 
     def _rows(self) -> int:
@@ -239,6 +256,49 @@ class TiledPlan:
         write = write * programs + q_rows * (dv * es + _LSE_BYTES)
         return _DecodeCosts(read, write, 2 * pairs * (d + dv) * programs)
 
+    def _bwd_dims(self) -> bwd.BwdDims:
+        spec = self._attn()
+        return bwd.BwdDims(
+            _static("batch", spec.batch), _static("q_heads", spec.q_heads), _static("kv_heads", spec.kv_heads),
+            _static("q_len", spec.q_len), _static("kv_len", spec.kv_len), self.blocks[0], self.blocks[1],
+            itemsize(spec.dtype), self._mask_bytes(), self._pos_offset(),
+        )  # fmt: skip
+
+    def backward_costs(self) -> bwd.BackwardCosts:
+        """Grids, bytes and FLOPs of the backward family's three kernels (`plan_backward.backward_costs`)."""
+        if not self._backward:
+            raise TypeError(f"backward_costs() needs family='attention_backward', got {self.kernel_family!r}")
+        return bwd.backward_costs(self._attn(), self._bwd_dims())
+
+    def _norm_bwd(self) -> bwd.NormBwdCosts:
+        assert isinstance(self.spec, NormSpec)
+        return bwd.norm_backward_costs(self.spec, self._rows(), self.config.num_splits)
+
+    def _multi_costs(self) -> _DecodeCosts | bwd.BackwardCosts | bwd.NormBwdCosts | None:
+        """Costs of the families with their own cost function (decode, both backwards); None for the others."""
+        family = self.kernel_family
+        if family == "attention_decode":
+            return self._decode_costs()
+        if family == "attention_backward":
+            return self.backward_costs()
+        return self._norm_bwd() if family == "norm_backward" else None
+
+    def _forward_read(self) -> int:
+        """Forward kernel loads: per query block its Q tile (+ RoPE), every visited K/V tile (+ RoPE, mask tile),
+        the ALiBi slope, the rng, and the mask's block list; times B·Hq."""
+        spec = self._attn()
+        es, mask_es = itemsize(spec.dtype), self._mask_bytes()
+        rope = 3 * spec.rope.rotary_dim * es if spec.rope else 0  # partner columns, cos and sin of each row
+        once = (_ALIBI_BYTES if spec.alibi else 0) + (_RNG_BYTES if spec.dropout_p > 0 else 0)
+        per_head = 0
+        for m in range(self.grid[0]):
+            rows, keys = self._rows_in_block(m), self._keys_visited(m)
+            per_head += rows * (spec.head_dim * es + rope) + keys * ((spec.head_dim + spec.v_head_dim) * es + rope)
+            per_head += rows * keys * mask_es + once
+            if mask_es:  # the launcher's block list: a count, then the index of every visited key block
+                per_head += _BLOCK_LIST_BYTES * (1 + len(self.key_blocks_per_program(m)))
+        return per_head * self.grid[1]
+
     def _mask_bytes(self) -> int:
         spec = self._attn()
         if spec.mask == "none":
@@ -250,18 +310,10 @@ class TiledPlan:
     def hbm_read_bytes(self) -> int:
         """Bytes loaded by all programs (see the module docstring for the convention)."""
         spec = self.spec
-        if isinstance(spec, AttentionSpec) and self._decode:
-            return self._decode_costs().read_bytes
+        if (costs := self._multi_costs()) is not None:
+            return costs.read_bytes
         if isinstance(spec, AttentionSpec):
-            es, mask_es = itemsize(spec.dtype), self._mask_bytes()
-            per_head = 0
-            for m in range(self.grid[0]):
-                rows, keys = self._rows_in_block(m), self._keys_visited(m)
-                per_head += rows * spec.head_dim * es + keys * (spec.head_dim + spec.v_head_dim) * es
-                per_head += rows * keys * mask_es + (_ALIBI_BYTES if spec.alibi else 0)
-                if mask_es:  # the launcher's block list: a count, then the index of every visited key block
-                    per_head += _BLOCK_LIST_BYTES * (1 + len(self.key_blocks_per_program(m)))
-            return per_head * self.grid[1]
+            return self._forward_read()
         if isinstance(spec, NormSpec):
             es, width = itemsize(spec.dtype), spec.width
             per_row = width * es * (1 + spec.residual + spec.has_weight + spec.has_bias)
@@ -272,8 +324,8 @@ class TiledPlan:
     @property
     def hbm_write_bytes(self) -> int:
         spec = self.spec
-        if isinstance(spec, AttentionSpec) and self._decode:
-            return self._decode_costs().write_bytes
+        if (costs := self._multi_costs()) is not None:
+            return costs.write_bytes
         if isinstance(spec, AttentionSpec):
             rows = _static("q_len", spec.q_len) * self.grid[1]
             return rows * (spec.v_head_dim * itemsize(spec.dtype) + _LSE_BYTES)
@@ -285,12 +337,14 @@ class TiledPlan:
 
     @property
     def smem_bytes(self) -> int:
-        """Shared memory one program needs: attention = Q tile + (K, V [, mask] tiles) × num_stages, padded blocks;
-        norm/RoPE hold no staged tiles (0)."""
+        """Shared memory one program needs: attention = Q tile + (K, V [, mask] tiles) × num_stages, padded blocks
+        (backward: `plan_backward.backward_smem_bytes`); norm/RoPE hold no staged tiles (0)."""
         spec = self.spec
         if not isinstance(spec, AttentionSpec):
             return 0
         bm, bn, bd, bdv = self.blocks
+        if self._backward:
+            return bwd.backward_smem_bytes(self._bwd_dims(), bd, bdv, self.config.num_stages)
         es = itemsize(spec.dtype)
         staged = bn * (bd + bdv) * es + bm * bn * self._mask_bytes()
         return bm * bd * es + staged * self.config.num_stages
@@ -298,10 +352,14 @@ class TiledPlan:
     @property
     def sram_bytes(self) -> int:
         """On-chip bytes per program (shared memory + register accumulators, padded blocks). Attention:
-        `smem_bytes` + fp32 acc [BM, BDV] + fp32 scores/probabilities [BM, BN] + fp32 m_i, l_i [BM].
+        `smem_bytes` + fp32 acc [BM, BDV] + fp32 scores/probabilities [BM, BN] + fp32 m_i, l_i [BM]; backward:
+        `smem_bytes` + fp32 dK, dV [BN, BD + BDV] + fp32 P and dP [BM, BN].
         Norm: x/y rows in fp32 (2 × BLOCK × 4, + BLOCK × 4 for the residual sum). RoPE: 6 fp32 [BR, BH] operand
         tiles (x1, x2, c1, c2, s1, s2) + the tail tile in the input dtype."""
         spec = self.spec
+        if isinstance(spec, AttentionSpec) and self._backward:
+            bm, bn, bd, bdv = self.blocks
+            return self.smem_bytes + 4 * (bn * (bd + bdv) + 2 * bm * bn)
         if isinstance(spec, AttentionSpec):
             bm, bn, _, bdv = self.blocks
             return self.smem_bytes + 4 * (bm * bdv + bm * bn + 2 * bm)
@@ -314,11 +372,12 @@ class TiledPlan:
     def flops(self) -> int:
         """Attention: 2·rows·keys·(D + Dv) over every (query row, key column) pair of the *visited* blocks that is
         in range (so block-level causal/window skipping is credited, in-block masking is not; padding never
-        counts). Softmax/exp work is not counted. Norm: per element 1 (residual add) + 2 (square, sum)
-        [+ 2 LayerNorm centering] + 1 (normalize) [+ 1 weight, +1 offset, +1 bias]. RoPE: 3 per rotated element."""
+        counts). Softmax/exp work is not counted; backward: see `plan_backward`. Norm: per element 1 (residual add)
+        + 2 (square, sum) [+ 2 LayerNorm centering] + 1 (normalize) [+ 1 weight, +1 offset, +1 bias]. RoPE: 3 per
+        rotated element."""
         spec = self.spec
-        if isinstance(spec, AttentionSpec) and self._decode:
-            return self._decode_costs().flops
+        if (costs := self._multi_costs()) is not None:
+            return costs.flops
         if isinstance(spec, AttentionSpec):
             pairs = sum(self._rows_in_block(m) * self._keys_visited(m) for m in range(self.grid[0]))
             return 2 * pairs * (spec.head_dim + spec.v_head_dim) * self.grid[1]

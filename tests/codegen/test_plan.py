@@ -16,10 +16,11 @@ pytest.importorskip("triton", reason="triton is not installed; the Triton kernel
 from triton.runtime import interpreter
 
 from tilefuse.codegen import reference as ref
+from tilefuse.codegen.attention_bwd import attention_backward_triton
 from tilefuse.codegen.attention_decode import attention_decode_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
 from tilefuse.codegen.io_count import count_io
-from tilefuse.codegen.norm_kernels import norm_forward_triton
+from tilefuse.codegen.norm_kernels import norm_backward_triton, norm_forward_triton
 from tilefuse.codegen.plan import TileConfig, TiledPlan, io_lower_bound_bytes, kept_pairs
 from tilefuse.codegen.rope_kernels import rope_forward_triton
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
@@ -37,6 +38,13 @@ ATTN_CASES: dict[str, tuple[Any, ...]] = {
     "key_padding": (2, 2, 2, 17, 35, 16, 16, torch.float32, {}, "key_padding"),
     "additive_mask": (1, 2, 2, 19, 23, 16, 16, torch.float16, {}, "additive"),
     "gqa": (1, 4, 1, 21, 30, 40, 24, torch.float32, {"causal": True}, "none"),
+}
+# name: (ATTN_CASES entry, extras of `_attention_case`)
+ATTN_EXTRA_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rope": ("plain", ("rope",)),
+    "dropout": ("causal_bottom_right", ("dropout",)),
+    "gqa_rope_dropout_alibi": ("gqa", ("rope", "dropout", "alibi")),
+    "key_padding_rope": ("key_padding", ("rope",)),
 }
 CONFIGS = [TileConfig(16, 16), TileConfig(16, 32)]
 
@@ -83,9 +91,10 @@ def _close(predicted: int, counted: int) -> bool:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}")
-@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("case", list(ATTN_CASES) + list(ATTN_EXTRA_CASES))
 def test_attention_plan_bytes_match_kernel(case: str, config: TileConfig) -> None:
-    spec, inputs, flags = _attention_case(ATTN_CASES[case])
+    base, extras = ATTN_EXTRA_CASES.get(case, (case, ()))
+    spec, inputs, flags = _attention_case(ATTN_CASES[base], frozenset(extras))
     plan = TiledPlan(spec, config)
     with count_io() as io:
         attention_forward_triton(inputs, flags, block_m=config.block_m, block_n=config.block_n)
@@ -95,6 +104,64 @@ def test_attention_plan_bytes_match_kernel(case: str, config: TileConfig) -> Non
     bound = io_lower_bound_bytes(spec, plan.sram_bytes)
     assert 0 < bound <= plan.hbm_read_bytes + plan.hbm_write_bytes
     assert plan.flops > 0 and plan.feasible({"smem_bytes": 228 * 1024, "max_head_dim": 256})
+
+
+def test_forward_rope_and_dropout_bytes() -> None:
+    """RoPE adds 3 · rotary_dim elements per loaded Q or K row (partner, cos, sin); dropout 16 B per program."""
+    spec, _, _ = _attention_case(ATTN_CASES["plain"])  # one query block and one 64-key block per program
+    plain = TiledPlan(spec, TileConfig(64, 64))
+    rope = TiledPlan(_attention_case(ATTN_CASES["plain"], frozenset({"rope"}))[0], TileConfig(64, 64))
+    drop = TiledPlan(dataclasses.replace(spec, dropout_p=0.1), TileConfig(64, 64))
+    assert rope.hbm_read_bytes - plain.hbm_read_bytes == 4 * (33 + 40) * 3 * 16 * 4
+    assert drop.hbm_read_bytes - plain.hbm_read_bytes == 4 * 16
+
+
+# name: (ATTN_CASES entry, extras)
+BWD_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "plain": ("plain", ()),
+    "causal": ("causal_top_left", ()),
+    "causal_bottom_right_fp16": ("causal_bottom_right", ()),
+    "bottom_right_nq_gt_nk": ("bottom_right_nq_gt_nk", ()),
+    "window": ("window", ()),
+    "gqa": ("gqa", ()),
+    "key_padding": ("key_padding", ()),
+    "additive_alibi": ("additive_mask", ("alibi",)),
+    "rope": ("plain", ("rope",)),
+    "gqa_rope_dropout": ("gqa", ("rope", "dropout")),
+}
+BWD_CONFIGS = [TileConfig(16, 16), TileConfig(32, 16)]
+
+
+@pytest.mark.parametrize("config", BWD_CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}")
+@pytest.mark.parametrize("case", list(BWD_CASES))
+def test_backward_plan_bytes_match_kernel(case: str, config: TileConfig) -> None:
+    """Preprocess + dK/dV + dQ kernels: plan bytes equal the counted bytes (the forward runs outside the count)."""
+    base, extras = BWD_CASES[case]
+    spec, inputs, flags = _attention_case(ATTN_CASES[base], frozenset(extras))
+    out, lse = attention_forward_triton(inputs, flags)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    plan = TiledPlan(spec, config, family="attention_backward")
+    with count_io() as io:
+        attention_backward_triton(grad, inputs, flags, out, lse, block_m=config.block_m, block_n=config.block_n)
+    assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
+    assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)
+    costs = plan.backward_costs()
+    assert plan.grid == costs.dkdv_grid and costs.dkdv_grid[1] == spec.batch * spec.kv_heads  # type: ignore[operator]
+    assert costs.dq_grid == costs.preprocess_grid == (-(-spec.q_len // plan.blocks[0]), spec.batch * spec.q_heads)  # type: ignore[operator]
+    assert plan.flops > 0 and plan.sram_bytes > plan.smem_bytes > 0
+    assert plan.feasible({"smem_bytes": 228 * 1024, "max_head_dim": 256})
+
+
+def test_backward_family_structure() -> None:
+    """The backward family is only picked explicitly; its bytes exceed the forward's (it re-reads Q, K, V)."""
+    spec = AttentionSpec(2, 8, 2, 256, 256, 64, 64, "bfloat16", 0.125, causal=True)
+    fwd = TiledPlan(spec, TileConfig(64, 64))
+    bwd = TiledPlan(spec, TileConfig(64, 64), family="attention_backward")
+    assert fwd.kernel_family == "attention_fwd" and bwd.kernel_family == "attention_backward"
+    assert bwd.grid == (4, 4) and bwd.backward_costs().dq_grid == (4, 16)
+    assert bwd.hbm_read_bytes > fwd.hbm_read_bytes and bwd.flops > 2 * fwd.flops
+    with pytest.raises(TypeError, match="backward"):
+        fwd.backward_costs()
 
 
 def test_fully_masked_key_tiles_are_not_loaded() -> None:
@@ -223,6 +290,29 @@ def test_norm_plan_bytes_match_kernel(case: str) -> None:
     assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
     assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)
     assert plan.grid == (x.numel() // width,) and plan.flops > 0 and plan.sram_bytes > 0
+
+
+@pytest.mark.parametrize("programs", [4, 5])
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_norm_backward_plan_bytes_match_kernel(case: str, programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows split over `programs` programs (num_splits); 5 leaves the last program short of rows."""
+    rms, width, shape, dtype, has_w, _, _, offset = NORM_CASES[case]
+    monkeypatch.setattr("tilefuse.codegen.norm_kernels._CPU_BACKWARD_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(width, generator=gen).to(dtype) if has_w else None
+    _, _, mean, rstd = norm_forward_triton(x, weight, None, None, 1e-6, offset, rms)
+    spec = NormSpec(
+        norm="rmsnorm" if rms else "layernorm", width=width, shape=shape, dtype=_DTYPE_NAMES[dtype], eps=1e-6,
+        has_weight=has_w, weight_offset=offset, out_dtype=_DTYPE_NAMES[dtype],
+    )  # fmt: skip
+    plan = TiledPlan(spec, TileConfig(num_splits=programs), family="norm_backward")
+    with count_io() as io:
+        norm_backward_triton(grad, x, weight, mean, rstd, offset, rms)
+    assert plan.kernel_family == "norm_backward" and plan.grid == (min(programs, x.numel() // width),)
+    assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
+    assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)
+    assert plan.flops > 0
 
 
 # name: (layout, rotary_dim, head_dim, shape [B, H, N, D], cos shape, dtype)
