@@ -331,6 +331,18 @@ def _run_db(args: argparse.Namespace) -> int:
     return run_db(args)
 
 
+def _add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..costmodel.cli import add_costmodel_arguments
+
+    add_costmodel_arguments(parser)
+
+
+def _run_costmodel(args: argparse.Namespace) -> int:
+    from ..costmodel.cli import run_costmodel
+
+    return run_costmodel(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "explain",
@@ -367,6 +379,12 @@ COMMANDS: tuple[Command, ...] = (
         "list, show, export, import or clear the tuning database",
         _add_db_arguments,
         _run_db,
+    ),
+    Command(
+        "costmodel",
+        "collect measurement records (GPU), train the learned cost model, evaluate it beside the analytic one",
+        _add_costmodel_arguments,
+        _run_costmodel,
     ),
 )
 

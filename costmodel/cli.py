@@ -1,0 +1,145 @@
+"""`tilefuse costmodel collect|train|eval`: argument parsers and runners, registered in compiler/cli.py's COMMANDS
+table. `eval` prints JSON with --json, else rich tables."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .records import MeasurementRecord, read_records
+
+log = logging.getLogger("tilefuse.costmodel")
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
+    from .collect import FAMILIES, SHAPE_GRIDS
+
+    sub = parser.add_subparsers(dest="costmodel_command", required=True, metavar="SUBCOMMAND")
+    collect = sub.add_parser("collect", help="measure Spec × config grids into a record file (GPU)")
+    collect.add_argument("--family", choices=FAMILIES, default="attention")
+    collect.add_argument("--shapes", choices=SHAPE_GRIDS, default="small", help="shape grid (tiny: interpreter)")
+    collect.add_argument("--out", required=True, help="record file, e.g. data/h100-attention.jsonl.gz (appended)")
+    collect.add_argument("--limit", type=int, default=None, help="measure at most N new records")
+    collect.add_argument("--gpu", default=None, help="GPU table entry for constraints (default: this device's)")
+    collect.add_argument("--compiler-features", action="store_true", help="also record TTGIR/cubin facts")
+    collect.add_argument(
+        "--interpret", action="store_true", help="time the Triton interpreter on CPU (tests only; marked interpreted)"
+    )
+    train = sub.add_parser("train", help="train the learned ranker on record files")
+    train.add_argument("--data", nargs="+", required=True)
+    train.add_argument("--out", required=True, help="model JSON path")
+    train.add_argument("--holdout-shapes", type=float, default=0.2, help="fraction of Specs kept out of training")
+    train.add_argument("--holdout-gpu", default=None, help="GPU name kept out of training")
+    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--seed", type=int, default=0)
+    evaluate = sub.add_parser("eval", help="ranking metrics of a model (and the analytic baseline) on record files")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", nargs="+", required=True)
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--plot", default=None, help="write predicted vs measured to this PNG (matplotlib)")
+
+
+def run_costmodel(args: argparse.Namespace) -> int:
+    runners = {"collect": run_collect, "train": run_train, "eval": run_eval}
+    return runners[args.costmodel_command](args)
+
+
+def _collect_in_interpreter(args: argparse.Namespace) -> int:
+    """Run collect again in a child with TRITON_INTERPRET=1: Triton reads it when a kernel is decorated, and this
+    process imported the kernels already."""
+    argv = [sys.executable, "-m", "tilefuse.compiler.cli", "costmodel", "collect", "--interpret",
+            "--family", args.family, "--out", args.out]  # fmt: skip
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    argv += ["--gpu", args.gpu] if args.gpu else []
+    argv += ["--compiler-features"] if args.compiler_features else []
+    return subprocess.run(argv, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        return _collect_in_interpreter(args)
+    from .collect import TINY_CHOICES, MeasureFn, collect, interpreter_measure, plan_tasks, shape_grid
+    from .hardware import current_gpu, get_gpu
+
+    measure: MeasureFn
+    if args.interpret:
+        gpu, measure, grid, choices = get_gpu(args.gpu or "h100"), interpreter_measure, "tiny", TINY_CHOICES
+    else:
+        from tilefuse.autotune.measure import gpu_measure, require_cuda
+
+        require_cuda()
+        gpu, measure, grid, choices = get_gpu(args.gpu) if args.gpu else current_gpu(), gpu_measure, args.shapes, None
+    tasks = plan_tasks(shape_grid(args.family, grid), gpu, choices)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task("measuring", total=None)
+        summary = collect(
+            tasks, args.out, measure, gpu, gpu_name="triton-interpreter" if args.interpret else gpu.name,
+            interpreted=args.interpret, compiler_features=args.compiler_features, limit=args.limit,
+            on_step=lambda done, total: progress.update(bar, completed=done, total=total),
+        )  # fmt: skip
+    Console().print(f"{summary.written} records written to {args.out} ({summary.skipped} already there): "
+                    f"{summary.by_status}")  # fmt: skip
+    return EXIT_OK
+
+
+def held_out_spec(spec_json: str, fraction: float) -> bool:
+    """Deterministic by the Spec's JSON: the same Specs are held out on every machine and every run."""
+    digest = int(hashlib.sha256(spec_json.encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < fraction
+
+
+def training_subset(records: Sequence[MeasurementRecord], fraction: float, gpu: str | None) -> list[MeasurementRecord]:
+    kept = [r for r in records if not held_out_spec(r.spec_json, fraction) and r.gpu != gpu]
+    if not kept:  # too few Specs to hold any out: train on all of them (eval then reports no held-out split)
+        log.warning("every Spec fell in the held-out split; training on all %d records", len(records))
+        kept = [r for r in records if r.gpu != gpu]
+    return kept
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .learned import TrainSettings, train
+
+    records = read_records(args.data)
+    subset = training_subset(records, args.holdout_shapes, args.holdout_gpu)
+    model = train(subset, TrainSettings(epochs=args.epochs, seed=args.seed))
+    model.trained_on["data"] = [Path(p).name for p in args.data]
+    model.save(args.out)
+    Console().print(f"trained on {len(subset)} of {len(records)} records "
+                    f"({model.trained_on['groups']} groups); model written to {args.out}")  # fmt: skip
+    return EXIT_OK
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import METRICS, evaluation_report, scatter_plot
+    from .learned import LearnedModel
+
+    model = LearnedModel.load(args.model)
+    records = read_records(args.data)
+    report = evaluation_report(records, model)
+    if args.plot and not scatter_plot(records, model, args.plot):
+        log.warning("matplotlib is not installed: no plot written")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    console = Console()
+    for split, models in report.items():
+        table = Table(title=f"{split} ({models['learned']['groups']} groups)")
+        table.add_column("model")
+        for name in METRICS:
+            table.add_column(name, justify="right")
+        for name, metrics in models.items():
+            table.add_row(name, *("-" if metrics[m] is None else f"{metrics[m]:.3f}" for m in METRICS))
+        console.print(table)
+    return EXIT_OK
