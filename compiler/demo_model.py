@@ -149,8 +149,13 @@ def build_demo_model(
     layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 128, seed: int = 0
 ) -> nn.Module:
     """The demo decoder with random weights drawn from `seed`, in eval mode."""
-    for name, value in (("layers", layers), ("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads),
-                        ("vocab", vocab)):
+    for name, value in (
+        ("layers", layers),
+        ("hidden", hidden),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+        ("vocab", vocab),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"build_demo_model: {name} must be a positive int, got {value!r}")
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:

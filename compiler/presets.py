@@ -21,14 +21,26 @@ from .demo_model import build_demo_model, demo_inputs
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 VOCAB = 128
 _TINY_LLAMA_LIKE: dict[str, Any] = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
 }
 _TINY_GPT: dict[str, Any] = {
-    "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "vocab_size": VOCAB,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
 }
 _TINY_ENCODER: dict[str, Any] = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
 }
 
 
@@ -55,36 +67,59 @@ HF_PRESETS: dict[str, HFPreset] = {
     "hf:qwen2": HFPreset("Qwen2Config", "Qwen2ForCausalLM", _TINY_LLAMA_LIKE),
     "hf:gemma": HFPreset("GemmaConfig", "GemmaForCausalLM", {**_TINY_LLAMA_LIKE, "head_dim": 16}),
     "hf:gemma2": HFPreset(
-        "Gemma2Config", "Gemma2ForCausalLM",
-        {**_TINY_LLAMA_LIKE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
-         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            **_TINY_LLAMA_LIKE,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+        },
     ),
     # Phi's default partial_rotary_factor (0.5) rotates only the first half of each head.
     "hf:phi": HFPreset("PhiConfig", "PhiForCausalLM", _TINY_LLAMA_LIKE),
     "hf:gpt2": HFPreset("GPT2Config", "GPT2LMHeadModel", _TINY_GPT, positions_key="n_positions"),
     # GPT-J rotates interleaved pairs of the first rotary_dim (8 of 16) features.
-    "hf:gptj": HFPreset(
-        "GPTJConfig", "GPTJForCausalLM", {**_TINY_GPT, "rotary_dim": 8}, positions_key="n_positions"
-    ),
+    "hf:gptj": HFPreset("GPTJConfig", "GPTJForCausalLM", {**_TINY_GPT, "rotary_dim": 8}, positions_key="n_positions"),
     "hf:opt": HFPreset(
-        "OPTConfig", "OPTForCausalLM",
-        {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "word_embed_proj_dim": 64, "vocab_size": VOCAB},
+        "OPTConfig",
+        "OPTForCausalLM",
+        {
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 64,
+            "vocab_size": VOCAB,
+        },
     ),
     # BLOOM adds ALiBi. Without an attention_mask its positions are an arange, which the attention pass proves
     # and hands to the kernel as slopes; with one they come from attention_mask.cumsum (data), which stays an
     # additive [B, H, 1, N] bias (see passes/alibi.py), so the preset runs unpadded.
     "hf:bloom": HFPreset(
-        "BloomConfig", "BloomForCausalLM", {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB},
+        "BloomConfig",
+        "BloomForCausalLM",
+        {"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB},
         positions_key=None,
     ),
     "hf:bert": HFPreset(
-        "BertConfig", "BertModel", {**_TINY_ENCODER, "vocab_size": VOCAB},
-        output="last_hidden_state", inputs="padded_tokens", call_kwargs={},
+        "BertConfig",
+        "BertModel",
+        {**_TINY_ENCODER, "vocab_size": VOCAB},
+        output="last_hidden_state",
+        inputs="padded_tokens",
+        call_kwargs={},
     ),
     "hf:vit": HFPreset(
-        "ViTConfig", "ViTModel", {**_TINY_ENCODER, "image_size": 32, "patch_size": 8},
-        output="last_hidden_state", inputs="pixels", positions_key=None, call_kwargs={},
+        "ViTConfig",
+        "ViTModel",
+        {**_TINY_ENCODER, "image_size": 32, "patch_size": 8},
+        output="last_hidden_state",
+        inputs="pixels",
+        positions_key=None,
+        call_kwargs={},
     ),
 }
 PRESET_NAMES: tuple[str, ...] = ("demo", *HF_PRESETS)
@@ -93,8 +128,9 @@ PRESET_NAMES: tuple[str, ...] = ("demo", *HF_PRESETS)
 class HFOutput(nn.Module):
     """Calls a transformers model with named inputs and returns one field of its output as a plain tensor."""
 
-    def __init__(self, model: nn.Module, input_names: tuple[str, ...], output: str,
-                 call_kwargs: Mapping[str, Any]) -> None:
+    def __init__(
+        self, model: nn.Module, input_names: tuple[str, ...], output: str, call_kwargs: Mapping[str, Any]
+    ) -> None:
         super().__init__()
         self.model = model
         self.input_names = input_names
@@ -143,8 +179,9 @@ def _split_attn_impl(name: str) -> tuple[str, str]:
         raise ValueError(_unknown_message(name))
     attn_impl = attn_impl or "eager"
     if attn_impl not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"model {name!r}: attention implementation {attn_impl!r} is not one of "
-                         f"{list(ATTN_IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"model {name!r}: attention implementation {attn_impl!r} is not one of {list(ATTN_IMPLEMENTATIONS)}"
+        )
     return preset_name, attn_impl
 
 
@@ -152,9 +189,7 @@ def _import_transformers(name: str) -> Any:
     try:
         return importlib.import_module("transformers")
     except ImportError as exc:
-        raise ImportError(
-            f"model {name!r} needs the `hf` extra (transformers): pip install 'tilefuse[hf]'"
-        ) from exc
+        raise ImportError(f"model {name!r} needs the `hf` extra (transformers): pip install 'tilefuse[hf]'") from exc
 
 
 def _load_hf(name: str, attn_impl: str, batch: int, seq: int) -> tuple[nn.Module, tuple[Any, ...]]:
@@ -166,17 +201,17 @@ def _load_hf(name: str, attn_impl: str, batch: int, seq: int) -> tuple[nn.Module
     config = getattr(transformers, preset.config_class)(**config_kwargs)
     model_class = getattr(transformers, preset.model_class)
     if attn_impl == "sdpa" and not getattr(model_class, "_supports_sdpa", False):
-        raise ValueError(f"model {name!r}: transformers {transformers.__version__} has no sdpa attention for "
-                         f"{preset.model_class}; use {name}@eager")
+        raise ValueError(
+            f"model {name!r}: transformers {transformers.__version__} has no sdpa attention for "
+            f"{preset.model_class}; use {name}@eager"
+        )
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation=attn_impl, dtype=torch.float32)
     input_names, inputs = _hf_inputs(preset, config, batch, seq)
     return HFOutput(model.eval(), input_names, preset.output, preset.call_kwargs).eval(), inputs
 
 
-def _hf_inputs(
-    preset: HFPreset, config: Any, batch: int, seq: int
-) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+def _hf_inputs(preset: HFPreset, config: Any, batch: int, seq: int) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
     generator = torch.Generator().manual_seed(0)
     if preset.inputs == "pixels":
         size = config.image_size
@@ -190,7 +225,7 @@ def _hf_inputs(
 def padding_mask(batch: int, seq: int) -> Tensor:
     """A key-padding mask (1 = token, 0 = padding) whose last row pads its last quarter of positions."""
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[-1, seq - seq // 4:] = 0
+    mask[-1, seq - seq // 4 :] = 0
     return mask
 
 

@@ -207,9 +207,24 @@ def is_mutated(node: fx.Node) -> bool:
 
 # Ops each of whose output elements is an input element (converted to the output dtype).
 _SAME_VALUES = (
-    aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.detach, aten.detach_, aten.alias,
-    aten.lift_fresh_copy, aten.expand, aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze,
-    aten.permute, aten.transpose, aten.t,
+    aten.to,
+    aten._to_copy,
+    aten.type_as,
+    aten.clone,
+    aten.contiguous,
+    aten.detach,
+    aten.detach_,
+    aten.alias,
+    aten.lift_fresh_copy,
+    aten.expand,
+    aten.view,
+    aten.reshape,
+    aten._unsafe_view,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.permute,
+    aten.transpose,
+    aten.t,
 )
 _FILL_ARG = {aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.scalar_tensor: 0}
 

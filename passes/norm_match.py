@@ -178,8 +178,11 @@ def _inverse_roots(anchor: fx.Node, nodes: set[fx.Node]) -> list[fx.Node]:
 
 
 def _is_times_one(node: fx.Node, source: fx.Node) -> bool:
-    return is_op(node, aten.mul) and node.args[0] is source and not isinstance(node.args[1], fx.Node) and (
-        scalar_value(node.args[1]) == 1.0
+    return (
+        is_op(node, aten.mul)
+        and node.args[0] is source
+        and not isinstance(node.args[1], fx.Node)
+        and (scalar_value(node.args[1]) == 1.0)
     )
 
 

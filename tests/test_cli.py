@@ -17,8 +17,7 @@ import torch
 from tilefuse.compiler import cli
 from tilefuse.compiler.presets import HF_PRESETS, PRESET_NAMES, load_model
 
-SDPA_PRESETS = ("hf:llama", "hf:mistral", "hf:qwen2", "hf:gemma", "hf:phi", "hf:gpt2", "hf:opt", "hf:bert",
-                "hf:vit")
+SDPA_PRESETS = ("hf:llama", "hf:mistral", "hf:qwen2", "hf:gemma", "hf:phi", "hf:gpt2", "hf:opt", "hf:bert", "hf:vit")
 EAGER_ONLY_PRESETS = ("hf:gemma2", "hf:gptj", "hf:bloom")
 
 
@@ -177,8 +176,13 @@ def test_console_script_is_declared() -> None:
 
 
 def test_module_help_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "tilefuse.compiler.cli", "--help"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tilefuse.compiler.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "explain" in done.stdout and "demo" in done.stdout
 
@@ -190,8 +194,20 @@ ROPE = {"kind": "rope", "layout": "rotate_half", "rotary_dim": 16, "head_dim": 1
 
 
 def test_spec_summary_shows_what_is_special() -> None:
-    spec = {"kind": "attention", "q_len": 16, "kv_len": 16, "head_dim": 16, "gqa_group": 2, "causal": True,
-            "window": None, "softcap": None, "alibi": False, "mask": "none", "dropout_p": 0.0, "rope": ROPE}
+    spec = {
+        "kind": "attention",
+        "q_len": 16,
+        "kv_len": 16,
+        "head_dim": 16,
+        "gqa_group": 2,
+        "causal": True,
+        "window": None,
+        "softcap": None,
+        "alibi": False,
+        "mask": "none",
+        "dropout_p": 0.0,
+        "rope": ROPE,
+    }
     line = cli.spec_summary("attention", spec)
     assert "causal=True" in line and "gqa_group=2" in line and "rope=rotate_half/16" in line
     assert "alibi" not in line and "window" not in line and "dropout_p" not in line

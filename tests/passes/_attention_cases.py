@@ -506,8 +506,22 @@ def default_expect(case: Case, shape: Shape) -> dict[str, Any]:
     """Spec fields every case must give unless it says otherwise."""
     batch, q_heads, kv_heads = (B * H, 1, 1) if case.three_d else (B, H, shape.kv_heads)
     return {
-        "batch": batch, "q_heads": q_heads, "kv_heads": kv_heads, "q_len": shape.nq, "kv_len": shape.nk,
-        "head_dim": shape.d, "v_head_dim": shape.d, "dtype": str(shape.dtype).removeprefix("torch."),
-        "scale": shape.d**-0.5, "causal": False, "align": "top_left", "window": None, "softcap": None,
-        "mask": "none", "gqa_group": q_heads // kv_heads, "dropout_p": 0.0, "rope": None, "source": "matmul",
+        "batch": batch,
+        "q_heads": q_heads,
+        "kv_heads": kv_heads,
+        "q_len": shape.nq,
+        "kv_len": shape.nk,
+        "head_dim": shape.d,
+        "v_head_dim": shape.d,
+        "dtype": str(shape.dtype).removeprefix("torch."),
+        "scale": shape.d**-0.5,
+        "causal": False,
+        "align": "top_left",
+        "window": None,
+        "softcap": None,
+        "mask": "none",
+        "gqa_group": q_heads // kv_heads,
+        "dropout_p": 0.0,
+        "rope": None,
+        "source": "matmul",
     }

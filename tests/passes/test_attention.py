@@ -388,9 +388,15 @@ def generated_mask(kind: str, b: int, nq: int, nk: int, gen: torch.Generator) ->
 
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
-    b=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 3), nq=st.integers(1, 9),
-    nk=st.integers(1, 9), d=st.sampled_from([8, 16, 40]), causal=st.sampled_from(["none", "top_left", "bottom_right"]),
-    window=st.sampled_from([None, 1, 3]), mask=st.sampled_from(["none", "additive", "boolean", "key_padding"]),
+    b=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    nq=st.integers(1, 9),
+    nk=st.integers(1, 9),
+    d=st.sampled_from([8, 16, 40]),
+    causal=st.sampled_from(["none", "top_left", "bottom_right"]),
+    window=st.sampled_from([None, 1, 3]),
+    mask=st.sampled_from(["none", "additive", "boolean", "key_padding"]),
 )
 def test_generated_attention_fuses_and_matches(
     b: int, kv_heads: int, group: int, nq: int, nk: int, d: int, causal: str, window: int | None, mask: str
@@ -404,10 +410,17 @@ def test_generated_attention_fuses_and_matches(
     module = Generated(group, positional, mask)
     gm, ctx = fuse(module, (q, k, v, data))
     (spec,) = assert_fused(gm, ctx)
-    check_spec(spec, {
-        "scale": d**-0.5, "gqa_group": group, "causal": causal != "none", "window": window,
-        "align": "bottom_right" if offset else "top_left", "mask": expected_kind(mask, nq),
-    })
+    check_spec(
+        spec,
+        {
+            "scale": d**-0.5,
+            "gqa_group": group,
+            "causal": causal != "none",
+            "window": window,
+            "align": "bottom_right" if offset else "top_left",
+            "mask": expected_kind(mask, nq),
+        },
+    )
     keep = positional(nq, nk)
     keep = torch.ones(nq, nk, dtype=torch.bool) if keep is None else keep
     if mask in ("boolean", "key_padding"):

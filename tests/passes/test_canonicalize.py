@@ -101,9 +101,7 @@ def chained_on_result(x: Tensor) -> Tensor:
     return (x * 2.0).add_(1.0).mul_(3.0)
 
 
-@pytest.mark.parametrize(
-    ("fn", "count"), [(alias_read_before, 1), (view_made_after, 1), (chained_on_result, 2)]
-)
+@pytest.mark.parametrize(("fn", "count"), [(alias_read_before, 1), (view_made_after, 1), (chained_on_result, 2)])
 def test_in_place_on_an_intermediate_becomes_functional(fn: Callable[..., Any], count: int) -> None:
     inputs = (randn(4, 6),)
     gm, ctx = canonicalize(fn, inputs)

@@ -75,13 +75,18 @@ RMS_SPELLINGS: dict[str, tuple[Spelling, bool, float, float]] = {
     "div_sqrt": (lambda m, x: x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + 1e-6) * m.weight, True, 0.0, 1e-6),
     "one_over_sqrt": (
         lambda m, x: m.weight * (x * (1 / torch.sqrt(torch.square(x).mean(-1, keepdim=True) + 1e-6))),
-        True, 0.0, 1e-6,
+        True,
+        0.0,
+        1e-6,
     ),
     "eps_first_no_weight": (lambda m, x: x * torch.rsqrt(1e-6 + _ms(x)), False, 0.0, 1e-6),
     "gemma_one_plus_w": (gemma_rms, True, 1.0, 1e-6),
     "functional": (lambda m, x: F.rms_norm(x, (x.shape[-1],), m.weight, 1e-6), True, 0.0, 1e-6),
     "functional_default_eps": (
-        lambda m, x: F.rms_norm(x, (x.shape[-1],), m.weight), True, 0.0, torch.finfo(torch.float32).eps,
+        lambda m, x: F.rms_norm(x, (x.shape[-1],), m.weight),
+        True,
+        0.0,
+        torch.finfo(torch.float32).eps,
     ),
     "functional_no_weight": (lambda m, x: F.rms_norm(x, (x.shape[-1],), eps=1e-5), False, 0.0, 1e-5),
 }
@@ -236,17 +241,21 @@ DECLINES: dict[str, tuple[Spelling, str, str]] = {
     "rsqrt_reused": (_rsqrt_returned, "intermediate rsqrt is used outside the norm", "aten.rsqrt"),
     "tensor_eps": (lambda m, x: x * torch.rsqrt(_ms(x) + m.eps) * m.weight, "eps is a tensor", "aten.rsqrt"),
     "two_dims_manual": (
-        lambda m, x: x * torch.rsqrt(x.pow(2).mean((-2, -1), keepdim=True) + 1e-6), "only the last dim", "aten.rsqrt",
+        lambda m, x: x * torch.rsqrt(x.pow(2).mean((-2, -1), keepdim=True) + 1e-6),
+        "only the last dim",
+        "aten.rsqrt",
     ),
     "two_dims_layer_norm": (lambda m, x: F.layer_norm(x, x.shape[-2:]), "last 2 dims", "aten.layer_norm"),
     "two_dims_rms_norm": (lambda m, x: F.rms_norm(x, x.shape[-2:]), "last 2 dims", "aten.rms_norm"),
     "unbiased_var": (
         lambda m, x: (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5),
-        "correction", "aten.rsqrt",
+        "correction",
+        "aten.rsqrt",
     ),
     "native_stats_used": (
         lambda m, x: torch.native_layer_norm(x, (x.shape[-1],), m.weight, m.bias, 1e-5)[:2],
-        "mean/rstd", "aten.native_layer_norm",
+        "mean/rstd",
+        "aten.native_layer_norm",
     ),
 }
 

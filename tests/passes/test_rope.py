@@ -97,7 +97,11 @@ def test_rope_spellings_fuse(spelling: str, head_dim: int, seq: int) -> None:
     (node,) = tilefuse_nodes(gm, "rope")
     assert node.name == site.node and node.meta["tilefuse_spec"] == site.spec
     assert [a.op if hasattr(a, "op") else a for a in node.args] == [
-        "placeholder", "placeholder", "placeholder", 0 if layout == "rotate_half" else 1, rotary_dim,
+        "placeholder",
+        "placeholder",
+        "placeholder",
+        0 if layout == "rotate_half" else 1,
+        rotary_dim,
     ]
     assert not ops_in(gm) & {"aten.cat", "aten.stack", "aten.neg", "aten.slice", "aten.mul", "aten.add"}
     assert_same(gm(x, cos, sin), fn(x, cos, sin))
