@@ -42,6 +42,8 @@ _STATIC_NODES = (
 _lock = threading.Lock()
 _memo: dict[tuple[Any, ...], EmittedKernel] = {}
 _dump_dir: Path | None = None
+_constexpr_cache: dict[int, tuple[Any, tuple[str, ...]]] = {}  # id(kernel) -> (kernel, names); launch is hot
+_launch_memo: dict[tuple[Any, ...], EmittedKernel] = {}
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,12 @@ def _current_dump_dir() -> Path | None:
 
 
 def constexpr_names(kernel: Any) -> list[str]:
-    """Names of the kernel's `tl.constexpr` parameters, in signature order."""
-    return [p.name for p in kernel.params if p.is_constexpr] if hasattr(kernel, "params") else _annotated(kernel)
+    """Names of the kernel's `tl.constexpr` parameters, in signature order (read once per kernel)."""
+    names = _constexpr_cache.get(id(kernel))
+    if names is None or names[0] is not kernel:
+        found = [p.name for p in kernel.params if p.is_constexpr] if hasattr(kernel, "params") else _annotated(kernel)
+        names = _constexpr_cache[id(kernel)] = (kernel, tuple(found))
+    return list(names[1])
 
 
 def _annotated(kernel: Any) -> list[str]:
@@ -302,8 +308,13 @@ def specialize(kernel: Any, constexprs: dict[str, Any]) -> EmittedKernel:
 
 def launch(kernel: Any, grid: tuple[int, ...] | Callable[..., tuple[int, ...]], *args: Any, **kwargs: Any) -> Any:
     """`kernel[grid](*args, **kwargs)` through the kernel specialized to the constexprs given in kwargs."""
-    names = set(constexpr_names(kernel))
+    names = constexpr_names(kernel)
     constexprs = {k: v for k, v in kwargs.items() if k in names}
-    emitted = specialize(kernel, constexprs)
+    # Fast path: a call site passes its constexprs in a fixed order, so this key repeats launch after launch.
+    fast_key = (id(kernel), tuple(constexprs.items()), os.environ.get("TRITON_INTERPRET", "0"))
+    emitted = _launch_memo.get(fast_key)
+    if emitted is None or _current_dump_dir() is not None:
+        emitted = specialize(kernel, constexprs)
+        _launch_memo[fast_key] = emitted
     rest = {k: v for k, v in kwargs.items() if k not in emitted.baked}
     return emitted.kernel[grid](*args, **rest)

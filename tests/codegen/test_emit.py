@@ -52,6 +52,7 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TILEFUSE_DUMP_KERNELS", raising=False)
     monkeypatch.setattr(emit, "_memo", {})
     monkeypatch.setattr(emit, "_dump_dir", None)
+    monkeypatch.setattr(emit, "_launch_memo", {})
 
 
 def test_specialized_attention_source_has_no_baked_names_and_no_dead_branches() -> None:
@@ -127,3 +128,18 @@ def test_dump_dir_receives_emitted_and_later_kernels(tmp_path: Path, monkeypatch
 def test_unknown_constexpr_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="no constexpr parameter"):
         emit.specialize(_branchy_kernel, dict(MODE=0, BLOCK=16))
+
+
+def test_repeated_launches_reuse_the_emitted_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+    real = emit.specialize
+
+    def counting(kernel: object, constexprs: dict[str, object]) -> emit.EmittedKernel:
+        calls.append(constexprs)
+        return real(kernel, constexprs)
+
+    monkeypatch.setattr(emit, "specialize", counting)
+    x, y = torch.randn(8), torch.empty(8)
+    for mode in (0, 0, 1, 0):
+        emit.launch(_branchy_kernel, (1,), x, y, 8, MODE=mode, SCALE=1.0, FLAG=False, DTYPE=tl.float32)
+    assert [c["MODE"] for c in calls] == [0, 1]  # one specialization per distinct variant
