@@ -46,6 +46,14 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="write report.json (+ plots) to DIR")
     parser.add_argument("--force", action="store_true", help="tune again even when the database has the key")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+    # Replay evaluation: `tilefuse tune --replay DATA` simulates the search strategies on measured records (no GPU).
+    for action in parser._actions:
+        if action.dest == "model":  # MODEL is optional with --replay
+            action.nargs, action.default, action.required = "?", None, False
+    parser.add_argument("--replay", action="append", default=None, metavar="DATA",
+                        help="replay search strategies on measurement records (a *.jsonl.gz file or a directory; "
+                             "repeatable) instead of tuning MODEL; --budget sets the 'within budget' line")  # fmt: skip
+    parser.add_argument("--seeds", type=_positive_int, default=10, help="replay: seeds per strategy and group")
 
 
 def _target(args: argparse.Namespace) -> GPUSpec:
@@ -83,6 +91,10 @@ def run_tune(args: argparse.Namespace) -> int:
     from .db import TuningDB, TuningDBError
     from .report import tune_report, write_report
 
+    if getattr(args, "replay", None):
+        return run_replay(args)
+    if args.model is None:
+        return _fail("tune needs a MODEL (or --replay DATA)", EXIT_USAGE)
     try:
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
         gpu = _target(args)
@@ -151,6 +163,38 @@ def _render_tune(console: Console, report: dict[str, Any]) -> None:
         default = _fmt_config(row["default"]) if attention else "-"
         origin = "db hit" if row["hit"] else row["source"]
         table.add_row(row["node"], row["kind"], best, _fmt_us(predicted), _fmt_us(measured), default, speedup, origin)
+    console.print(table)
+    for note in report["notes"]:
+        console.print(f"[dim]{escape(note)}[/]")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from .replay import replay_files
+
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("replay", total=None)
+            report = replay_files(args.replay, gpu=args.gpu, seeds=args.seeds, budget=args.budget,
+                                  progress=lambda text: progress.update(task, description=escape(text)))  # fmt: skip
+    except ValueError as err:
+        return _fail(str(err), EXIT_USAGE)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _render_replay(Console(), report)
+    return EXIT_OK
+
+
+def _render_replay(console: Console, report: dict[str, Any]) -> None:
+    margin = f"{report['margin']:.0%}"
+    table = Table(title=f"replay: measured configs to come within {margin} of the exhaustive best "
+                        f"({len(report['groups'])} groups x {report['seeds']} seeds)")  # fmt: skip
+    for column in ("strategy", "median", "mean", "reached", f"groups ≤ {report['budget']}"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for row in report["strategies"]:
+        median = f"{row['median']:g}" if row["median"] is not None else "never"
+        mean = f"{row['mean']:.1f}" if row["mean"] is not None else "-"
+        table.add_row(row["strategy"], median, mean, f"{row['reached']:.0%}", f"{row['groups_within_budget']:.0%}")
     console.print(table)
     for note in report["notes"]:
         console.print(f"[dim]{escape(note)}[/]")
