@@ -221,7 +221,7 @@ def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
 
 def default_variants() -> list[KernelVariant]:
     """Representative specs of every family at the launch options their launchers use (bf16, Llama-like sizes)."""
-    from .norm_kernels import num_warps
+    from .norm_kernels import default_warps
 
     bf16 = "*bf16"
     norm_fwd = {n: bf16 for n in ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")}
@@ -239,11 +239,11 @@ def default_variants() -> list[KernelVariant]:
         kind = "rms" if rms else "layer"
         fwd = dict(BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True)
         variants.append(
-            KernelVariant(f"{kind}_norm_fwd", _norm_fwd, norm_fwd, ("eps", "weight_offset"), fwd, num_warps(4096))
+            KernelVariant(f"{kind}_norm_fwd", _norm_fwd, norm_fwd, ("eps", "weight_offset"), fwd, default_warps(4096))
         )
         bwd = dict(BLOCK=4096, RMS=rms, HAS_WEIGHT=True)
         variants.append(
-            KernelVariant(f"{kind}_norm_bwd", _norm_bwd, norm_bwd, ("weight_offset",), bwd, num_warps(4096))
+            KernelVariant(f"{kind}_norm_bwd", _norm_bwd, norm_bwd, ("weight_offset",), bwd, default_warps(4096))
         )
     rope_ptrs = {"X": bf16, "COS": bf16, "SIN": bf16, "Y": bf16}
     for layout, name in ((0, "rotate_half"), (1, "interleaved")):

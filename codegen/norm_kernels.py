@@ -123,7 +123,15 @@ def _block(width: int) -> int:
     return int(triton.next_power_of_2(width))
 
 
-def num_warps(block: int) -> int:
+def _warps(requested: int | None, width: int) -> int:
+    if requested is None:
+        return default_warps(_block(width))
+    if not 1 <= requested <= 32 or requested & (requested - 1):
+        raise ValueError(f"num_warps must be a power of two in [1, 32], got {requested}")
+    return requested
+
+
+def default_warps(block: int) -> int:
     """Warps per row program: enough threads that a row's BLOCK elements fit in registers without spilling
     (at BLOCK=4096 the backward spills with 4 warps on sm_80/sm_90; `tilefuse compile-check` shows it)."""
     if block >= 16384:
@@ -143,8 +151,11 @@ def norm_forward_triton(
     eps: float,
     weight_offset: float,
     rms: bool,
+    *,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    """(y, x + residual or None, mean or None (RMSNorm), rstd); mean/rstd are fp32 with shape x.shape[:-1] + (1,)."""
+    """(y, x + residual or None, mean or None (RMSNorm), rstd); mean/rstd are fp32 with shape x.shape[:-1] + (1,).
+    `num_warps` per row program (a power of two <= 32); None: `default_warps` of the row's block."""
     _check_tensor("x", x, x.device)
     _check_param("weight", weight, x)
     _check_param("bias", bias, x)
@@ -166,7 +177,7 @@ def norm_forward_triton(
         emit.launch(
             _norm_forward_kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset,
             BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None, num_warps=num_warps(_block(width)),
+            HAS_RESIDUAL=residual is not None, num_warps=_warps(num_warps, width),
         )  # fmt: skip
     total_out = total.view(x.shape) if total is not None else None
     mean_out = mean.view(stat_shape) if mean is not None else None
@@ -196,8 +207,13 @@ def norm_backward_triton(
     rstd: Tensor,
     weight_offset: float,
     rms: bool,
+    *,
+    num_warps: int | None = None,
+    programs: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32), parameter grads reduced over all rows."""
+    """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32), parameter grads reduced over all rows.
+    `programs` slices the rows (each program writes one partial dweight/dbias row; None: one per SM), `num_warps`
+    as in the forward."""
     _check_tensor("x", x, x.device)
     _check_tensor("grad", grad, x.device)
     if grad.shape != x.shape:
@@ -209,7 +225,9 @@ def norm_backward_triton(
     rows, width = x2.shape
     rstd1 = _row_stat("rstd", rstd, rows, x.device)
     mean1 = _row_stat("mean", mean, rows, x.device) if mean is not None and not rms else None
-    programs = _backward_programs(rows, x.device)
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
+    programs = max(1, min(rows, programs)) if programs is not None else _backward_programs(rows, x.device)
     rows_per_program = triton.cdiv(rows, programs)
     dx = torch.empty_like(x2)
     dw_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
@@ -218,7 +236,7 @@ def norm_backward_triton(
         emit.launch(
             _norm_backward_kernel, (programs,),
             g2, x2, weight, mean1, rstd1, dx, dw_partial, db_partial, rows, width, weight_offset, rows_per_program,
-            BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, num_warps=num_warps(_block(width)),
+            BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, num_warps=_warps(num_warps, width),
         )  # fmt: skip
     dweight = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx.view(x.shape), dweight, db_partial.sum(dim=0)

@@ -27,8 +27,10 @@ from tilefuse.codegen import plan_backward as bwd
 from tilefuse.codegen.attention_decode import MAX_DECODE_ROWS, SplitLayout, max_decode_rows, split_layout, use_decode
 from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, _pow2_block
 from tilefuse.codegen.norm_kernels import _block as _norm_block
+from tilefuse.codegen.norm_kernels import default_warps as _norm_default_warps
 from tilefuse.codegen.reference import AttnFlags
-from tilefuse.codegen.rope_kernels import _BLOCK_ROWS as _ROPE_BLOCK_ROWS
+from tilefuse.codegen.rope_kernels import DEFAULT_BLOCK_ROWS as _ROPE_BLOCK_ROWS
+from tilefuse.codegen.rope_kernels import DEFAULT_WARPS as _ROPE_WARPS
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "bool": 1, "uint8": 1, "int8": 1}
@@ -57,10 +59,15 @@ def _static(name: str, value: int | None) -> int:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Launch knobs. block_m/block_n are requests: the attention launcher shrinks them to the problem
-    (max(16, min(block, next_pow2(N)))); norm and RoPE launchers pick their own blocks and ignore them. The decode
-    launcher ignores block_m (its rows are the GQA group's query rows); num_splits None means its heuristic. The
-    norm backward takes num_splits as its program count (the launcher's SM count; None: 132)."""
+    """Launch knobs; a plan describes exactly the knobs it is given (`launcher_config` gives each family's defaults).
+
+    Which knobs each kernel family reads (the others are ignored and kept at their defaults by the search spaces):
+    attention forward and backward: block_m, block_n, num_warps, num_stages (the backward applies them to both its
+    dK/dV and dQ kernel); decode: block_n, num_warps, num_stages, num_splits (its rows are the GQA group's query
+    rows; num_splits None means its heuristic); norm: num_warps (one row per program); norm backward: num_warps and
+    num_splits as its program count (None: 132, H100's SMs); RoPE: block_m as rows per program, num_warps.
+    block_m/block_n are requests for attention: the launcher shrinks them to the problem
+    (max(16, min(block, next_pow2(N))))."""
 
     block_m: int = 64
     block_n: int = 64
@@ -151,7 +158,7 @@ class TiledPlan:
         if isinstance(spec, NormSpec):
             return (_norm_block(spec.width),)
         half, tail = spec.rotary_dim // 2, spec.head_dim - spec.rotary_dim
-        return (_ROPE_BLOCK_ROWS, int(triton.next_power_of_2(half)), int(triton.next_power_of_2(max(tail, 1))))
+        return (self.config.block_m, int(triton.next_power_of_2(half)), int(triton.next_power_of_2(max(tail, 1))))
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -165,7 +172,7 @@ class TiledPlan:
             return (triton.cdiv(_static("q_len", spec.q_len), self.blocks[0]), heads)
         if isinstance(spec, NormSpec):
             return self._norm_bwd().grid if self.kernel_family == "norm_backward" else (self._rows(),)
-        return (triton.cdiv(self._rows(), _ROPE_BLOCK_ROWS),)
+        return (triton.cdiv(self._rows(), self.config.block_m),)
 
     def _rows(self) -> int:
         spec = self.spec
@@ -392,14 +399,19 @@ class TiledPlan:
         """Why this plan cannot run on `target` ({"smem_bytes": ..., "max_head_dim": ...}); [] when it can."""
         reasons: list[str] = []
         cfg = self.config
-        for name, value in (("block_m", cfg.block_m), ("block_n", cfg.block_n)):
-            if value < 16 or value & (value - 1):
-                reasons.append(f"{name}={value} is not a power of two >= 16")
+        spec = self.spec
+        if isinstance(spec, AttentionSpec):
+            for name, value in (("block_m", cfg.block_m), ("block_n", cfg.block_n)):
+                if value < 16 or value & (value - 1):
+                    reasons.append(f"{name}={value} is not a power of two >= 16")
+        elif isinstance(spec, RopeSpec) and (cfg.block_m < 1 or cfg.block_m & (cfg.block_m - 1)):
+            reasons.append(f"block_m={cfg.block_m} (RoPE rows per program) is not a power of two")
+        elif self.kernel_family == "norm_backward" and cfg.num_splits is not None and cfg.num_splits < 1:
+            reasons.append(f"num_splits={cfg.num_splits} (norm backward programs) < 1")
         if cfg.num_warps < 1 or cfg.num_warps & (cfg.num_warps - 1):
             reasons.append(f"num_warps={cfg.num_warps} is not a power of two")
         if cfg.num_stages < 1:
             reasons.append(f"num_stages={cfg.num_stages} < 1")
-        spec = self.spec
         max_d = int(target.get("max_head_dim", MAX_HEAD_DIM))
         if isinstance(spec, AttentionSpec) and max(spec.head_dim, spec.v_head_dim) > max_d:
             reasons.append(f"head dims {spec.head_dim}/{spec.v_head_dim} exceed max_head_dim={max_d}")
@@ -420,6 +432,28 @@ class TiledPlan:
 
     def feasible(self, target: dict[str, Any]) -> bool:
         return not self.infeasible_reasons(target)
+
+
+def launcher_config(spec: AttentionSpec | NormSpec | RopeSpec, family: str = "auto") -> TileConfig:
+    """The knobs a launcher uses when the caller gives none, as a TileConfig (`family` as in TiledPlan)."""
+    from tilefuse.codegen.attention_args import backward_config
+    from tilefuse.codegen.attention_decode import decode_config
+    from tilefuse.codegen.attention_fwd import default_config
+
+    kind = TiledPlan(spec, TileConfig(), family).kernel_family
+    if isinstance(spec, NormSpec):
+        return TileConfig(num_warps=_norm_default_warps(_norm_block(spec.width)))
+    if isinstance(spec, RopeSpec):
+        return TileConfig(block_m=_ROPE_BLOCK_ROWS, num_warps=_ROPE_WARPS)
+    head_dim = max(spec.head_dim, spec.v_head_dim)
+    masked, rope, dropout = spec.mask != "none", spec.rope is not None, bool(spec.dropout_p)
+    if kind == "attention_decode":
+        rows = _static("q_len", spec.q_len) * _static("q_heads", spec.q_heads) // _static("kv_heads", spec.kv_heads)
+        block_n, warps, stages = decode_config(_pow2_block(MAX_DECODE_ROWS, rows), head_dim, rope)
+        return TileConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+    if kind == "attention_backward":
+        return TileConfig(*backward_config(head_dim, masked, rope, dropout)[0])
+    return TileConfig(*default_config(head_dim, masked, rope, dropout))
 
 
 def kept_pairs(spec: AttentionSpec) -> int:

@@ -17,7 +17,8 @@ from tilefuse.codegen.reference import ROPE_INTERLEAVED, ROPE_ROTATE_HALF
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_LEADING_DIMS = 3  # [B, H, N] before the feature dim
-_BLOCK_ROWS = 16
+DEFAULT_BLOCK_ROWS = 16  # rows (one head vector each) per program
+DEFAULT_WARPS = 4
 
 
 @triton.jit
@@ -97,9 +98,19 @@ def _broadcast_strides(name: str, t: Tensor, lead: tuple[int, ...]) -> tuple[int
     return tuple(int(s) for s in expanded.stride())
 
 
+def _check_knobs(block_rows: int, num_warps: int) -> None:
+    if not 1 <= block_rows <= 1024 or block_rows & (block_rows - 1):
+        raise ValueError(f"block_rows must be a power of two in [1, 1024], got {block_rows}")
+    if not 1 <= num_warps <= 32 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
+
+
 def _launch(src: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_dtype: torch.dtype,
-            backward: bool) -> Tensor:  # fmt: skip
+            backward: bool, block_rows: int | None, num_warps: int | None) -> Tensor:  # fmt: skip
     _check_args(src, cos, sin, layout, rotary_dim)
+    block_rows = DEFAULT_BLOCK_ROWS if block_rows is None else block_rows
+    num_warps = DEFAULT_WARPS if num_warps is None else num_warps
+    _check_knobs(block_rows, num_warps)
     _check_dtype("output", out_dtype)
     head_dim = src.shape[-1]
     lead = (1,) * (_MAX_LEADING_DIMS + 1 - src.dim()) + tuple(src.shape[:-1])
@@ -112,21 +123,27 @@ def _launch(src: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int,
         return out
     half, tail = rotary_dim // 2, head_dim - rotary_dim
     emit.launch(
-        _rope_kernel, (triton.cdiv(rows, _BLOCK_ROWS),),
+        _rope_kernel, (triton.cdiv(rows, block_rows),),
         src_c, cos, sin, out, rows, lead[1], lead[2], head_dim, half, *cos_strides, *sin_strides,
-        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_ROWS=block_rows, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)), LAYOUT=layout, BACKWARD=backward, HAS_TAIL=tail > 0,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
 
-def rope_forward_triton(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
-    """y[..., :r] = x·cos + R(x)·sin, y[..., r:] = x[..., r:]; dtype = result_type(x, cos)."""
-    return _launch(x, cos, sin, layout, rotary_dim, torch.result_type(x, cos), backward=False)
+def rope_forward_triton(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, *, block_rows: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:  # fmt: skip
+    """y[..., :r] = x·cos + R(x)·sin, y[..., r:] = x[..., r:]; dtype = result_type(x, cos). `block_rows` head
+    vectors per program and `num_warps` (powers of two) default to DEFAULT_BLOCK_ROWS and DEFAULT_WARPS."""
+    return _launch(x, cos, sin, layout, rotary_dim, torch.result_type(x, cos), False, block_rows, num_warps)
 
 
 def rope_backward_triton(
-    grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype
-) -> Tensor:
-    """dx[..., :r] = dy·cos - R(dy·sin), dx[..., r:] = dy[..., r:]; dtype = x_dtype."""
-    return _launch(grad, cos, sin, layout, rotary_dim, x_dtype, backward=True)
+    grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype, *,
+    block_rows: int | None = None, num_warps: int | None = None,
+) -> Tensor:  # fmt: skip
+    """dx[..., :r] = dy·cos - R(dy·sin), dx[..., r:] = dy[..., r:]; dtype = x_dtype. Knobs as in the forward."""
+    return _launch(grad, cos, sin, layout, rotary_dim, x_dtype, True, block_rows, num_warps)

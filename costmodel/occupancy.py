@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 from tilefuse.codegen.plan import TiledPlan
-from tilefuse.specs import AttentionSpec, NormSpec
 
 from .hardware import GPUSpec
 
@@ -39,12 +38,8 @@ def estimate_registers(plan: TiledPlan) -> int:
 
 
 def launch_warps(plan: TiledPlan) -> int:
-    """Warps per program as launched: the config's for attention; norm and RoPE launchers pick their own."""
-    from tilefuse.codegen.norm_kernels import num_warps
-
-    if isinstance(plan.spec, AttentionSpec):
-        return plan.config.num_warps
-    return num_warps(plan.blocks[0]) if isinstance(plan.spec, NormSpec) else 4
+    """Warps per program as launched: the config's, for every family."""
+    return plan.config.num_warps
 
 
 def occupancy(

@@ -94,8 +94,6 @@ def _constexpr_names(variant: compile_check.KernelVariant) -> list[str]:
 
 
 def _norm_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.KernelVariant:
-    from tilefuse.codegen.norm_kernels import num_warps
-
     (block,) = plan.blocks
     pointers = {n: _pointer(spec.dtype) for n in ("X", "RES", "W", "B", "SUM")}
     pointers.update(Y=_pointer(spec.out_dtype), MEAN="*fp32", RSTD="*fp32")
@@ -103,9 +101,9 @@ def _norm_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.KernelVarian
         BLOCK=block, RMS=spec.norm == "rmsnorm", HAS_WEIGHT=spec.has_weight, HAS_BIAS=spec.has_bias,
         HAS_RESIDUAL=spec.residual,
     )  # fmt: skip
-    name = f"{spec.norm}_fwd_w{spec.width}"
+    name = f"{spec.norm}_fwd_width{spec.width}_w{plan.config.num_warps}"
     return compile_check.KernelVariant(
-        name, compile_check._norm_fwd, pointers, ("eps", "weight_offset"), consts, num_warps(block),
+        name, compile_check._norm_fwd, pointers, ("eps", "weight_offset"), consts, plan.config.num_warps,
         ints={"width": spec.width},
     )  # fmt: skip
 
@@ -119,8 +117,10 @@ def _rope_variant(plan: TiledPlan, spec: RopeSpec) -> compile_check.KernelVarian
     )  # fmt: skip
     rows = math.prod(int(d or 1) for d in spec.shape[:-1])
     ints = {"rows": rows, "head_dim": spec.head_dim, "half": spec.rotary_dim // 2}
-    name = f"rope_{spec.layout}_d{spec.head_dim}_r{spec.rotary_dim}"
-    return compile_check.KernelVariant(name, compile_check._rope, pointers, (), consts, 4, ints=ints)
+    name = f"rope_{spec.layout}_d{spec.head_dim}_r{spec.rotary_dim}_rows{block_rows}_w{plan.config.num_warps}"
+    return compile_check.KernelVariant(
+        name, compile_check._rope, pointers, (), consts, plan.config.num_warps, ints=ints
+    )
 
 
 def variant_for_plan(plan: TiledPlan) -> compile_check.KernelVariant:
