@@ -106,23 +106,8 @@ def attention_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     (scaled, soft-capped, ALiBi and masks applied); -inf on fully masked rows. Dropout does not change it."""
     q, k, _, mask, alibi_slopes, cos, sin = inputs[:7]
     qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
-    ct = ref.compute_dtype(qr.dtype)
-    group = q.shape[1] // k.shape[1]
-    scores = torch.matmul(qr.to(ct), kr.repeat_interleave(group, dim=1).to(ct).transpose(-1, -2)) * flags.scale
-    if flags.softcap > 0:
-        scores = torch.tanh(scores / flags.softcap) * flags.softcap
-    q_len, kv_len = scores.shape[-2:]
-    if alibi_slopes is not None:
-        offset = kv_len - q_len if flags.bottom_right else 0
-        rel = torch.arange(kv_len, device=q.device) - (torch.arange(q_len, device=q.device).unsqueeze(-1) + offset)
-        scores = scores + alibi_slopes.to(ct).reshape(*alibi_slopes.shape, 1, 1) * rel.to(ct)
-    attn_mask, is_causal = _sdpa_mask(mask, q_len, kv_len, flags.causal, flags.bottom_right, flags.window, q.device)
-    if is_causal:
-        attn_mask = ref.keep_mask(q_len, kv_len, True, False, 0, q.device)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    elif attn_mask is not None:
-        scores = scores + attn_mask.to(ct)
+    scores, _ = ref.masked_scores(qr, kr, mask, alibi_slopes, flags.scale, flags.causal, flags.bottom_right,
+                                  flags.window, flags.softcap)  # fmt: skip
     return torch.logsumexp(scores, dim=-1).float()
 
 

@@ -102,7 +102,7 @@ def _expand_kv(t: Tensor, group: int) -> Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
-def attention_probs(
+def masked_scores(
     q: Tensor,
     k: Tensor,
     mask: Tensor | None,
@@ -113,7 +113,8 @@ def attention_probs(
     window: int,
     softcap: float,
 ) -> tuple[Tensor, Tensor | None]:
-    """Probabilities P (compute dtype) and tanh(S/softcap) (for the softcap backward) of already-rotated q, k."""
+    """Scores S (compute dtype; scaled, soft-capped, ALiBi added, masked-out pairs -inf) of already-rotated q, k,
+    and tanh(S/softcap) before the cap (for the softcap backward)."""
     ct = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
     scores = torch.matmul(q.to(ct), _expand_kv(k, group).to(ct).transpose(-1, -2)) * scale
@@ -135,6 +136,22 @@ def attention_probs(
             scores = scores + mask.to(ct)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
+    return scores, tanh_scores
+
+
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    scale: float,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: float,
+) -> tuple[Tensor, Tensor | None]:
+    """Probabilities P (compute dtype; 0 on fully masked rows) and tanh(S/softcap) of already-rotated q, k."""
+    scores, tanh_scores = masked_scores(q, k, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
     exp = torch.exp(scores - row_max)
