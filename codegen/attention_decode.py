@@ -39,7 +39,7 @@ from .attention_fwd import (
 from .attention_tiles import _dot, _dropout_keep, _dropout_rows, _load_kt, _rope_tile, _tanh
 from .reference import AttnFlags, AttnInputs
 
-NUM_SMS = 132  # H100 SXM; the split heuristic aims at two programs per SM
+NUM_SMS = 132  # H100 SXM: the split heuristic's SM count where no device says otherwise (plans, CPU)
 MAX_DECODE_ROWS = 128  # group × Nq rows share one tile; beyond this the FA2 forward tiles better
 MAX_SPLITS = 1024
 COMBINE_WARPS = 2
@@ -73,22 +73,24 @@ class SplitLayout(NamedTuple):
     work_splits: int
 
 
-def default_num_splits(batch_kv_heads: int, visible_blocks: int) -> int:
+def default_num_splits(batch_kv_heads: int, visible_blocks: int, num_sms: int = NUM_SMS) -> int:
     """About two programs per SM over the (split, batch·kv head) grid, but never more splits than key blocks."""
-    wanted = math.ceil(2 * NUM_SMS / max(batch_kv_heads, 1))
+    wanted = math.ceil(2 * num_sms / max(batch_kv_heads, 1))
     return max(1, min(wanted, visible_blocks, MAX_SPLITS))
 
 
 def split_layout(
-    q_len: int, kv_len: int, block_n: int, flags: AttnFlags, batch_kv_heads: int, num_splits: int | None = None
-) -> SplitLayout:
+    q_len: int, kv_len: int, block_n: int, flags: AttnFlags, batch_kv_heads: int, num_splits: int | None = None,
+    num_sms: int = NUM_SMS,
+) -> SplitLayout:  # fmt: skip
     """The key range every query row of a group may see (causal/window, aligned like the forward kernel), cut into
-    block-aligned splits. Shared by the launcher and codegen/plan.py so the plan counts what the kernels do."""
+    block-aligned splits. Shared by the launcher and codegen/plan.py so the plan counts what the kernels do (the
+    plan assumes NUM_SMS; the launcher passes its device's SM count, so give num_splits to compare them)."""
     pos_offset = kv_len - q_len if flags.bottom_right else 0
     vis_hi = min(kv_len, q_len + pos_offset) if flags.causal else kv_len
     vis_lo = max(pos_offset - flags.window + 1, 0) // block_n * block_n if flags.window > 0 else 0
     blocks = triton.cdiv(max(vis_hi - vis_lo, 0), block_n)
-    splits = default_num_splits(batch_kv_heads, blocks) if num_splits is None else num_splits
+    splits = default_num_splits(batch_kv_heads, blocks, num_sms) if num_splits is None else num_splits
     split_blocks = max(triton.cdiv(blocks, splits), 1)
     work = triton.cdiv(blocks, split_blocks)
     return SplitLayout(vis_lo, max(vis_hi, vis_lo), split_blocks * block_n, splits, min(work, splits))
@@ -314,6 +316,12 @@ def _launch_split(
     )  # fmt: skip
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return NUM_SMS
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def attention_decode_triton(
     inputs: AttnInputs,
     flags: AttnFlags,
@@ -344,7 +352,7 @@ def attention_decode_triton(
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    layout = split_layout(q_len, kv_len, block_n, flags, batch * k.shape[1], num_splits)
+    layout = split_layout(q_len, kv_len, block_n, flags, batch * k.shape[1], num_splits, _sm_count(q.device))
     acc = torch.empty((batch, q_heads, q_len, layout.num_splits, head_dim_v), dtype=torch.float32, device=q.device)
     stat = torch.empty((batch, q_heads, q_len, layout.num_splits), dtype=torch.float32, device=q.device)
     warps = defaults[1] if num_warps is None else num_warps
