@@ -36,7 +36,16 @@ from .attention_fwd import (
     _pow2_block,
     attention_forward_triton,
 )
-from .attention_tiles import _dot, _dropout_keep, _dropout_rows, _load_kt, _rope_tile, _tanh
+from .attention_tiles import (
+    _dot,
+    _dropout_keep,
+    _dropout_rows,
+    _load_kt,
+    _online_softmax,
+    _rope_tile,
+    _softmax_finish,
+    _tanh,
+)
 from .reference import AttnFlags, AttnInputs
 
 NUM_SMS = 132  # H100 SXM: the split heuristic's SM count where no device says otherwise (plans, CPU)
@@ -195,12 +204,7 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
                 s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no kept key so far has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),
@@ -209,12 +213,9 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
         if HAS_DROPOUT:  # on P only: l_i above sums the undropped P, so lse and the split weights are unaffected
             p = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
-        m_i = m_new
 
     # A row with no kept key in this split: partial 0 with log2-sum-exp -inf, so phase 2 gives it weight 0.
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    stat = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    acc, stat = _softmax_finish(acc, m_i, l_i)
     tl.store(Acc + slot[:, None] * head_dim_v + offs_dv[None, :], acc,
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))  # fmt: skip
     tl.store(Stat + slot, stat, mask=row_ok)

@@ -26,7 +26,7 @@ from .attention_args import _check_extras as _check_extras
 from .attention_args import _check_tensors as _check_tensors
 from .attention_args import dropout_args, mask_block_list, rope_args
 from .attention_tiles import _dot as _dot
-from .attention_tiles import _dropout_keep, _dropout_rows, _load_kt
+from .attention_tiles import _dropout_keep, _dropout_rows, _load_kt, _online_softmax, _softmax_finish
 from .attention_tiles import _rope_tile as _rope_tile
 from .attention_tiles import _tanh as _tanh
 from .reference import AttnFlags, AttnInputs
@@ -139,12 +139,7 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
                 s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no kept key so far has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),
@@ -153,12 +148,10 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
         if HAS_DROPOUT:  # on P only: l_i above sums the undropped P, so lse and normalization are unaffected
             p = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
-        m_i = m_new
 
     # Fully masked rows: l = 0, acc = 0 -> output 0 and lse = -inf.
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    acc, lse2 = _softmax_finish(acc, m_i, l_i)
+    lse = lse2 * 0.6931471805599453
     o_base = Out + off_b * stride_ob + off_h * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,

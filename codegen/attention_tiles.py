@@ -77,6 +77,26 @@ def _load_kt(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i):  # type: ignore[no-untyped-def]
+    """One online-softmax step over masked log2-unit scores: (p, alpha, new row max, new row sum). The caller
+    rescales its accumulator by alpha and adds p·V. A row with no kept key so far has max -inf: 0 is subtracted
+    instead, so exp2 gives 0 rather than NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i):  # type: ignore[no-untyped-def]
+    """(acc / l, log2-sum-exp) of an online softmax; rows with no kept key get 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+
+
+@triton.jit
 def _partner_columns(  # type: ignore[no-untyped-def]
     y, partner, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SWAP_SPAN: tl.constexpr
 ):  # fmt: skip
