@@ -70,6 +70,12 @@ def write_result(result: dict[str, Any], out: Path, tag: str | None = None) -> l
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark options, shared by this script and `tilefuse bench`."""
     parser.add_argument("suites", nargs="+", choices=(*SUITES, "all"), metavar="SUITE", help=", ".join(SUITES))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run of the whole harness)")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<gpu or cpu>/)")
@@ -85,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
                         help="inner compiler of the tilefuse contenders (e2e, compile, tuning)")  # fmt: skip
     parser.add_argument("--full-grid", action="store_true", help="attention: every dtype x head dim x N")
-    return parser
 
 
 def context(args: argparse.Namespace) -> Context:
@@ -100,6 +105,11 @@ def context(args: argparse.Namespace) -> Context:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suites `args` names (parsed by `add_arguments`); 0 on success, 2 when they need a GPU."""
     log.setLevel(logging.INFO)
     ctx = context(args)
     suites = SUITES if "all" in args.suites else tuple(dict.fromkeys(args.suites))

@@ -343,6 +343,18 @@ def _run_costmodel(args: argparse.Namespace) -> int:
     return run_costmodel(args)
 
 
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..benchmarks.run import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ..benchmarks.run import run
+
+    return run(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "explain",
@@ -385,6 +397,12 @@ COMMANDS: tuple[Command, ...] = (
         "collect measurement records (GPU), train the learned cost model, evaluate it beside the analytic one",
         _add_costmodel_arguments,
         _run_costmodel,
+    ),
+    Command(
+        "bench",
+        "run benchmark suites: tilefuse beside SDPA, FlexAttention, Inductor, Liger, eager (= benchmarks/run.py)",
+        _add_bench_arguments,
+        _run_bench,
     ),
 )
 

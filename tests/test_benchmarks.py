@@ -157,3 +157,14 @@ def test_main_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_main_refuses_full_size_gpu_suites_on_cpu(tmp_path: Path) -> None:
     assert bench.main(["attention", "--device", "cpu", "--out", str(tmp_path)]) == 2
+
+
+def test_tilefuse_bench_writes_a_plot(tmp_path: Path) -> None:
+    """`tilefuse bench` is benchmarks/run.py; with matplotlib (the `plot` extra, installed by `make test`) the
+    io suite's bytes-vs-N lines become a PNG."""
+    pytest.importorskip("matplotlib")
+    from tilefuse.compiler.cli import main as cli_main
+
+    assert cli_main(["bench", "io", "--tiny", "--out", str(tmp_path), "--filter", "^attention"]) == 0
+    png = (tmp_path / "io-tiny.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
