@@ -196,15 +196,15 @@ def backward_config(
 
     At D=128 the dQ kernel keeps q, dO and the fp32 dQ rows live across its key loop, so it takes narrow key
     blocks; RoPE adds the partner/cos/sin tiles of every rotated K (dQ) or Q (dK/dV) tile, and dropout its Philox
-    state, which need smaller tiles still. `tilefuse compile-check` covers these; the autotuner replaces them.
+    state, which need smaller tiles still. `tilefuse compile-check` covers these with a launch's integer
+    specialization (vectorized loads and cp.async pipelining cost registers: 64x64 dK/dV tiles spill at D=128, and
+    RoPE's dK/dV kernel needs a single stage); the autotuner replaces them.
     """
     if head_dim <= 64 and not (has_rope or has_dropout):
         return BwdConfig(64, 64, 4, 2), BwdConfig(64, 32, 4, 2)
     if has_rope:
-        return BwdConfig(32, 64, 8, 2), BwdConfig(32, 16, 8, 1)
-    if has_dropout or has_mask:
-        return BwdConfig(32, 64, 8, 2), BwdConfig(32, 32, 8, 2)
-    return BwdConfig(64, 64, 8, 2), BwdConfig(32, 32, 8, 2)
+        return BwdConfig(32, 64, 8, 1), BwdConfig(32, 16, 8, 1)
+    return BwdConfig(32, 64, 8, 2), BwdConfig(32, 32, 8, 2)
 
 
 def _configs(

@@ -194,9 +194,19 @@ def _attention_bwd_dq() -> Any:
     return attention_bwd_dq_kernel
 
 
+def backward_ints(forward: dict[str, int]) -> dict[str, int]:
+    """Integer arguments of the attention backward kernels from the forward's (`_prefill_ints`): contiguous dO and
+    dQ strided like O and Q, dK and dV like K and V."""
+    ints = dict(forward)
+    for grad, like, dims in (("g", "o", "bhmd"), ("dq", "q", "bhmd"), ("dk", "k", "bhnd"), ("dv", "v", "bhnd")):
+        ints |= {f"stride_{grad}{dim}": forward[f"stride_{like}{dim}"] for dim in dims}
+    return ints
+
+
 def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
-    """Causal bf16 attention backward (dK/dV and dQ kernels) at `backward_config`: plain, RoPE (rotate-half, the
-    register-permutation epilogue), RoPE with a non-power-of-two span (the tl.gather epilogue), and dropout."""
+    """Causal bf16 attention backward (dK/dV and dQ kernels) at `backward_config` with a Llama-like prefill's ints:
+    plain, RoPE (rotate-half, the register-permutation epilogue), RoPE with a non-power-of-two span (rotary dim 96:
+    the tl.gather epilogue), and dropout."""
     from .attention_args import backward_config
     from .attention_fwd import MASK_NONE
 
@@ -208,6 +218,9 @@ def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
     for suffix, layout, span, dropout in (("", -1, 0, False), ("_rope", 0, head_dim, False),
                                           ("_rope_gather", 0, 0, False), ("_dropout", -1, 0, True)):  # fmt: skip
         configs = backward_config(head_dim, False, layout >= 0, dropout)
+        ints = backward_ints(_prefill_ints(head_dim, False, layout >= 0))
+        if layout >= 0 and not span:
+            ints["rotary_dim"] = 3 * head_dim // 4
         for kind, kernel, config in (("dkdv", _attention_bwd_dkdv, configs[0]), ("dq", _attention_bwd_dq, configs[1])):
             consts = dict(
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True,
@@ -215,7 +228,9 @@ def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
                 UPCAST_DOT=False, ROPE_LAYOUT=layout, SWAP_SPAN=span, HAS_DROPOUT=dropout,
             )  # fmt: skip
             name = f"attention_bwd_{kind}_d{head_dim}{suffix}"
-            variants.append(KernelVariant(name, kernel, pointers, floats, consts, config.num_warps, config.num_stages))
+            variants.append(
+                KernelVariant(name, kernel, pointers, floats, consts, config.num_warps, config.num_stages, ints)
+            )
     return variants
 
 
