@@ -28,7 +28,8 @@ def add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="costmodel_command", required=True, metavar="SUBCOMMAND")
     collect = sub.add_parser("collect", help="measure Spec × config grids into a record file (GPU)")
-    collect.add_argument("--family", choices=FAMILIES, default="attention")
+    collect.add_argument("--family", choices=(*FAMILIES, "all"), default="attention",
+                         help="kernel family to measure, or all of them (default: attention, the forward)")  # fmt: skip
     collect.add_argument("--shapes", choices=SHAPE_GRIDS, default="small", help="shape grid (tiny: interpreter)")
     collect.add_argument("--out", required=True, help="record file, e.g. data/h100-attention.jsonl.gz (appended)")
     collect.add_argument("--limit", type=int, default=None, help="measure at most N new records")
@@ -60,7 +61,7 @@ def _collect_in_interpreter(args: argparse.Namespace) -> int:
     """Run collect again in a child with TRITON_INTERPRET=1: Triton reads it when a kernel is decorated, and this
     process imported the kernels already."""
     argv = [sys.executable, "-m", "tilefuse.compiler.cli", "costmodel", "collect", "--interpret",
-            "--family", args.family, "--out", args.out]  # fmt: skip
+            "--family", args.family, "--out", args.out, "--shapes", args.shapes]  # fmt: skip
     argv += ["--limit", str(args.limit)] if args.limit is not None else []
     argv += ["--gpu", args.gpu] if args.gpu else []
     argv += ["--compiler-features"] if args.compiler_features else []
@@ -70,18 +71,21 @@ def _collect_in_interpreter(args: argparse.Namespace) -> int:
 def run_collect(args: argparse.Namespace) -> int:
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         return _collect_in_interpreter(args)
-    from .collect import TINY_CHOICES, MeasureFn, collect, interpreter_measure, plan_tasks, shape_grid
+    from .collect import FAMILIES, TINY_CHOICES, MeasureFn, collect, interpreter_measure, plan_tasks, shape_grid
     from .hardware import current_gpu, get_gpu
 
     measure: MeasureFn
-    if args.interpret:
-        gpu, measure, grid, choices = get_gpu(args.gpu or "h100"), interpreter_measure, "tiny", TINY_CHOICES
+    if args.interpret:  # tiny shapes and knob grids: the interpreter runs a launch in about a second
+        gpu, measure, grid = get_gpu(args.gpu or "h100"), interpreter_measure, "tiny"
     else:
         from tilefuse.autotune.measure import gpu_measure, require_cuda
 
         require_cuda()
-        gpu, measure, grid, choices = get_gpu(args.gpu) if args.gpu else current_gpu(), gpu_measure, args.shapes, None
-    tasks = plan_tasks(shape_grid(args.family, grid), gpu, choices)
+        gpu, measure, grid = get_gpu(args.gpu) if args.gpu else current_gpu(), gpu_measure, args.shapes
+    families = FAMILIES if args.family == "all" else (args.family,)
+    tasks = [task for family in families
+             for task in plan_tasks(shape_grid(family, grid), gpu, TINY_CHOICES[family] if args.interpret else None,
+                                    kind=family)]  # fmt: skip
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("measuring", total=None)
         summary = collect(
@@ -134,12 +138,18 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return EXIT_OK
     console = Console()
-    for split, models in report.items():
-        table = Table(title=f"{split} ({models['learned']['groups']} groups)")
+    for split, result in report.items():
+        table = Table(title=f"{split} ({result['learned']['groups']} groups)")
         table.add_column("model")
+        table.add_column("family")
+        table.add_column("groups", justify="right")
         for name in METRICS:
             table.add_column(name, justify="right")
-        for name, metrics in models.items():
-            table.add_row(name, *("-" if metrics[m] is None else f"{metrics[m]:.3f}" for m in METRICS))
+        rows = [("all", result), *sorted(result["families"].items())]
+        for family, models in rows:
+            for name in ("learned", "analytic"):
+                metrics = models[name]
+                cells = ("-" if metrics[m] is None else f"{metrics[m]:.3f}" for m in METRICS)
+                table.add_row(name, family, str(metrics["groups"]), *cells)
         console.print(table)
     return EXIT_OK

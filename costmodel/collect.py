@@ -12,50 +12,29 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tilefuse.autotune.records import Measurement
-from tilefuse.autotune.space import build_space
-from tilefuse.codegen.plan import TileConfig, TiledPlan
+from tilefuse.autotune.space import KERNEL_FAMILIES, build_space, kernel_family, plan_for
+from tilefuse.codegen.plan import TileConfig
 from tilefuse.specs import AttentionSpec, Spec
 
 from .analytic import predict
+from .grids import SHAPE_GRIDS, TINY_CHOICES, shape_grid
 from .hardware import GPUSpec
 from .records import MeasurementRecord, iter_records, make_record, write_records
 
+__all__ = ["FAMILIES", "SHAPE_GRIDS", "TINY_CHOICES", "CollectSummary", "Task", "collect", "interpreter_measure",
+           "plan_tasks", "record_features", "shape_grid"]  # fmt: skip
+
 log = logging.getLogger("tilefuse.costmodel")
 
-FAMILIES = ("attention",)  # the only kernel family that takes a tile config (autotune/space.py)
-SHAPE_GRIDS = ("tiny", "small", "full")
+FAMILIES = KERNEL_FAMILIES  # every kernel family takes a tile config (autotune/space.py)
 FLUSH_EVERY = 32  # records per gzip member: an interrupted run loses at most this many measurements
-TINY_CHOICES: dict[str, Sequence[int]] = {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,),
-                                          "num_stages": (1, 2)}  # fmt: skip
-MeasureFn = Callable[[Spec, TileConfig], Measurement]
-
-
-def _attention(batch: int, heads: int, group: int, seq: int, head_dim: int, dtype: str, causal: bool) -> AttentionSpec:
-    return AttentionSpec(batch, heads, heads // group, seq, seq, head_dim, head_dim, dtype, head_dim**-0.5, causal,
-                         gqa_group=group)  # fmt: skip
-
-
-def shape_grid(family: str, grid: str) -> list[Spec]:
-    """The Specs `collect` enumerates: "tiny" (interpreter tests), "small" (8 shapes), "full" (144 shapes, about
-    16k query tokens per launch: batch × seq_len)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r}; collect supports {list(FAMILIES)} (the others take no tile config)")
-    if grid == "tiny":
-        return [_attention(1, 1, 1, seq, 16, "float32", False) for seq in (16, 32)]
-    if grid == "small":
-        return [_attention(max(1, 8192 // s), 16, 1, s, d, "bfloat16", c)
-                for d in (64, 128) for s in (512, 2048) for c in (False, True)]  # fmt: skip
-    if grid == "full":
-        return [_attention(max(1, 16384 // s), 32, g, s, d, t, c)
-                for t in ("bfloat16", "float16") for d in (64, 80, 128) for s in (128, 512, 1024, 2048, 4096, 8192)
-                for g in (1, 4) for c in (False, True)]  # fmt: skip
-    raise ValueError(f"shapes={grid!r}; expected one of {list(SHAPE_GRIDS)}")
+MeasureFn = Callable[[Spec, TileConfig, str], Measurement]  # (spec, config, kernel family)
 
 
 def tool_versions(interpreted: bool) -> dict[str, str]:
@@ -72,9 +51,12 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def record_features(spec: Spec, config: TileConfig, gpu: GPUSpec, compiler: bool) -> dict[str, Any]:
-    """The analytic model's breakdown (always) and the compiler's facts for `gpu.arch` (when `compiler`)."""
-    plan = TiledPlan(spec, config)
+def record_features(
+    spec: Spec, config: TileConfig, gpu: GPUSpec, compiler: bool, kind: str | None = None
+) -> dict[str, Any]:
+    """The analytic model's breakdown (always) and the compiler's facts for `gpu.arch` (when `compiler`) of `config`
+    launched by kernel family `kind` (default: the Spec's forward family)."""
+    plan = plan_for(spec, config, kind)
     compiled = None
     if compiler:
         from .features import plan_features
@@ -90,6 +72,7 @@ class Task:
     spec: Spec
     config: TileConfig
     rejected: tuple[str, ...]  # why the constraints refuse it; () when it is measured
+    kind: str = "attention"  # the kernel family (autotune.space.KERNEL_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -100,17 +83,20 @@ class CollectSummary:
     by_status: dict[str, int]
 
 
-def plan_tasks(specs: Sequence[Spec], gpu: GPUSpec, choices: dict[str, Sequence[int]] | None = None) -> list[Task]:
-    """Every (Spec, config) of the grid: the feasible ones to measure and the rejected ones, recorded as data."""
+def plan_tasks(
+    specs: Sequence[Spec], gpu: GPUSpec, choices: Mapping[str, Sequence[int]] | None = None, *, kind: str | None = None
+) -> list[Task]:
+    """Every (Spec, config) of kernel family `kind`'s search space (default: each Spec's forward family): the
+    feasible ones to measure and the rejected ones, recorded as data."""
     tasks: list[Task] = []
     for spec in specs:
         try:
-            space = build_space(spec, gpu, choices=choices)
+            space = build_space(spec, gpu, kind=kind, choices=choices)
         except ValueError as err:
             log.warning("skipping %s: %s", spec, err)
             continue
-        tasks += [Task(spec, config, ()) for config in space.configs]
-        tasks += [Task(spec, item.config, item.reasons) for item in space.rejected]
+        tasks += [Task(spec, config, (), space.kind) for config in space.configs]
+        tasks += [Task(spec, item.config, item.reasons, space.kind) for item in space.rejected]
     return tasks
 
 
@@ -131,10 +117,10 @@ def collect(
         if task.rejected:
             measurement = Measurement("infeasible", error="rejected: " + "; ".join(task.rejected))
         else:
-            measurement = measure(task.spec, task.config)
-        features = record_features(task.spec, task.config, gpu, compiler_features)
+            measurement = measure(task.spec, task.config, task.kind)
+        features = record_features(task.spec, task.config, gpu, compiler_features, task.kind)
         record = make_record(task.spec, task.config, gpu_name or gpu.name, measurement, versions=versions,
-                             features=features, interpreted=interpreted)  # fmt: skip
+                             features=features, interpreted=interpreted, family=task.kind)  # fmt: skip
         pending.append(record)
         by_status[record.status] = by_status.get(record.status, 0) + 1
         if len(pending) >= FLUSH_EVERY:
@@ -148,46 +134,32 @@ def collect(
 
 def _task_key(task: Task, gpu_name: str, interpreted: bool) -> str:
     probe = make_record(task.spec, task.config, gpu_name, Measurement("error"), versions={}, features={},
-                        interpreted=interpreted)  # fmt: skip
+                        interpreted=interpreted, family=task.kind)  # fmt: skip
     return probe.key
 
 
 # ------------------------------------------------------------------------------------------- interpreter timing
-def interpreter_measure(spec: Spec, config: TileConfig, repeats: int = 3) -> Measurement:
-    """Wall time of the attention forward kernel under the Triton interpreter (CPU), output checked against the
-    reference. Plain attention only (no mask, ALiBi, RoPE or dropout). Not GPU truth: tests only."""
-    import torch
+def _wall_times(repeats: int) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
+    def timer(run: Callable[[], object]) -> tuple[float, float, float]:
+        times_us = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times_us.append((time.perf_counter() - start) * 1e6)
+        quartiles = statistics.quantiles(times_us, n=5, method="inclusive") if repeats > 1 else times_us * 4
+        return statistics.median(times_us), quartiles[0], quartiles[3]
 
-    from tilefuse.autotune.measure import TOLERANCE
-    from tilefuse.codegen import reference as ref
+    return timer
+
+
+def interpreter_measure(spec: Spec, config: TileConfig, kind: str | None = None, repeats: int = 3) -> Measurement:
+    """Wall time of kernel family `kind` (default: the Spec's forward family) under the Triton interpreter (CPU),
+    output checked against the reference (`costmodel.cases`, as on the GPU). Attention only without mask, ALiBi,
+    RoPE or dropout. Not GPU truth: tests only."""
+    from .cases import measure_case
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("interpreter_measure needs TRITON_INTERPRET=1 set before the kernels are imported")
-    if not isinstance(spec, AttentionSpec) or spec.mask != "none" or spec.alibi or spec.rope or spec.dropout_p:
+    if isinstance(spec, AttentionSpec) and (spec.mask != "none" or spec.alibi or spec.rope or spec.dropout_p):
         return Measurement("error", error="interpreter collection covers plain attention only")
-    from tilefuse.codegen.attention_fwd import attention_forward_triton
-
-    gen = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, spec.dtype.removeprefix("torch."))
-    b, hq, hk, nq, nk = (int(d or 1) for d in (spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len))
-    shapes = ((b, hq, nq, spec.head_dim), (b, hk, nk, spec.head_dim), (b, hk, nk, spec.v_head_dim))
-    q, k, v = (torch.randn(*shape, generator=gen).to(dtype) for shape in shapes)
-    inputs = ref.AttnInputs(q, k, v)
-    flags = ref.AttnFlags(spec.scale, spec.causal, spec.align == "bottom_right", spec.window or 0, spec.softcap or 0.0)
-    knobs = {"block_m": config.block_m, "block_n": config.block_n, "num_warps": config.num_warps,
-             "num_stages": config.num_stages}  # fmt: skip
-    try:
-        out = attention_forward_triton(inputs, flags, **knobs)[0].float()
-    except Exception as err:
-        return Measurement("compile-fail", error=f"{type(err).__name__}: {err}"[:500])
-    expected = ref.attention_forward(inputs, flags).float()
-    atol, rtol = TOLERANCE.get(spec.dtype.removeprefix("torch."), (1e-2, 1e-2))
-    if float(((out - expected).abs() - rtol * expected.abs()).max()) > atol:
-        return Measurement("wrong-output", error="interpreter output differs from the reference")
-    times_us = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        attention_forward_triton(inputs, flags, **knobs)
-        times_us.append((time.perf_counter() - start) * 1e6)
-    quartiles = statistics.quantiles(times_us, n=5, method="inclusive") if repeats > 1 else times_us * 4
-    return Measurement.ok(statistics.median(times_us), quartiles[0], quartiles[3])
+    return measure_case(spec, config, kind or kernel_family(spec), "cpu", _wall_times(repeats))

@@ -1,6 +1,7 @@
-"""Ranking metrics of a cost model per group (same Spec and GPU), TenSet style, and the evaluation report: the
-learned model beside the analytic baseline, on all groups and on the splits the model never saw (held-out shapes,
-held-out GPUs). Scores are "lower = predicted faster"; only measured ("ok") records carry a true latency.
+"""Ranking metrics of a cost model per group (same Spec, kernel family and GPU), TenSet style, and the evaluation
+report: the learned model beside the analytic baseline, on all groups and on the splits the model never saw
+(held-out shapes, held-out GPUs), overall and per kernel family. Scores are "lower = predicted faster"; only
+measured ("ok") records carry a true latency.
 """
 
 from __future__ import annotations
@@ -122,13 +123,19 @@ def splits(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[st
     return out
 
 
+def _compare(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[str, Any]:
+    return {"learned": evaluate(records, model.rank_scores), "analytic": evaluate(records, analytic_scores)}
+
+
 def evaluation_report(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[str, Any]:
-    """{split: {"learned": metrics, "analytic": metrics}} for every split with data."""
+    """{split: {"learned": metrics, "analytic": metrics, "families": {family: {"learned": ..., "analytic": ...}}}}
+    for every split with data; the overall metrics average over every group of every family."""
     report: dict[str, Any] = {}
     for name, subset in splits(records, model).items():
         if subset:
-            learned, analytic = evaluate(subset, model.rank_scores), evaluate(subset, analytic_scores)
-            report[name] = {"learned": learned, "analytic": analytic}
+            families = sorted({r.family for r in subset})
+            by_family = {f: _compare([r for r in subset if r.family == f], model) for f in families}
+            report[name] = {**_compare(subset, model), "families": by_family}
     return report
 
 

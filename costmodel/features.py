@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -204,8 +205,37 @@ def kernel_features(variant: KernelVariant, arch: str = "sm_90", cache: FeatureC
     return features
 
 
-def plan_features(plan: TiledPlan, arch: str = "sm_90", cache: FeatureCache | None = None) -> KernelFeatures:
-    """Features of the kernel `plan` launches (see `costmodel.variants.variant_for_plan`)."""
-    from .variants import variant_for_plan
+def combine_features(parts: Sequence[KernelFeatures]) -> KernelFeatures:
+    """One launch of several kernels (the attention backward's dK/dV and dQ): occupancy and spills are limited by
+    the worst kernel, so registers, spill bytes and shared memory are the maxima; dot FLOPs and op counts add up.
+    Infeasible (with the first reason) when any kernel is; the launch options are the first kernel's."""
+    if not parts:
+        raise ValueError("combine_features needs at least one KernelFeatures")
+    if len(parts) == 1:
+        return parts[0]
+    first, failed = parts[0], [p for p in parts if not p.ok]
 
-    return kernel_features(variant_for_plan(plan), arch, cache)
+    def most(name: str) -> int | None:
+        values = [v for v in (getattr(p, name) for p in parts) if v is not None]
+        return max(values) if values else None
+
+    def summed(name: str) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for part in parts:
+            for key, count in getattr(part, name).items():
+                total[key] = total.get(key, 0) + count
+        return dict(sorted(total.items()))
+
+    return KernelFeatures(
+        "+".join(p.kernel for p in parts), first.arch, "infeasible" if failed else "ok", first.num_warps,
+        first.num_stages, failed[0].reason if failed else None, most("registers"), most("spill_bytes"),
+        most("shared_bytes"), sum(p.dot_flops for p in parts), summed("counts"), summed("op_counts"),
+    )  # fmt: skip
+
+
+def plan_features(plan: TiledPlan, arch: str = "sm_90", cache: FeatureCache | None = None) -> KernelFeatures:
+    """Features of the kernels `plan` launches (`costmodel.variants.plan_variants`), combined into one launch's
+    (`combine_features`) for the attention backward's two main kernels."""
+    from .variants import plan_variants
+
+    return combine_features([kernel_features(variant, arch, cache) for variant in plan_variants(plan)])

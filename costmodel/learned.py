@@ -1,7 +1,7 @@
-"""The learned ranker: a small MLP over a fixed feature schema (tile knobs, shape, the analytic model's breakdown,
-compiler facts when recorded) trained with a pairwise logistic loss within each group (same Spec and GPU), plus a
-feasibility head. Saved as JSON (schema, normalization, weights, what it was trained on) — never pickle; inference
-is numpy only.
+"""The learned ranker: a small MLP over a fixed feature schema (the kernel family one-hot, tile knobs, shape, the
+analytic model's breakdown, compiler facts when recorded) trained with a pairwise logistic loss within each group
+(same Spec, kernel family and GPU), plus a feasibility head. Saved as JSON (schema, normalization, weights, what it
+was trained on) — never pickle; inference is numpy only.
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ from typing import Any
 
 import numpy as np
 
+from tilefuse.autotune.space import KERNEL_FAMILIES
+
 from .records import MeasurementRecord
 
 MODEL_FORMAT = "tilefuse-costmodel-mlp"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: kernel family one-hot, num_splits, norm/RoPE shape features
 _ANALYTIC = ("latency_us", "compute_us", "memory_us", "programs", "programs_per_sm", "waves", "wave_efficiency",
              "compute_efficiency", "memory_efficiency", "registers")  # fmt: skip
 _COMPILER_COUNTS = ("dots", "loads", "stores", "local_allocs", "async_copies", "exps", "reductions")
 FEATURE_SCHEMA: tuple[str, ...] = (
-    "log2_block_m", "log2_block_n", "log2_num_warps", "num_stages", "log2_head_dim", "log2_q_len", "log2_kv_len",
-    "log2_batch_heads", "causal", "gqa_group", "itemsize",
+    *(f"family_{name}" for name in KERNEL_FAMILIES),
+    "log2_block_m", "log2_block_n", "log2_num_warps", "num_stages", "log2_num_splits", "heuristic_splits",
+    "log2_head_dim", "log2_q_len", "log2_kv_len", "log2_batch_heads", "causal", "gqa_group", "itemsize",
+    "log2_rows", "log2_width", "rotary_fraction", "layernorm", "has_bias", "residual",
     *(f"analytic_{name}" for name in _ANALYTIC), "analytic_feasible",
     "compiled", "compiled_registers", "compiled_spill_bytes", "compiled_shared_bytes",
     *(f"compiled_{name}" for name in _COMPILER_COUNTS),
@@ -37,19 +41,36 @@ def _log2(value: Any) -> float:
     return math.log2(max(float(value or 1), 1.0))
 
 
-def record_vector(record: MeasurementRecord) -> np.ndarray:
-    """The FEATURE_SCHEMA vector of one record (missing facts are 0, with flags saying which are known)."""
-    spec, config = record.spec, record.config
+def _shape_row(spec: dict[str, Any]) -> dict[str, float]:
+    """Shape features of a Spec dict of any kind (absent fields are 0): attention dims, norm/RoPE rows and width."""
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(spec.get("dtype", "")).removeprefix("torch."), 2)
-    row: dict[str, float] = {
-        "log2_block_m": _log2(config["block_m"]), "log2_block_n": _log2(config["block_n"]),
-        "log2_num_warps": _log2(config["num_warps"]), "num_stages": float(config["num_stages"]),
+    shape = [int(d or 1) for d in spec.get("shape") or ()]
+    rope = spec.get("rope") if spec.get("kind") == "attention" else spec
+    rotary = (rope or {}).get("rotary_dim") or 0
+    return {
         "log2_head_dim": _log2(spec.get("head_dim")), "log2_q_len": _log2(spec.get("q_len")),
         "log2_kv_len": _log2(spec.get("kv_len")),
         "log2_batch_heads": _log2((spec.get("batch") or 1) * (spec.get("q_heads") or 1)),
         "causal": float(bool(spec.get("causal"))), "gqa_group": float(spec.get("gqa_group") or 1),
-        "itemsize": float(itemsize),
+        "itemsize": float(itemsize), "log2_rows": _log2(math.prod(shape[:-1]) if shape else 1),
+        "log2_width": _log2(spec.get("width")),
+        "rotary_fraction": rotary / max(int((rope or {}).get("head_dim") or spec.get("head_dim") or 1), 1),
+        "layernorm": float(spec.get("kind") == "layernorm"), "has_bias": float(bool(spec.get("has_bias"))),
+        "residual": float(bool(spec.get("residual"))),
     }  # fmt: skip
+
+
+def record_vector(record: MeasurementRecord) -> np.ndarray:
+    """The FEATURE_SCHEMA vector of one record (missing facts are 0, with flags saying which are known)."""
+    config = record.config
+    splits = int(config.get("num_splits", 0))  # 0: the launcher's heuristic (autotune.space.HEURISTIC_SPLITS)
+    row: dict[str, float] = {f"family_{name}": float(record.family == name) for name in KERNEL_FAMILIES}
+    row |= {
+        "log2_block_m": _log2(config["block_m"]), "log2_block_n": _log2(config["block_n"]),
+        "log2_num_warps": _log2(config["num_warps"]), "num_stages": float(config["num_stages"]),
+        "log2_num_splits": _log2(splits), "heuristic_splits": float(splits == 0),
+    }  # fmt: skip
+    row |= _shape_row(record.spec)
     analytic = record.features.get("analytic") or {}
     for name in _ANALYTIC:
         value = analytic.get(name)
@@ -118,7 +139,10 @@ class LearnedModel:
         if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
             raise ValueError(f"not a tilefuse cost model (expected format {MODEL_FORMAT!r})")
         if data.get("version") != MODEL_VERSION:
-            raise ValueError(f"cost model version {data.get('version')!r}; this tilefuse reads {MODEL_VERSION}")
+            raise ValueError(
+                f"cost model version {data.get('version')!r}; this tilefuse reads version {MODEL_VERSION} (version 2 "
+                "added the kernel family and num_splits features): retrain it with `tilefuse costmodel train`"
+            )
         if tuple(data.get("feature_schema") or ()) != FEATURE_SCHEMA:
             raise ValueError("cost model feature schema differs from this tilefuse's; retrain it")
         layers = [(np.asarray(layer["weight"], dtype=np.float64), np.asarray(layer["bias"], dtype=np.float64))

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tilefuse.autotune.records import Measurement
-from tilefuse.autotune.space import config_from_dict, config_to_dict
+from tilefuse.autotune.space import KERNEL_FAMILIES, config_from_dict, config_to_dict, kernel_family
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.specs import Spec, spec_from_dict, spec_to_json
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: `family` (the kernel family measured); version-1 rows are attention forward records
+READABLE_VERSIONS = (1, RECORD_VERSION)
 # ok: measured and checked; infeasible: refused by constraints, the compiler or the launch (out of resources);
 # mismatch: ran but its output disagreed with the reference; error: anything else (see `detail`).
 STATUSES = ("ok", "infeasible", "error", "mismatch")
@@ -28,12 +29,18 @@ _FROM_MEASUREMENT = {
     "ok": "ok", "compile-fail": "infeasible", "oom": "infeasible", "infeasible": "infeasible",
     "wrong-output": "mismatch", "timeout": "error", "error": "error", "predicted": "error",
 }  # fmt: skip
+# The kernel families that launch each Spec kind.
+_SPEC_FAMILIES = {
+    "attention": ("attention", "attention_decode", "attention_backward"), "rmsnorm": ("norm", "norm_backward"),
+    "layernorm": ("norm", "norm_backward"), "rope": ("rope",),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class MeasurementRecord:
     """One row of a measurement file. `latency_ms` holds QUANTILES when status is "ok" and is empty otherwise;
-    `interpreted` marks wall times of the Triton interpreter (test data, never GPU truth)."""
+    `interpreted` marks wall times of the Triton interpreter (test data, never GPU truth); `family` is the kernel
+    family measured (autotune.space.KERNEL_FAMILIES)."""
 
     spec: dict[str, Any]
     config: dict[str, int]
@@ -44,6 +51,7 @@ class MeasurementRecord:
     features: dict[str, Any] = field(default_factory=dict)
     detail: str | None = None
     interpreted: bool = False
+    family: str = "attention"
     version: int = RECORD_VERSION
 
     def __post_init__(self) -> None:
@@ -59,8 +67,9 @@ class MeasurementRecord:
 
     @property
     def group(self) -> str:
-        """Records compare only within a group: the same Spec on the same GPU (and the same timing source)."""
-        return f"{self.gpu}|{'interp' if self.interpreted else 'gpu'}|{self.spec_json}"
+        """Records compare only within a group: the same Spec and kernel family on the same GPU (and the same timing
+        source)."""
+        return f"{self.gpu}|{'interp' if self.interpreted else 'gpu'}|{self.family}|{self.spec_json}"
 
     @property
     def key(self) -> str:
@@ -76,24 +85,28 @@ class MeasurementRecord:
         return {
             "version": self.version, "spec": self.spec, "config": self.config, "gpu": self.gpu,
             "status": self.status, "latency_ms": self.latency_ms, "versions": self.versions,
-            "features": self.features, "detail": self.detail, "interpreted": self.interpreted,
+            "features": self.features, "detail": self.detail, "interpreted": self.interpreted, "family": self.family,
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: object) -> MeasurementRecord:
         if not isinstance(data, dict):
             raise TypeError(f"a measurement record must be a dict, got {type(data).__name__}")
+        version = data.get("version", RECORD_VERSION)
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"record version {version!r}; this tilefuse reads versions {list(READABLE_VERSIONS)}")
         known = {"version", "spec", "config", "gpu", "status", "latency_ms", "versions", "features", "detail",
-                 "interpreted"}  # fmt: skip
+                 "interpreted"} | ({"family"} if version >= 2 else set())  # fmt: skip
         extra = set(data) - known
         if extra:
-            raise ValueError(f"measurement record has unknown fields {sorted(extra)}")
+            raise ValueError(f"version-{version} measurement record has unknown fields {sorted(extra)}")
+        # Read as the current version: a version-1 row differs only by the absent family (attention forward).
         return cls(
             spec=data.get("spec"), config=data.get("config"), gpu=data.get("gpu"),  # type: ignore[arg-type]
             status=data.get("status"), latency_ms=data.get("latency_ms") or {},  # type: ignore[arg-type]
             versions=data.get("versions") or {}, features=data.get("features") or {},
             detail=data.get("detail"), interpreted=bool(data.get("interpreted", False)),
-            version=data.get("version", RECORD_VERSION),
+            family=data.get("family", "attention"),
         )  # fmt: skip
 
 
@@ -104,7 +117,11 @@ def _validate(record: MeasurementRecord) -> None:
         raise ValueError(f"record status={record.status!r}; expected one of {list(STATUSES)}")
     if not isinstance(record.spec, dict):
         raise TypeError(f"record spec must be a dict (Spec.to_dict()), got {type(record.spec).__name__}")
-    spec_from_dict(record.spec)  # raises on an unknown kind or bad fields
+    spec = spec_from_dict(record.spec)  # raises on an unknown kind or bad fields
+    if record.family not in KERNEL_FAMILIES:
+        raise ValueError(f"record family={record.family!r}; expected one of {list(KERNEL_FAMILIES)}")
+    if record.family not in _SPEC_FAMILIES[str(spec.kind)]:
+        raise ValueError(f"record family={record.family!r} does not launch a {spec.kind} spec")
     config_from_dict(record.config)
     if not isinstance(record.gpu, str) or not record.gpu:
         raise ValueError(f"record gpu must be a non-empty GPU name, got {record.gpu!r}")
@@ -122,9 +139,10 @@ def _validate(record: MeasurementRecord) -> None:
 
 def make_record(
     spec: Spec, config: TileConfig, gpu: str, measurement: Measurement, *, versions: dict[str, str],
-    features: dict[str, Any], interpreted: bool = False,
+    features: dict[str, Any], interpreted: bool = False, family: str | None = None,
 ) -> MeasurementRecord:  # fmt: skip
-    """A record from autotune's Measurement (µs quantiles, its own status names) for `spec` and `config`."""
+    """A record from autotune's Measurement (µs quantiles, its own status names) for `spec` and `config` launched by
+    kernel `family` (default: the Spec's forward family)."""
     status = _FROM_MEASUREMENT[measurement.status]
     latency = {}
     if status == "ok":
@@ -133,7 +151,7 @@ def make_record(
     detail = measurement.status if measurement.error is None else f"{measurement.status}: {measurement.error}"
     return MeasurementRecord(
         json.loads(spec_to_json(spec)), config_to_dict(config), gpu, status, latency, versions, features,
-        None if status == "ok" else detail, interpreted,
+        None if status == "ok" else detail, interpreted, family or kernel_family(spec),
     )  # fmt: skip
 
 

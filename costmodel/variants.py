@@ -1,4 +1,6 @@
-"""The kernel a TiledPlan launches, as a compile-check `KernelVariant` with launch-like integer specialization.
+"""The kernels a TiledPlan launches (every kernel family: FA2 forward, split-KV decode, the attention backward's
+dK/dV and dQ kernels, norm forward and backward, RoPE), as compile-check `KernelVariant`s with launch-like integer
+specialization.
 
 Pointer element types follow the Spec's dtype; integer arguments get the values a launch on contiguous tensors
 would pass, so the compile sees the same divisibility facts (and makes the same vectorization and pipelining
@@ -58,33 +60,79 @@ def _attention_ints(spec: AttentionSpec) -> dict[str, int]:
     return ints
 
 
-def _attention_variant(plan: TiledPlan, spec: AttentionSpec) -> compile_check.KernelVariant:
+def _attention_consts(plan: TiledPlan, spec: AttentionSpec) -> dict[str, Any]:
+    """The constexprs every attention kernel (forward, decode, backward) takes, as its launcher sets them."""
     from tilefuse.codegen.attention_fwd import MASK_ADDITIVE, MASK_BOOL, MASK_NONE
 
-    base = compile_check.attention_variant(spec.head_dim, spec.mask != "none", spec.rope is not None)
     block_m, block_n, block_d, block_dv = plan.blocks
     mask_kind = {"none": MASK_NONE, "additive": MASK_ADDITIVE}.get(spec.mask, MASK_BOOL)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=spec.causal,
+        USE_WINDOW=bool(spec.window), MASK_KIND=mask_kind,
+        HAS_SOFTCAP=bool(spec.softcap), HAS_ALIBI=spec.alibi,
+        INPUT_PRECISION="ieee" if spec.dtype.endswith("float32") else "tf32", UPCAST_DOT=False,
+        ROPE_LAYOUT=_ROPE_LAYOUT[spec.rope.layout] if spec.rope else -1, HAS_DROPOUT=spec.dropout_p > 0,
+    )  # fmt: skip
+
+
+def _attention_pointers(spec: AttentionSpec, names: str, fp32: str = "") -> dict[str, str]:
+    """Pointer types: `names` in the Spec's dtype, `fp32` names fp32, plus the optional inputs (mask, ALiBi slopes,
+    cos/sin, the dropout rng)."""
+    pointers = {name: _pointer(spec.dtype) for name in (*names.split(), "Cos", "Sin")}
+    pointers |= {name: "*fp32" for name in (*fp32.split(), "Alibi")}
+    pointers |= {"Mask": _pointer(spec.dtype) if spec.mask == "additive" else "*u8", "Rng": "*i64"}
+    return pointers
+
+
+def _launch_name(prefix: str, plan: TiledPlan) -> str:
+    cfg = plan.config
+    return f"{prefix}_{plan.blocks[0]}x{plan.blocks[1]}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def _attention_variant(plan: TiledPlan, spec: AttentionSpec) -> compile_check.KernelVariant:
+    base = compile_check.attention_variant(spec.head_dim, spec.mask != "none", spec.rope is not None)
     consts: dict[str, Any] = {k: False for k in base.constexprs if k.startswith("HAS_")}
     consts.update(base.constexprs)
-    consts.update(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=spec.causal,
-        USE_WINDOW=bool(spec.window), MASK_KIND=mask_kind, HAS_SOFTCAP=bool(spec.softcap), HAS_ALIBI=spec.alibi,
-        INPUT_PRECISION="ieee" if spec.dtype.endswith("float32") else "tf32", UPCAST_DOT=False,
-        ROPE_LAYOUT=_ROPE_LAYOUT[spec.rope.layout] if spec.rope else -1,
-    )  # fmt: skip
-    if "HAS_DROPOUT" in _constexpr_names(base):
-        consts["HAS_DROPOUT"] = spec.dropout_p > 0
-    pointers = dict(base.pointers)
-    for name in ("Q", "K", "V", "Out", "Cos", "Sin"):
-        pointers[name] = _pointer(spec.dtype)
-    if spec.mask == "additive":
-        pointers["Mask"] = _pointer(spec.dtype)
+    consts.update(_attention_consts(plan, spec))
+    pointers = dict(base.pointers) | _attention_pointers(spec, "Q K V Out")
     cfg = plan.config
-    name = f"{base.name}_{block_m}x{block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
     return dataclasses.replace(
-        base, name=name, pointers=pointers, constexprs=consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        ints=_attention_ints(spec),
+        base, name=_launch_name(base.name, plan), pointers=pointers, constexprs=consts, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, ints=_attention_ints(spec),
     )  # fmt: skip
+
+
+def _decode_variant(plan: TiledPlan, spec: AttentionSpec) -> compile_check.KernelVariant:
+    """Phase 1 of split-KV decode (the split kernel; phase 2 is a fixed, small combine) at the plan's split layout."""
+    layout = plan.decode_layout()
+    ints = _attention_ints(spec) | {"kv_heads": int(spec.kv_heads or 1)} | layout._asdict()
+    floats = ("qk_scale", "softcap_log2", "drop_p", "drop_scale")
+    name = _launch_name(f"attention_decode_d{spec.head_dim}", plan) + f"_splits{layout.num_splits}"
+    return compile_check.KernelVariant(
+        name, compile_check._decode_split, _attention_pointers(spec, "Q K V", "Acc Stat"), floats,
+        _attention_consts(plan, spec), plan.config.num_warps, plan.config.num_stages, ints,
+    )  # fmt: skip
+
+
+def _backward_variants(plan: TiledPlan, spec: AttentionSpec) -> tuple[compile_check.KernelVariant, ...]:
+    """The dK/dV and the dQ kernel of the attention backward, both at the plan's knobs (as the launcher runs them
+    when it is given knobs); the small preprocess kernel is left out."""
+    from tilefuse.codegen.attention_args import RopeArgs, rope_swap_span
+
+    rope = RopeArgs(None, None, (), (), spec.rope.rotary_dim if spec.rope else 0, _ROPE_LAYOUT[spec.rope.layout]
+                    if spec.rope else -1)  # fmt: skip
+    consts = _attention_consts(plan, spec) | {"SWAP_SPAN": rope_swap_span(rope)}
+    pointers = _attention_pointers(spec, "Q K V DO DQ DK DV", "Lse Delta")
+    ints = compile_check.backward_ints(_attention_ints(spec))
+    floats = ("sm_scale", "qk_scale", "softcap_log2", "drop_p", "drop_scale")
+    cfg = plan.config
+    kernels = (("dkdv", compile_check._attention_bwd_dkdv), ("dq", compile_check._attention_bwd_dq))
+    variants = []
+    for kind, loader in kernels:
+        name = _launch_name(f"attention_bwd_{kind}_d{spec.head_dim}", plan)
+        variants.append(compile_check.KernelVariant(name, loader, pointers, floats, consts, cfg.num_warps,
+                                                    cfg.num_stages, ints))  # fmt: skip
+    return tuple(variants)
 
 
 def _constexpr_names(variant: compile_check.KernelVariant) -> list[str]:
@@ -123,14 +171,37 @@ def _rope_variant(plan: TiledPlan, spec: RopeSpec) -> compile_check.KernelVarian
     )
 
 
-def variant_for_plan(plan: TiledPlan) -> compile_check.KernelVariant:
-    """The forward kernel `plan` launches: attention at the plan's blocks/warps/stages; norm and RoPE at the blocks
-    and warps their launchers pick (their TileConfig is not used by the launchers)."""
+def _norm_backward_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.KernelVariant:
+    (block,) = plan.blocks
+    (programs,) = plan.grid
+    rows = math.prod(int(d or 1) for d in spec.shape[:-1])
+    pointers = {n: _pointer(spec.dtype) for n in ("G", "X", "W", "DX")}
+    pointers |= {n: "*fp32" for n in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")}
+    consts = dict(BLOCK=block, RMS=spec.norm == "rmsnorm", HAS_WEIGHT=spec.has_weight)
+    ints = {"rows": rows, "width": spec.width, "rows_per_program": -(-rows // programs)}
+    name = f"{spec.norm}_bwd_width{spec.width}_w{plan.config.num_warps}_p{programs}"
+    return compile_check.KernelVariant(
+        name, compile_check._norm_bwd, pointers, ("weight_offset",), consts, plan.config.num_warps, ints=ints
+    )
+
+
+def plan_variants(plan: TiledPlan) -> tuple[compile_check.KernelVariant, ...]:
+    """Every kernel of `plan`'s family whose resources depend on the plan's knobs, main kernel first: the attention
+    backward's dK/dV and dQ kernels; one kernel for every other family."""
     if not isinstance(plan, TiledPlan):
         raise TypeError(f"plan must be a TiledPlan, got {type(plan).__name__}")
-    spec = plan.spec
+    spec, family = plan.spec, plan.kernel_family
     if isinstance(spec, AttentionSpec):
-        return _attention_variant(plan, spec)
+        if family == "attention_backward":
+            return _backward_variants(plan, spec)
+        return (_decode_variant(plan, spec) if family == "attention_decode" else _attention_variant(plan, spec),)
     if isinstance(spec, NormSpec):
-        return _norm_variant(plan, spec)
-    return _rope_variant(plan, spec)
+        return (_norm_backward_variant(plan, spec) if family == "norm_backward" else _norm_variant(plan, spec),)
+    return (_rope_variant(plan, spec),)
+
+
+def variant_for_plan(plan: TiledPlan) -> compile_check.KernelVariant:
+    """The main kernel `plan` launches, with the plan's knobs and launch-like ints: the FA2 forward, the split-KV
+    decode kernel, the attention backward's dK/dV kernel (`plan_variants` has its dQ kernel too), the norm forward
+    or backward, RoPE."""
+    return plan_variants(plan)[0]

@@ -99,7 +99,7 @@ def test_collect_command(tmp_path: Path) -> None:
 def test_collect_records_rejected_configs_and_limit(tmp_path: Path) -> None:
     calls: list[TileConfig] = []
 
-    def measure(spec: object, config: TileConfig) -> Measurement:
+    def measure(spec: object, config: TileConfig, kind: str) -> Measurement:
         calls.append(config)
         return Measurement("compile-fail", error="synthetic")
 
