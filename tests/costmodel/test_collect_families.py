@@ -123,3 +123,20 @@ def test_gpu_measure_needs_cuda() -> None:
 
 def test_families_match_the_search_space() -> None:
     assert FAMILIES == KERNEL_FAMILIES and set(TINY_CHOICES) == set(FAMILIES)
+
+
+def test_reference_in_pieces_matches_the_whole_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from tilefuse.codegen import reference as ref
+    from tilefuse.costmodel import cases
+
+    spec = AttentionSpec(2, 4, 2, 8, 8, 16, 16, "float32", 0.25, True, alibi=True, mask="key_padding", gqa_group=2)
+    inputs, flags = cases._attention_inputs(spec, cases._Random("cpu", "float32"))
+    grad = torch.randn(2, 4, 8, 16)
+    monkeypatch.setattr(cases, "REFERENCE_CHUNK_ELEMENTS", 2 * 8 * 8)  # one kv head (two q heads) per piece
+    assert len(cases._reference_chunks(inputs, flags)) == 4
+    torch.testing.assert_close(cases._reference_forward(inputs, flags), ref.attention_forward(inputs, flags))
+    for piecewise, whole in zip(cases._reference_backward(grad, inputs, flags),
+                                ref.attention_backward(grad, inputs, flags), strict=True):  # fmt: skip
+        torch.testing.assert_close(piecewise, whole)
