@@ -18,7 +18,7 @@ from rich.table import Table
 from tilefuse.costmodel.hardware import GPUSpec, get_gpu, gpu_names
 
 from .search import MODES, TuneOutcome, TuneSettings
-from .space import config_to_dict
+from .space import KERNEL_FAMILIES, config_to_dict, site_families
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "float16", "bfloat16")
@@ -46,6 +46,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="write report.json (+ plots) to DIR")
     parser.add_argument("--force", action="store_true", help="tune again even when the database has the key")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+    parser.add_argument("--family", action="append", choices=KERNEL_FAMILIES, default=None, metavar="KERNEL",
+                        help="tune only this kernel family (repeatable; default: every kernel of every site: "
+                             f"{', '.join(KERNEL_FAMILIES)})")  # fmt: skip
     # Replay evaluation: `tilefuse tune --replay DATA` simulates the search strategies on measured records (no GPU).
     for action in parser._actions:
         if action.dest == "model":  # MODEL is optional with --replay
@@ -73,6 +76,17 @@ def site_specs(report: Any, dtype: str) -> list[tuple[str, Any]]:
         spec = _with_dtype(site.spec, dtype)
         seen.setdefault(spec, site.node)
     return [(node, spec) for spec, node in seen.items()]
+
+
+def site_jobs(sites: list[tuple[str, Any]], families: list[str] | None = None) -> list[tuple[str, Any, str]]:
+    """(node, Spec, kernel family) for every kernel each site launches (its forward, then its backward), restricted
+    to `families` when given."""
+    jobs = []
+    for node, spec in sites:
+        for kind in site_families(spec):
+            if families is None or kind in families:
+                jobs.append((node, spec, kind))
+    return jobs
 
 
 def _with_dtype(spec: Any, dtype: str) -> Any:
@@ -103,9 +117,9 @@ def run_tune(args: argparse.Namespace) -> int:
         db = TuningDB(args.db)
     except (ValueError, TypeError, TuningDBError) as err:
         return _fail(str(err), EXIT_USAGE)
-    sites = site_specs(_import_explain()(model, inputs), args.dtype)
-    outcomes = _tune_sites(sites, gpu, settings, db)
-    report = tune_report(args, gpu, settings, sites, outcomes)
+    jobs = site_jobs(site_specs(_import_explain()(model, inputs), args.dtype), args.family)
+    outcomes = _tune_sites(jobs, gpu, settings, db)
+    report = tune_report(args, gpu, settings, jobs, outcomes)
     if args.out:
         report["notes"] += write_report(report, outcomes, Path(args.out))
     if args.json:
@@ -121,26 +135,36 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _tune_sites(sites: list[tuple[str, Any]], gpu: GPUSpec, settings: TuneSettings, db: Any) -> list[Any]:
+def _tune_sites(jobs: list[tuple[str, Any, str]], gpu: GPUSpec, settings: TuneSettings, db: Any) -> list[Any]:
     from .search import tune_spec
 
     outcomes: list[TuneOutcome | Exception] = []
     with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("tuning", total=len(sites))
-        for node, spec in sites:
-            progress.update(task, description=f"tuning {node}")
+        task = progress.add_task("tuning", total=len(jobs))
+        for node, spec, kind in jobs:
+            progress.update(task, description=f"tuning {node} ({kind})")
             try:
-                outcomes.append(tune_spec(spec, gpu, settings, db=db))
+                outcomes.append(tune_spec(spec, gpu, settings, kind=kind, db=db))
             except (ValueError, RuntimeError) as err:  # dynamic dims, no GPU for measure mode
                 outcomes.append(err)
             progress.advance(task)
     return outcomes
 
 
-def _fmt_config(config: dict[str, int] | None) -> str:
+def _fmt_config(config: dict[str, int] | None, kind: str = "attention") -> str:
+    """A config as the knobs its kernel family reads (the others stay at their defaults)."""
     if not config:
         return "-"
-    return f"{config['block_m']}x{config['block_n']} w{config['num_warps']} s{config['num_stages']}"
+    warps, splits = f"w{config['num_warps']}", config.get("num_splits") or "auto"
+    if kind == "attention_decode":
+        return f"n{config['block_n']} {warps} s{config['num_stages']} splits {splits}"
+    if kind == "norm":
+        return warps
+    if kind == "norm_backward":
+        return f"{warps} programs {splits}"
+    if kind == "rope":
+        return f"rows {config['block_m']} {warps}"
+    return f"{config['block_m']}x{config['block_n']} {warps} s{config['num_stages']}"
 
 
 def _fmt_us(value: float | None) -> str:
@@ -149,20 +173,21 @@ def _fmt_us(value: float | None) -> str:
 
 def _render_tune(console: Console, report: dict[str, Any]) -> None:
     table = Table(title=f"tilefuse tune {report['model']} on {report['gpu']} ({report['mode']}, {report['dtype']})")
-    for column in ("site", "kind", "best config", "predicted µs", "measured µs", "default", "speed-up", "from"):
+    columns = ("site", "kind", "kernel", "best config", "predicted µs", "measured µs", "default", "speed-up", "from")
+    for column in columns:
         table.add_column(column)
     for row in report["sites"]:
+        kernel = row["kernel"]
         if row.get("error"):
-            table.add_row(row["node"], row["kind"], f"[red]{escape(row['error'])}[/]", "", "", "", "", "")
+            table.add_row(row["node"], row["kind"], kernel, f"[red]{escape(row['error'])}[/]", "", "", "", "", "")
             continue
         measured = row["best_latency_us"] if row["source"] != "model" else None
         speedup = f"{row['speedup_over_default']:.2f}x" if row["speedup_over_default"] else "-"
-        attention = row["kind"] == "attention"
-        best = _fmt_config(row["best"]) if attention else "(launcher's own blocks)"
+        best, default = _fmt_config(row["best"], kernel), _fmt_config(row["default"], kernel)
         predicted = row["best_predicted_us"] if not row["hit"] else row["best_latency_us"]
-        default = _fmt_config(row["default"]) if attention else "-"
         origin = "db hit" if row["hit"] else row["source"]
-        table.add_row(row["node"], row["kind"], best, _fmt_us(predicted), _fmt_us(measured), default, speedup, origin)
+        table.add_row(row["node"], row["kind"], kernel, best, _fmt_us(predicted), _fmt_us(measured), default, speedup,
+                      origin)  # fmt: skip
     console.print(table)
     for note in report["notes"]:
         console.print(f"[dim]{escape(note)}[/]")
@@ -207,7 +232,8 @@ def add_db_arguments(parser: argparse.ArgumentParser) -> None:
         "target", nargs="?", default=None, help="show: a key digest prefix; export/import: a JSON file ('-': stdio)"
     )
     parser.add_argument("--db", default=None, help="tuning database path or URL (default: the cache file)")
-    parser.add_argument("--family", default=None, help="only this kernel family (attention, rmsnorm, ...)")
+    parser.add_argument("--family", default=None, metavar="KERNEL",
+                        help=f"only this kernel family ({', '.join(KERNEL_FAMILIES)})")  # fmt: skip
     parser.add_argument("--recover", action="store_true", help="clear: move a corrupt/foreign database aside first")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -230,13 +256,13 @@ def _db_list(db: Any, args: argparse.Namespace) -> int:
         print(json.dumps([{**r.to_dict(), "trials": len(r.trials)} for r in records], indent=2))
         return EXIT_OK
     table = Table(title=f"tuning database {db.url} ({len(records)} entries)")
-    for column in ("key", "site", "best config", "latency µs", "source", "versions"):
+    for column in ("key", "kernel", "site", "best config", "latency µs", "source", "versions"):
         table.add_column(column)
     for r in records:
         best = config_to_dict(r.best) if r.best else None
         versions = " ".join(f"{k} {v}" for k, v in json.loads(r.key.versions).items())
-        table.add_row(r.key.digest[:12], r.key.describe(), _fmt_config(best), _fmt_us(r.best_latency_us), r.source,
-                      versions)  # fmt: skip
+        table.add_row(r.key.digest[:12], r.key.family, r.key.describe(), _fmt_config(best, r.key.family),
+                      _fmt_us(r.best_latency_us), r.source, versions)  # fmt: skip
     Console().print(table)
     return EXIT_OK
 
@@ -247,15 +273,16 @@ def _db_show(db: Any, args: argparse.Namespace) -> int:
         print(json.dumps(record.to_dict(), indent=2))
         return EXIT_OK
     console = Console()
-    best = _fmt_config(config_to_dict(record.best) if record.best else None)
-    console.print(f"[bold]{escape(record.key.describe())}[/] ({record.key.digest})  best {best} "
+    kernel = record.key.family
+    best = _fmt_config(config_to_dict(record.best) if record.best else None, kernel)
+    console.print(f"[bold]{escape(record.key.describe())}[/] ({record.key.digest})  kernel {kernel}  best {best} "
                   f"{_fmt_us(record.best_latency_us)} µs from {record.source}")  # fmt: skip
     table = Table(title="trials")
     for column in ("config", "status", "p50 µs", "p20–p80 µs", "predicted µs", "error"):
         table.add_column(column)
     for t in record.trials:
         spread = f"{t.latency_us['p20']:.1f}–{t.latency_us['p80']:.1f}" if "p20" in t.latency_us else "-"
-        table.add_row(_fmt_config(config_to_dict(t.config)), t.status, _fmt_us(t.latency_us.get("p50")), spread,
+        table.add_row(_fmt_config(config_to_dict(t.config), kernel), t.status, _fmt_us(t.latency_us.get("p50")), spread,
                       _fmt_us(t.predicted_us), escape(t.error or ""))  # fmt: skip
     console.print(table)
     return EXIT_OK

@@ -1,6 +1,8 @@
-"""Tuning keys: which tuned config may serve which site. A key names the kernel family, the Spec with its shape
-dims bucketed to powers of two (dynamic dims marked "dyn"), the dtype, the GPU arch, the tilefuse/Triton/torch
-versions and a hash of the kernel family's generic source — so a config tuned for another kernel never applies.
+"""Tuning keys: which tuned config may serve which site. A key names the kernel family (autotune.space's
+KERNEL_FAMILIES: the forward, decode or backward attention kernel, the norm forward or backward, RoPE), the Spec with
+its shape dims bucketed to powers of two (dynamic dims marked "dyn"), the dtype, the GPU arch, the
+tilefuse/Triton/torch versions and a hash of that kernel's generic source — so a config tuned for another kernel
+never applies.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
-from .space import default_config, family
+from .space import KERNEL_FAMILIES, family, kernel_family, spec_families
 
 DYNAMIC = "dyn"
 # Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
@@ -77,26 +79,29 @@ def versions() -> dict[str, str]:
     return {"tilefuse": tilefuse_version, "triton": triton.__version__, "torch": torch.__version__}
 
 
+# The main Triton kernel of each kernel family (module, name). Its digest covers every @triton.jit helper of its
+# module too (the decode combine kernel, the backward's dQ and preprocess kernels, shared tile helpers).
+_KERNELS: dict[str, tuple[str, str]] = {
+    "attention": ("tilefuse.codegen.attention_fwd", "attention_fwd_kernel"),
+    "attention_decode": ("tilefuse.codegen.attention_decode", "attention_decode_split_kernel"),
+    "attention_backward": ("tilefuse.codegen.attention_bwd", "attention_bwd_dkdv_kernel"),
+    "norm": ("tilefuse.codegen.norm_kernels", "_norm_forward_kernel"),
+    "norm_backward": ("tilefuse.codegen.norm_kernels", "_norm_backward_kernel"),
+    "rope": ("tilefuse.codegen.rope_kernels", "_rope_kernel"),
+}
+
+
 @functools.cache
 def kernel_source_hash(kind: str) -> str:
-    """SHA-256 of the generic Triton source of the family's forward kernel (and the helpers it calls)."""
-    from tilefuse.codegen.plan import TiledPlan
+    """SHA-256 of the generic Triton source of kernel family `kind`'s kernel (and the helpers it calls)."""
+    import importlib
+
     from tilefuse.costmodel.features import kernel_source_digest
-    from tilefuse.costmodel.variants import variant_for_plan
 
-    spec = _SAMPLE_SPECS.get(kind)
-    if spec is None:
-        raise ValueError(f"unknown kernel family {kind!r}; expected one of {sorted(_SAMPLE_SPECS)}")
-    kernel = variant_for_plan(TiledPlan(spec, default_config(spec))).kernel()
-    return kernel_source_digest(kernel)
-
-
-_SAMPLE_SPECS: dict[str, Spec] = {
-    "attention": AttentionSpec(1, 1, 1, 16, 16, 16, 16, "float16", 0.25),
-    "rmsnorm": NormSpec("rmsnorm", 16, (1, 16), "float16", 1e-6),
-    "layernorm": NormSpec("layernorm", 16, (1, 16), "float16", 1e-6),
-    "rope": RopeSpec("rotate_half", 16, 16, (1, 1, 16, 16), "float16"),
-}
+    if kind not in _KERNELS:
+        raise ValueError(f"unknown kernel family {kind!r}; expected one of {list(KERNEL_FAMILIES)}")
+    module, name = _KERNELS[kind]
+    return kernel_source_digest(getattr(importlib.import_module(module), name))
 
 
 @dataclass(frozen=True)
@@ -134,21 +139,26 @@ class TuningKey:
 
     def describe(self) -> str:
         bucket = json.loads(self.bucket)
-        if self.family == "attention":
-            dims = "x".join(str(bucket[n]) for n in _ATTENTION_DIMS)
-            return f"attention {dims} d{bucket['head_dim']} {self.dtype} {self.arch}"
-        return f"{self.family} {bucket.get('shape')} {self.dtype} {self.arch}"
+        if self.family.startswith("attention"):
+            dims = "x".join(str(bucket.get(n)) for n in _ATTENTION_DIMS)
+            return f"{self.family} {dims} d{bucket.get('head_dim')} {self.dtype} {self.arch}"
+        kind = bucket.get("kind")
+        name = self.family if kind in (None, self.family) else f"{self.family} ({kind})"
+        return f"{name} {bucket.get('shape')} {self.dtype} {self.arch}"
 
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def tuning_key(spec: Spec, arch: str, *, source_hash: str | None = None) -> TuningKey:
-    """The key of `spec` on a GPU of `arch` ("sm_90") with this process's versions and kernel source."""
+def tuning_key(spec: Spec, arch: str, *, kind: str | None = None, source_hash: str | None = None) -> TuningKey:
+    """The key of `spec` launched by kernel family `kind` (default: the Spec's forward family, `kernel_family`) on a
+    GPU of `arch` ("sm_90") with this process's versions and that kernel's source."""
     if not isinstance(arch, str) or not arch.startswith("sm_"):
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    kind = family(spec)
+    kind = kind or kernel_family(spec)
+    if kind not in spec_families(spec):
+        raise ValueError(f"a {family(spec)} site launches kernel families {list(spec_families(spec))}, not {kind!r}")
     return TuningKey(
         kind, _canonical(spec_bucket(spec)), spec.dtype.removeprefix("torch."), arch, _canonical(versions()),
         source_hash if source_hash is not None else kernel_source_hash(kind),

@@ -1,9 +1,11 @@
 """The process registry of chosen tile configs, filled at compile time and read by the launchers.
 
-At compile time the backend calls `resolve_sites` once per graph: for every fused site's Spec it looks the tuning
-database up (no search inside torch.compile unless autotune="measure" on a GPU); a miss takes the cost model's
-choice, logs it and stores it back as a "model" record so the next compile is a hit. `config_for(spec)` is what the
-launchers ask. Nothing here may fail a compile: errors are logged and leave the launcher's default in place.
+At compile time the backend calls `resolve_sites` once per graph: for every fused site's Spec and every kernel family
+the site launches (attention: its forward or decode kernel and its backward; norm: forward and backward; RoPE) it
+looks the tuning database up (no search inside torch.compile unless autotune="measure" on a GPU); a miss takes the
+cost model's choice, logs it and stores it back as a "model" record so the next compile is a hit. The launchers ask
+`config_for_launch` with a launch key (autotune/launch_keys.py). Nothing here may fail a compile: errors are logged
+and leave the launcher's default in place.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.costmodel.hardware import GPUSpec, current_gpu, get_gpu
-from tilefuse.specs import AttentionSpec, Spec
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 if TYPE_CHECKING:
     from .db import TuningDB
@@ -37,35 +39,14 @@ class Choice:
 
 
 _lock = threading.Lock()
-_choices: dict[Spec, Choice] = {}
+_choices: dict[tuple[Spec, str], Choice] = {}  # (Spec, kernel family) → choice
 _by_launch: dict[tuple[Any, ...], TileConfig] = {}  # the same choices, keyed as a launcher can see them
-
-
-def launch_key(
-    head_dim: int, v_head_dim: int, dtype: str, group: int, q_len: int | None, kv_len: int | None, causal: bool,
-    window: bool, softcap: bool, alibi: bool, mask: bool, rope: bool, dropout: bool,
-) -> tuple[Any, ...]:  # fmt: skip
-    """What selects a tile config at launch time: the kernel variant and the bucketed sequence lengths."""
-    from .keys import bucket_dim
-
-    return (head_dim, v_head_dim, dtype.removeprefix("torch."), group, bucket_dim(q_len), bucket_dim(kv_len),
-            causal, window, softcap, alibi, mask, rope, dropout)  # fmt: skip
-
-
-def _spec_launch_key(spec: AttentionSpec) -> tuple[Any, ...]:
-    return launch_key(
-        spec.head_dim, spec.v_head_dim, spec.dtype, spec.gqa_group, spec.q_len, spec.kv_len, spec.causal,
-        bool(spec.window), bool(spec.softcap), spec.alibi, spec.mask != "none", spec.rope is not None,
-        spec.dropout_p > 0,
-    )  # fmt: skip
-
-
 _override: contextvars.ContextVar[TileConfig | None] = contextvars.ContextVar("tilefuse_tile_config", default=None)
 
 
 @contextlib.contextmanager
 def launch_config(config: TileConfig | None) -> Iterator[None]:
-    """Within the block, attention forward launches use `config` (tilefuse.ops.attention's `config=`)."""
+    """Within the block, FA2 attention forward launches use `config` (tilefuse.ops.attention's `config=`)."""
     token = _override.set(config)
     try:
         yield
@@ -73,28 +54,43 @@ def launch_config(config: TileConfig | None) -> Iterator[None]:
         _override.reset(token)
 
 
+def active() -> bool:
+    """Whether any launch may get a config (the launchers' fast path: nothing chosen, no key to compute)."""
+    return bool(_by_launch) or _override.get() is not None
+
+
 def config_for_launch(key: tuple[Any, ...]) -> TileConfig | None:
-    """The config for a launch with this `launch_key`: an explicit `launch_config`, else the one chosen at compile
-    time for a site with that key, else None (the launcher's default)."""
-    explicit = _override.get()
-    if explicit is not None:
-        return explicit
+    """The config for a launch with this launch key (autotune/launch_keys.py): an explicit `launch_config` for the
+    FA2 forward, else the one chosen at compile time for a site with that key, else None (the launcher's default)."""
+    if key[0] == "attention":
+        explicit = _override.get()
+        if explicit is not None:
+            return explicit
     with _lock:
         return _by_launch.get(key)
 
 
-def config_for(spec: Spec) -> TileConfig | None:
-    """The tile config chosen for `spec` in this process, or None (the launcher then uses its default)."""
+def config_for(spec: Spec, kind: str | None = None) -> TileConfig | None:
+    """The tile config chosen for kernel family `kind` (default: the Spec's forward family) of `spec` in this
+    process, or None (the launcher then uses its default)."""
+    from .space import kernel_family
+
     with _lock:
-        choice = _choices.get(spec)
+        choice = _choices.get((spec, kind or kernel_family(spec)))
     return choice.config if choice is not None else None
 
 
-def register(spec: Spec, config: TileConfig, source: str) -> None:
+def register(spec: Spec, config: TileConfig, source: str, kind: str | None = None) -> None:
+    """Make `config` the choice for kernel family `kind` (default: the Spec's forward family) of `spec`."""
+    from .launch_keys import spec_launch_key
+    from .space import kernel_family
+
+    kind = kind or kernel_family(spec)
+    key = spec_launch_key(spec, kind)
     with _lock:
-        _choices[spec] = Choice(config, source)
-        if isinstance(spec, AttentionSpec):
-            _by_launch[_spec_launch_key(spec)] = config
+        _choices[(spec, kind)] = Choice(config, source)
+        if key is not None:
+            _by_launch[key] = config
 
 
 def clear() -> None:
@@ -103,7 +99,8 @@ def clear() -> None:
         _by_launch.clear()
 
 
-def snapshot() -> dict[Spec, Choice]:
+def snapshot() -> dict[tuple[Spec, str], Choice]:
+    """Every choice of this process, keyed by (Spec, kernel family)."""
     with _lock:
         return dict(_choices)
 
@@ -118,9 +115,12 @@ def target_gpu() -> GPUSpec | None:
     return get_gpu(name) if name else None
 
 
-def resolve_sites(sites: Iterable[Any], mode: str, db_url: str | None = None) -> dict[Spec, Choice]:
-    """Choose a config for every fused attention site with static shapes (`sites`: passes.base.Site records).
-    mode: "db" (database, else cost model), "model" (cost model only), "measure" (database, else a GPU search)."""
+def resolve_sites(
+    sites: Iterable[Any], mode: str, db_url: str | None = None, training: bool = True
+) -> dict[tuple[Spec, str], Choice]:
+    """Choose a config for every kernel family of every fused site that launches a kernel (`sites`:
+    passes.base.Site records). mode: "db" (database, else cost model), "model" (cost model only), "measure"
+    (database, else a GPU search; backward kernels only when `training`, else the cost model's choice)."""
     if mode == "off":
         return {}
     try:
@@ -131,22 +131,44 @@ def resolve_sites(sites: Iterable[Any], mode: str, db_url: str | None = None) ->
     if gpu is None:
         log.debug("autotune: no CUDA device and no %s: tile configs stay at the launcher defaults", GPU_ENV)
         return {}
-    specs = {s.spec for s in sites if s.status == "fused" and isinstance(s.spec, AttentionSpec)}
+    specs = _launched_specs(sites)
     if not specs:
         return {}
     db = _open_db(mode, db_url)
-    chosen: dict[Spec, Choice] = {}
+    chosen: dict[tuple[Spec, str], Choice] = {}
     for spec in specs:
-        try:
-            choice = _resolve(spec, gpu, mode, db)
-        except Exception as err:  # a tuning problem must never fail a compile
-            log.warning("autotune: no tuned config for %s (%s: %s); the launcher default applies",
-                        _short(spec), type(err).__name__, err)  # fmt: skip
-            continue
-        if choice is not None:
-            register(spec, choice.config, choice.source)
-            chosen[spec] = choice
+        for kind in _families(spec):
+            search = mode == "measure" and (training or not kind.endswith("_backward"))
+            try:
+                choice = _resolve(spec, kind, gpu, search, db)
+            except Exception as err:  # a tuning problem must never fail a compile
+                log.warning("autotune: no tuned %s config for %s (%s: %s); the launcher default applies", kind,
+                            _short(spec), type(err).__name__, err)  # fmt: skip
+                continue
+            if choice is not None:
+                register(spec, choice.config, choice.source, kind)
+                chosen[(spec, kind)] = choice
     return chosen
+
+
+def _launched_specs(sites: Iterable[Any]) -> list[Spec]:
+    """The Specs of fused sites with their own kernel (RoPE absorbed into attention launches none), each once."""
+    specs: dict[Spec, None] = {}
+    for site in sites:
+        spec, own_kernel = site.spec, not site.detail.get("fused_into")
+        if site.status == "fused" and own_kernel and isinstance(spec, AttentionSpec | NormSpec | RopeSpec):
+            specs.setdefault(spec)
+    return list(specs)
+
+
+def _families(spec: Spec) -> tuple[str, ...]:
+    from .space import site_families
+
+    try:
+        return site_families(spec)
+    except (TypeError, ValueError) as err:  # never fails a compile
+        log.warning("autotune: %s has no kernel family (%s); the launcher defaults apply", _short(spec), err)
+        return ()
 
 
 def _open_db(mode: str, db_url: str | None) -> TuningDB | None:
@@ -161,15 +183,15 @@ def _open_db(mode: str, db_url: str | None) -> TuningDB | None:
         return None
 
 
-def _resolve(spec: AttentionSpec, gpu: GPUSpec, mode: str, db: TuningDB | None) -> Choice | None:
+def _resolve(spec: Spec, kind: str, gpu: GPUSpec, search: bool, db: TuningDB | None) -> Choice | None:
     from .keys import tuning_key
     from .search import TuneSettings, tune_spec
     from .space import is_static
 
     with _lock:
-        if spec in _choices:
-            return _choices[spec]
-    key = tuning_key(spec, gpu.arch)
+        if (spec, kind) in _choices:
+            return _choices[(spec, kind)]
+    key = tuning_key(spec, gpu.arch, kind=kind)
     record = db.get(key) if db is not None else None
     if record is not None and record.best is not None:
         log.debug("autotune: %s → %s (tuning db, %s)", key.describe(), record.best, record.source)
@@ -177,9 +199,9 @@ def _resolve(spec: AttentionSpec, gpu: GPUSpec, mode: str, db: TuningDB | None) 
     if not is_static(spec):
         log.info("autotune: %s has dynamic dims and no tuned config; the launcher default applies", key.describe())
         return None
-    measure_here = mode == "measure" and _has_cuda()
+    measure_here = search and _has_cuda()
     start = time.perf_counter()
-    outcome = tune_spec(spec, gpu, TuneSettings(mode="measure" if measure_here else "model"), db=db)
+    outcome = tune_spec(spec, gpu, TuneSettings(mode="measure" if measure_here else "model"), kind=kind, db=db)
     best = outcome.record.best
     if best is None:
         return None
@@ -195,4 +217,6 @@ def _has_cuda() -> bool:
 
 
 def _short(spec: Spec) -> str:
-    return f"{spec.kind} {getattr(spec, 'q_len', '')}x{getattr(spec, 'kv_len', '')} d{getattr(spec, 'head_dim', '')}"
+    if isinstance(spec, AttentionSpec):
+        return f"attention {spec.q_len}x{spec.kv_len} d{spec.head_dim}"
+    return f"{spec.kind} {list(getattr(spec, 'shape', ()))}"

@@ -1,9 +1,10 @@
 """Replay evaluation (`tilefuse tune --replay DATA`): search strategies simulated on measured data with exhaustive
 ground truth, without a GPU.
 
-A group is every config of one Spec measured on one GPU (costmodel/records.py). Each strategy proposes configs one
-at a time; "measuring" one returns its recorded median latency (a failed or infeasible record, or a config the data
-lacks, counts as a measurement that yields no result; a config measured before is not counted again). The score of
+A group is every config of one Spec and kernel family measured on one GPU (costmodel/records.py). Each strategy
+proposes configs one at a time; "measuring" one returns its recorded median latency (a failed or infeasible record, or
+a config the data lacks, counts as a measurement that yields no result; a config measured before is not counted
+again). The score of
 one run is the number of configs measured until one lies within `margin` (3%) of the group's exhaustive best.
 
 Strategies: "tilefuse" (the shipped search, `search._optuna_search`, with its measure function replaced by the
@@ -35,7 +36,7 @@ from tilefuse.costmodel.records import MeasurementRecord, read_records
 from tilefuse.specs import Spec, spec_from_dict
 
 from .records import Measurement
-from .space import PARAMS, SearchSpace, build_space, config_to_dict, default_config
+from .space import PARAMS, SearchSpace, build_space, config_from_dict, config_to_dict, default_config
 
 STRATEGIES: tuple[str, ...] = ("tilefuse", "tpe", "random", "exhaustive", "coordinate")
 DETERMINISTIC = frozenset({"exhaustive", "coordinate"})  # seed-independent: run once per group
@@ -44,27 +45,34 @@ MAX_ASKS_PER_CONFIG = 20  # TPE alone may keep proposing measured configs: give 
 
 
 def _order(config: TileConfig) -> tuple[int, ...]:
-    return tuple(int(getattr(config, name)) for name in PARAMS)
+    """The config's knobs as ints in PARAMS order (num_splits None as HEURISTIC_SPLITS)."""
+    return tuple(config_to_dict(config).values())
+
+
+def _config(values: dict[str, Any]) -> TileConfig:
+    return config_from_dict({name: int(values[name]) for name in PARAMS})
 
 
 @dataclass(frozen=True, eq=False)
 class Group:
-    """Every config of one Spec measured on one GPU: median latency in µs per config (inf: failed/infeasible).
-    Compared and hashed by identity (it caches derived values)."""
+    """Every config of one Spec and kernel family (`family`) measured on one GPU: median latency in µs per config
+    (inf: failed/infeasible). Compared and hashed by identity (it caches derived values)."""
 
     key: str
     spec: Spec
     gpu: str
     latency_us: dict[TileConfig, float]
+    family: str = "attention"
 
     @functools.cached_property
     def configs(self) -> tuple[TileConfig, ...]:
-        """The config list in its natural (grid) order: block_m, block_n, num_warps, num_stages ascending."""
+        """The config list in its natural (grid) order: block_m, block_n, num_warps, num_stages, num_splits
+        ascending."""
         return tuple(sorted(self.latency_us, key=_order))
 
     @functools.cached_property
     def choices(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(sorted({int(getattr(c, n)) for c in self.latency_us})) for n in PARAMS}
+        return {n: tuple(sorted({config_to_dict(c)[n] for c in self.latency_us})) for n in PARAMS}
 
     @functools.cached_property
     def best(self) -> tuple[TileConfig, float]:
@@ -78,8 +86,10 @@ class Group:
     def describe(self) -> str:
         data = self.spec.to_dict()
         dims = "x".join(str(data.get(k)) for k in ("batch", "q_heads", "q_len", "kv_len", "head_dim"))
+        if data.get("kind") != "attention":
+            return f"{self.family} {data.get('kind')} {data.get('shape')} {data.get('dtype')} on {self.gpu}"
         flags = "causal" if data.get("causal") else "full"
-        return f"{data.get('kind')} {dims} {data.get('dtype')} {flags} on {self.gpu}"
+        return f"{self.family} {dims} {data.get('dtype')} {flags} on {self.gpu}"
 
 
 def data_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -106,13 +116,14 @@ def _gpu_name(name: str) -> str:
 
 
 def groups_of(records: Iterable[MeasurementRecord], gpu: str | None = None) -> list[Group]:
-    """Groups with at least two configs and one that ran; a config recorded twice keeps the median of its medians.
-    `gpu` keeps only that GPU's groups (any name or alias `get_gpu` knows)."""
+    """Groups (one Spec, kernel family and GPU) with at least two configs and one that ran; a config recorded twice
+    keeps the median of its medians. `gpu` keeps only that GPU's groups (any name or alias `get_gpu` knows)."""
     wanted = _gpu_name(gpu) if gpu else None
     rows: dict[str, list[MeasurementRecord]] = {}
     for record in records:
         if wanted is None or _gpu_name(record.gpu) == wanted:
-            rows.setdefault(record.group, []).append(record)
+            # Records written before kernel families existed are attention forward measurements.
+            rows.setdefault(f"{record.group}|{_family(record)}", []).append(record)
     out = []
     for key, group in rows.items():
         values: dict[TileConfig, list[float]] = {}
@@ -120,8 +131,12 @@ def groups_of(records: Iterable[MeasurementRecord], gpu: str | None = None) -> l
             values.setdefault(record.tile_config, []).append(record.median_ms * 1e3)
         latency = {c: _median_ok(v) for c, v in values.items()}
         if len(latency) >= 2 and any(map(math.isfinite, latency.values())):
-            out.append(Group(key, spec_from_dict(group[0].spec), group[0].gpu, latency))
+            out.append(Group(key, spec_from_dict(group[0].spec), group[0].gpu, latency, _family(group[0])))
     return sorted(out, key=lambda g: g.key)
+
+
+def _family(record: MeasurementRecord) -> str:
+    return str(getattr(record, "family", "attention"))
 
 
 def _median_ok(values: list[float]) -> float:
@@ -146,7 +161,7 @@ class Replay:
     _seen: set[TileConfig] = field(default_factory=set)
 
     def measure(self, spec: Spec, config: TileConfig) -> Measurement:
-        config = TileConfig(*_order(config))
+        config = config_from_dict(config_to_dict(config))
         value = self.group.latency_us.get(config)
         if config not in self._seen:
             self._seen.add(config)
@@ -173,8 +188,8 @@ def _search_inputs(group: Group) -> tuple[GPUSpec, SearchSpace, dict[TileConfig,
     from .search import predicted_latencies
 
     gpu = get_gpu(group.gpu)
-    space = build_space(group.spec, gpu, choices=dict(group.choices))
-    return gpu, space, predicted_latencies(group.spec, space.configs, gpu)
+    space = build_space(group.spec, gpu, kind=group.family, choices=dict(group.choices))
+    return gpu, space, predicted_latencies(group.spec, space.configs, gpu, group.family)
 
 
 def run_tilefuse(replay: Replay, seed: int) -> None:
@@ -187,7 +202,8 @@ def run_tilefuse(replay: Replay, seed: int) -> None:
     gpu, space, predicted = _search_inputs(group)
     size = len(space.configs)
     settings = TuneSettings(mode="measure", budget=size, patience=size, seed=seed, remeasure=0)
-    _optuna_search(group.spec, tuning_key(group.spec, gpu.arch), space, predicted, replay.measure, settings, None)
+    key = tuning_key(group.spec, gpu.arch, kind=group.family)
+    _optuna_search(group.spec, key, space, predicted, replay.measure, settings, None)
 
 
 def run_tpe(replay: Replay, seed: int) -> None:
@@ -200,7 +216,7 @@ def run_tpe(replay: Replay, seed: int) -> None:
         if len(replay.measured) >= grid:
             return
         trial = study.ask(distributions)
-        value = replay.value(TileConfig(**{n: int(trial.params[n]) for n in PARAMS}))
+        value = replay.value(_config(trial.params))
         if math.isfinite(value):
             study.tell(trial, value)
         else:
@@ -223,7 +239,7 @@ def run_coordinate(replay: Replay, seed: int) -> None:
     """Inductor-style coordinate descent: neighbours are the adjacent values of one knob in its choice list."""
     group = replay.group
     choices = group.choices
-    start = default_config(group.spec)
+    start = default_config(group.spec, group.family)
     best = start if start in group.latency_us else group.configs[0]
     best_us = replay.value(best)
     improved = True
@@ -231,11 +247,11 @@ def run_coordinate(replay: Replay, seed: int) -> None:
         improved = False
         for name in PARAMS:
             values = choices[name]
-            index = values.index(int(getattr(best, name)))
+            index = values.index(config_to_dict(best)[name])
             neighbours = [values[i] for i in (index - 1, index + 1) if 0 <= i < len(values)]
             tried = {}
             for value in neighbours:
-                candidate = TileConfig(**{**config_to_dict(best), name: value})
+                candidate = _config({**config_to_dict(best), name: value})
                 tried[candidate] = replay.value(candidate)
             if tried:
                 candidate = min(tried, key=lambda c: tried[c])
@@ -311,7 +327,8 @@ def replay(
         rows.append(_summary(name, runs_of, budget))
     return {
         "margin": MARGIN, "seeds": seeds, "budget": budget,
-        "groups": [{"key": g.key, "describe": g.describe(), "gpu": g.gpu, "configs": len(g.latency_us),
+        "groups": [{"key": g.key, "describe": g.describe(), "gpu": g.gpu, "family": g.family,
+                    "configs": len(g.latency_us),
                     "ok": sum(map(math.isfinite, g.latency_us.values())), "best": config_to_dict(g.best[0]),
                     "best_us": g.best[1]} for g in groups],
         "strategies": rows, "notes": notes,

@@ -1,5 +1,5 @@
-"""The `tilefuse tune` report: JSON (one row per site with every trial), then an optimization-history plot per
-measured site when matplotlib is installed."""
+"""The `tilefuse tune` report: JSON (one row per site and kernel family, with every trial), then an
+optimization-history plot per measured row when matplotlib is installed."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from tilefuse.costmodel.hardware import GPUSpec
 from .search import TuneOutcome, TuneSettings, summary_row
 
 
-def tune_report(args: argparse.Namespace, gpu: GPUSpec, settings: TuneSettings, sites: list[tuple[str, Any]],
+def tune_report(args: argparse.Namespace, gpu: GPUSpec, settings: TuneSettings, jobs: list[tuple[str, Any, str]],
                 outcomes: list[TuneOutcome | Exception]) -> dict[str, Any]:  # fmt: skip
+    """`jobs`: (node, Spec, kernel family) per row, in the order of `outcomes`."""
     rows = []
-    for (node, spec), outcome in zip(sites, outcomes, strict=True):
-        row: dict[str, Any] = {"node": node, "kind": spec.kind, "spec": spec.to_dict()}
+    for (node, spec, kernel), outcome in zip(jobs, outcomes, strict=True):
+        row: dict[str, Any] = {"node": node, "kind": spec.kind, "kernel": kernel, "spec": spec.to_dict()}
         if isinstance(outcome, Exception):
             row["error"] = f"{type(outcome).__name__}: {outcome}"
         else:
@@ -57,10 +58,10 @@ def write_report(report: dict[str, Any], outcomes: list[TuneOutcome | Exception]
         default = row.get("default_latency_us")
         if default is not None and math.isfinite(default):
             ax.axhline(default, linestyle="--", color="gray", label="default config")
-        ax.set(xlabel="trial", ylabel="latency (µs)", title=f"{row['node']} ({row['kind']})")
+        ax.set(xlabel="trial", ylabel="latency (µs)", title=f"{row['node']} ({row['kernel']})")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"history_{index:02d}_{row['node']}.png", dpi=100)
+        fig.savefig(out / f"history_{index:02d}_{row['node']}_{row['kernel']}.png", dpi=100)
         plt.close(fig)
     if not any(row.get("trials") and row.get("source") != "model" for row in report["sites"]):
         notes.append("no measured trials: optimization-history plots are drawn for measured searches only")

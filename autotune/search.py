@@ -3,11 +3,14 @@ model's top-k, TPE proposals screened by the model, measured, stopped on budget 
 re-measured → the record goes into the database.
 
 Modes: "model" (cost model only; the default without a GPU), "measure" (GPU search), "exhaustive" (measure every
-feasible config: ground truth). The measure function is injectable (`measure=`), so the search runs anywhere.
+feasible config: ground truth). Every kernel family tunes alike (`kind`: the forward, decode or backward attention
+kernel, the norm forward or backward, RoPE); the cost model screens each config with that family's TiledPlan. The
+measure function is injectable (`measure=`, called as `measure(spec, config)`), so the search runs anywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -19,15 +22,23 @@ from typing import Any
 
 import optuna
 
-from tilefuse.codegen.plan import TileConfig, TiledPlan
-from tilefuse.costmodel.analytic import predict, rank
+from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.analytic import predict
 from tilefuse.costmodel.hardware import GPUSpec
 from tilefuse.specs import Spec
 
 from .db import TuningDB
 from .keys import TuningKey, tuning_key
 from .records import SOURCE_RANK, Measurement, Trial, TuningRecord
-from .space import SearchSpace, build_space, config_to_dict, default_config, infeasible_reasons
+from .space import (
+    SearchSpace,
+    build_space,
+    config_to_dict,
+    default_config,
+    infeasible_reasons,
+    kernel_family,
+    plan_for,
+)
 from .study import MeasureFn, SearchJob, grace_period_s, make_storage, run_worker, safe_measure, settle, trials_of
 
 log = logging.getLogger("tilefuse.autotune")
@@ -72,8 +83,9 @@ class TuneSettings:
 
 @dataclass(frozen=True)
 class TuneOutcome:
-    """One site's result: the record (from the database on a hit), the default config and its latency (measured in
-    the measuring modes, predicted in mode "model"), and the best config's predicted latency."""
+    """One site's kernel family's result (`kind`): the record (from the database on a hit), the default config and
+    its latency (measured in the measuring modes, predicted in mode "model"), and the best config's predicted
+    latency."""
 
     spec: Spec
     key: TuningKey
@@ -85,6 +97,7 @@ class TuneOutcome:
     space_size: int = 0
     rejected: int = 0
     notes: list[str] = field(default_factory=list)
+    kind: str = "attention"
 
     @property
     def speedup(self) -> float | None:
@@ -94,12 +107,13 @@ class TuneOutcome:
         return self.default_latency_us / best
 
 
-def resolve_measure(target: str) -> MeasureFn:
-    """ "gpu" → the CUDA measurement; "package.module:function" → that function."""
+def resolve_measure(target: str, kind: str = "attention") -> MeasureFn:
+    """ "gpu" → the CUDA measurement of kernel family `kind`; "package.module:function" → that function (called as
+    `fn(spec, config)`)."""
     if target == "gpu":
         from .measure import gpu_measure
 
-        return gpu_measure
+        return functools.partial(gpu_measure, kind=kind)
     module, _, name = target.partition(":")
     if not module or not name:
         raise ValueError(f"measure target {target!r}: expected 'gpu' or 'package.module:function'")
@@ -109,20 +123,24 @@ def resolve_measure(target: str) -> MeasureFn:
     return fn
 
 
-def predicted_latencies(spec: Spec, configs: Sequence[TileConfig], gpu: GPUSpec) -> dict[TileConfig, float]:
-    """The analytic model's latency (µs) per config, in ranking order (fastest first)."""
-    return {r.config: r.estimate.latency_us for r in rank(spec, list(configs), gpu)}
+def predicted_latencies(
+    spec: Spec, configs: Sequence[TileConfig], gpu: GPUSpec, kind: str | None = None
+) -> dict[TileConfig, float]:
+    """The analytic model's latency (µs) per config launched by kernel family `kind` (default: the Spec's forward
+    family), in ranking order (fastest first, ties in input order; infeasible ones last at inf)."""
+    latency = {config: predict(plan_for(spec, config, kind), gpu).latency_us for config in configs}
+    return dict(sorted(latency.items(), key=lambda item: item[1]))
 
 
 def _db_hit(
-    db: TuningDB | None, key: TuningKey, spec: Spec, gpu: GPUSpec, settings: TuneSettings
+    db: TuningDB | None, key: TuningKey, spec: Spec, gpu: GPUSpec, settings: TuneSettings, kind: str
 ) -> TuningRecord | None:
     if db is None or settings.force:
         return None
     record = db.get(key)
     if record is None or record.best is None or SOURCE_RANK[record.source] < SOURCE_RANK[settings.mode]:
         return None
-    reasons = infeasible_reasons(spec, record.best, gpu)
+    reasons = infeasible_reasons(spec, record.best, gpu, kind=kind)
     if reasons:
         log.warning("tuning db: stored config %s for %s is infeasible here (%s); retuning", record.best,
                     key.describe(), "; ".join(reasons))  # fmt: skip
@@ -135,16 +153,20 @@ def tune_spec(
     gpu: GPUSpec,
     settings: TuneSettings | None = None,
     *,
+    kind: str | None = None,
     db: TuningDB | None = None,
     measure: MeasureFn | None = None,
 ) -> TuneOutcome:
-    """Tune `spec` for `gpu` and record the result in `db` (when given). Raises ValueError for a Spec with dynamic
-    dims and RuntimeError for a measuring mode without a GPU or a `measure` function."""
+    """Tune kernel family `kind` (default: the Spec's forward family, `space.kernel_family`) of `spec` for `gpu` and
+    record the result in `db` (when given). `measure(spec, config)` replaces the GPU measurement of that family.
+    Raises ValueError for a Spec with dynamic dims or a family the Spec does not launch, and RuntimeError for a
+    measuring mode without a GPU or a `measure` function."""
     settings = settings or TuneSettings()
-    key = tuning_key(spec, gpu.arch)
-    default = default_config(spec)
-    default_predicted = predict(TiledPlan(spec, default), gpu).latency_us
-    hit = _db_hit(db, key, spec, gpu, settings)
+    kind = kind or kernel_family(spec)
+    key = tuning_key(spec, gpu.arch, kind=kind)
+    default = default_config(spec, kind)
+    default_predicted = predict(plan_for(spec, default, kind), gpu).latency_us
+    hit = _db_hit(db, key, spec, gpu, settings, kind)
     if hit is None and settings.mode != "model" and measure is None and settings.measure_target == "gpu":
         from .measure import require_cuda
 
@@ -153,11 +175,11 @@ def tune_spec(
         latency = _default_latency(hit, default)
         if latency is None and hit.source == "model":
             latency = default_predicted
-        return TuneOutcome(spec, key, hit, True, default, latency, None)
-    space = build_space(spec, gpu)
-    predicted = predicted_latencies(spec, space.configs, gpu)
+        return TuneOutcome(spec, key, hit, True, default, latency, None, kind=kind)
+    space = build_space(spec, gpu, kind=kind)
+    predicted = predicted_latencies(spec, space.configs, gpu, kind)
     if settings.mode != "model" and space.tunable and measure is None:
-        measure = resolve_measure(settings.measure_target)
+        measure = resolve_measure(settings.measure_target, kind)
     if settings.mode == "model" or not space.tunable or measure is None:
         record = _model_record(key, spec, predicted, "model")
     elif settings.mode == "exhaustive":
@@ -175,7 +197,7 @@ def tune_spec(
         default_latency = safe_measure(measure, spec, default).median_us if measure and measured else default_predicted
     best_predicted = predicted.get(record.best) if record.best is not None else None
     return TuneOutcome(spec, key, record, False, default, default_latency, best_predicted, len(space.configs),
-                       len(space.rejected))  # fmt: skip
+                       len(space.rejected), kind=kind)  # fmt: skip
 
 
 def _default_latency(record: TuningRecord, default: TileConfig) -> float | None:
@@ -217,13 +239,14 @@ def _optuna_search(
     settings: TuneSettings, db: TuningDB | None,
 ) -> list[Trial]:  # fmt: skip
     # The default config first (tuning must never lose to it unseen), then the cost model's top-k.
-    default = default_config(spec)
+    default = default_config(spec, space.kind)
     firsts = ([default] if default in space else []) + [c for c in predicted if c != default][: settings.top_k]
     shared = settings.workers > 1
     # One process: enqueue them. Shared: the sampler proposes them first instead, because popping an enqueued
     # trial is not atomic on SQLite (two workers could run one trial); duplicates then resolve by trial number.
     job = SearchJob(spec, dict(space.choices), tuple(predicted), predicted, settings.budget,
-                    settings.stop_patience, settings.seed, firsts=tuple(firsts) if shared else ())  # fmt: skip
+                    settings.stop_patience, settings.seed, firsts=tuple(firsts) if shared else (),
+                    kind=space.kind)  # fmt: skip
     url = settings.study_url or (db.url if db is not None and shared else None)
     if shared and url is None:
         raise ValueError("workers > 1 need shared study storage: pass a database URL (db= or study_url=)")
@@ -270,7 +293,7 @@ def summary_row(outcome: TuneOutcome) -> dict[str, Any]:
     """The JSON row of one tuned site."""
     record = outcome.record
     return {
-        "key": outcome.key.describe(), "key_digest": outcome.key.digest, "hit": outcome.hit,
+        "kernel": outcome.kind, "key": outcome.key.describe(), "key_digest": outcome.key.digest, "hit": outcome.hit,
         "source": record.source, "best": config_to_dict(record.best) if record.best else None,
         "best_latency_us": record.best_latency_us, "best_predicted_us": outcome.predicted_us,
         "default": config_to_dict(outcome.default), "default_latency_us": outcome.default_latency_us,

@@ -11,6 +11,7 @@ TileConfig default), so every config of a space is distinct as a launch.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,11 +39,16 @@ FAMILY_CHOICES: dict[str, dict[str, tuple[int, ...]]] = {
     "attention": ATTENTION_CHOICES,
     # Split-KV decode: rows are fixed by the GQA group; the key block, warps, stages and the split count vary.
     "attention_decode": {
-        "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4),
+        "block_n": (16, 32, 64, 128),
+        "num_warps": (2, 4, 8),
+        "num_stages": (1, 2, 3, 4),
         "num_splits": (HEURISTIC_SPLITS, 4, 8, 16, 32, 64, 128),
     },
     "attention_backward": {
-        "block_m": (16, 32, 64, 128), "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3),
+        "block_m": (16, 32, 64, 128),
+        "block_n": (16, 32, 64, 128),
+        "num_warps": (2, 4, 8),
+        "num_stages": (1, 2, 3),
     },
     "norm": {"num_warps": (1, 2, 4, 8, 16, 32)},
     # num_splits: programs of the partial dweight/dbias reduction; multiples of the SM count are added per GPU.
@@ -76,6 +82,24 @@ def kernel_family(spec: Spec, backward: bool = False) -> str:
     return kind
 
 
+def spec_families(spec: Spec) -> tuple[str, ...]:
+    """Every kernel family that can launch for a Spec of this kind (the decode kernel only for decode shapes)."""
+    if isinstance(spec, RopeSpec):
+        return ("rope",)
+    if isinstance(spec, NormSpec):
+        return ("norm", "norm_backward")
+    family(spec)  # TypeError for anything but the three Spec kinds
+    return ("attention", "attention_decode", "attention_backward")
+
+
+def site_families(spec: Spec) -> tuple[str, ...]:
+    """The kernel families one fused site launches: its forward kernel's, then its backward's (training only; RoPE's
+    backward reuses the forward kernel and its knobs)."""
+    if isinstance(spec, RopeSpec):
+        return ("rope",)
+    return (kernel_family(spec), kernel_family(spec, backward=True))
+
+
 def _check_family(name: str) -> str:
     if name not in KERNEL_FAMILIES:
         raise ValueError(f"kernel family {name!r}; expected one of {list(KERNEL_FAMILIES)}")
@@ -102,7 +126,7 @@ def default_config(spec: Spec, kind: str | None = None) -> TileConfig:
 
         head_dim = max(spec.head_dim, spec.v_head_dim)
         return TileConfig(*attention_default(head_dim, spec.mask != "none", spec.rope is not None))
-    config = launcher_config(spec, PLAN_FAMILY[kind])  # type: ignore[arg-type]
+    config = launcher_config(spec, PLAN_FAMILY[kind])
     if kind == "norm_backward":
         return TileConfig(num_warps=config.num_warps)
     return config
@@ -130,7 +154,8 @@ def config_from_dict(data: object) -> TileConfig:
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise ValueError(f"tile config {name}={value!r}: expected an int >= {lowest}")
     splits = int(data.get("num_splits", HEURISTIC_SPLITS))
-    return TileConfig(*(int(data[name]) for name in PARAMS[:4]), None if splits == HEURISTIC_SPLITS else splits)
+    block_m, block_n, warps, stages = (int(data[name]) for name in PARAMS[:4])
+    return TileConfig(block_m, block_n, warps, stages, None if splits == HEURISTIC_SPLITS else splits)
 
 
 @dataclass(frozen=True)
@@ -207,10 +232,12 @@ def family_choices(spec: Spec, gpu: GPUSpec, kind: str | None = None) -> dict[st
     """The knob grid of a family on `gpu`: its FAMILY_CHOICES, every other knob fixed at the launcher default."""
     kind = _check_family(kind or kernel_family(spec))
     base = config_to_dict(default_config(spec, kind))
-    grid = {name: (value,) for name, value in base.items()}
+    grid: dict[str, tuple[int, ...]] = {name: (value,) for name, value in base.items()}
     grid.update(FAMILY_CHOICES[kind])
-    if kind == "norm_backward":
-        grid["num_splits"] = tuple(sorted({max(1, round(gpu.sm_count * m)) for m in NORM_BACKWARD_SM_MULTIPLES}))
+    if kind == "norm_backward":  # the launcher runs at most one program per row
+        rows = math.prod(int(d or 1) for d in spec.shape[:-1]) if isinstance(spec, NormSpec) else 1
+        splits = {min(rows, max(1, round(gpu.sm_count * m))) for m in NORM_BACKWARD_SM_MULTIPLES}
+        grid["num_splits"] = tuple(sorted(splits))
     return grid
 
 

@@ -30,7 +30,7 @@ from tilefuse.codegen.plan import TileConfig
 from tilefuse.specs import Spec
 
 from .records import Measurement, Trial
-from .space import PARAMS, config_to_dict
+from .space import PARAMS, config_from_dict, config_to_dict
 
 log = logging.getLogger("tilefuse.autotune")
 
@@ -39,9 +39,10 @@ MIN_IMPROVEMENT = 0.005  # a new best must beat the old by 0.5% to reset the pat
 
 
 def config_of(params: Mapping[str, Any]) -> TileConfig | None:
+    """The TileConfig of a trial's params (num_splits HEURISTIC_SPLITS ↔ None), or None for a trial without them."""
     if not all(name in params for name in PARAMS):
         return None
-    return TileConfig(**{name: int(params[name]) for name in PARAMS})
+    return config_from_dict({name: int(params[name]) for name in PARAMS})
 
 
 def make_storage(url: str | None, heartbeat_interval: int = 10, grace_period: int | None = None) -> BaseStorage:
@@ -196,8 +197,9 @@ def safe_measure(measure: MeasureFn, spec: Spec, config: TileConfig) -> Measurem
 
 @dataclass(frozen=True)
 class SearchJob:
-    """What every worker of one study needs: the Spec, the knob choices, the feasible configs with their predicted
-    latencies (computed once, so all workers screen alike), and when to stop. JSON-serializable for subprocesses."""
+    """What every worker of one study needs: the Spec and the kernel family measured, the knob choices, the feasible
+    configs with their predicted latencies (computed once, so all workers screen alike), and when to stop.
+    JSON-serializable for subprocesses."""
 
     spec: Spec
     choices: dict[str, tuple[int, ...]]
@@ -207,6 +209,7 @@ class SearchJob:
     patience: int
     seed: int = 0
     firsts: tuple[TileConfig, ...] = ()  # proposed before anything else, in order
+    kind: str = "attention"  # the kernel family (autotune.space.KERNEL_FAMILIES)
 
     def sampler(self, seed: int) -> ScreenedSampler:
         return ScreenedSampler(self.choices, self.configs, self.predicted_us, seed=seed, firsts=self.firsts)
@@ -221,7 +224,7 @@ class SearchJob:
             "configs": [config_to_dict(c) for c in self.configs],
             "predicted_us": [_finite(self.predicted_us.get(c, math.inf)) for c in self.configs],
             "budget": self.budget, "patience": self.patience, "seed": self.seed,
-            "firsts": [config_to_dict(c) for c in self.firsts],
+            "firsts": [config_to_dict(c) for c in self.firsts], "kind": self.kind,
         }  # fmt: skip
 
     @classmethod
@@ -236,8 +239,9 @@ class SearchJob:
         }
         choices = {str(k): tuple(int(x) for x in v) for k, v in data["choices"].items()}
         firsts = tuple(config_from_dict(c) for c in data.get("firsts", ()))
+        kind = str(data.get("kind", "attention"))
         return cls(spec_from_dict(data["spec"]), choices, configs, predicted, int(data["budget"]),
-                   int(data["patience"]), int(data.get("seed", 0)), firsts)  # fmt: skip
+                   int(data["patience"]), int(data.get("seed", 0)), firsts, kind)  # fmt: skip
 
 
 def _finite(value: float) -> float | None:
@@ -254,7 +258,7 @@ def run_worker(study: optuna.Study, job: SearchJob, measure: MeasureFn, worker: 
         with warnings.catch_warnings():  # Optuna prefers optimize() with heartbeats; ask/tell is on purpose here
             warnings.simplefilter("ignore", UserWarning)
             trial = study.ask()
-        config = TileConfig(**{n: int(trial.suggest_categorical(n, job.choices[n])) for n in PARAMS})
+        config = config_from_dict({n: int(trial.suggest_categorical(n, job.choices[n])) for n in PARAMS})
         trial.set_user_attr("worker", worker)
         duplicate = _duplicate_of(study, trial, config)
         if duplicate is not None:

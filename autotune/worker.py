@@ -59,7 +59,7 @@ def main() -> int:
     index = int(os.environ.get(WORKER_INDEX_ENV, "0"))
     storage = make_storage(request["url"], int(request["heartbeat_interval"]))
     study = optuna.load_study(study_name=request["study"], storage=storage, sampler=job.sampler(job.seed + 1 + index))
-    measured = run_worker(study, job, resolve_measure(request["measure"]), worker=str(index))
+    measured = run_worker(study, job, resolve_measure(request["measure"], job.kind), worker=str(index))
     log.info("tuning worker %d measured %d configs", index, measured)
     return 0
 

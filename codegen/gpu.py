@@ -1,18 +1,24 @@
 """CUDA implementations of the fused ops: the Triton kernels, or the reference with a logged reason.
 
 Each launcher raises ValueError for a case its kernel does not cover (RoPE inside attention, fp64, ...); the
-op then runs the reference implementation on the GPU, so a site never fails for lack of a kernel.
+op then runs the reference implementation on the GPU, so a site never fails for lack of a kernel. Every launch takes
+the knobs the autotune registry chose at compile time for its kernel family and launch key (autotune/launch_keys.py):
+one dict lookup, skipped when nothing was chosen; the launcher's defaults otherwise.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import cpu
 from . import reference as ref
+
+if TYPE_CHECKING:
+    from .plan import TileConfig
 
 log = logging.getLogger("tilefuse.codegen")
 
@@ -27,33 +33,54 @@ def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
 
 def attention_with_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor]:
     """(out, lse) of split-KV decode for a few query rows over a long KV (`attention_decode.use_decode`), else of
-    the FA2 forward at the tile config chosen at compile time (autotune registry) or its default; the reference
-    when neither kernel covers the case."""
-    from .attention_decode import attention_triton
+    the FA2 forward, each at the tile config chosen at compile time (autotune registry) or its default; the
+    reference when neither kernel covers the case."""
+    from .attention_decode import attention_decode_triton, attention_triton
 
     try:
-        return attention_triton(inputs, flags, **_tuned_config(inputs, flags))
+        kind, config = _attention_config(inputs, flags, backward=False)
+        if kind == "attention_decode" and config is not None:
+            return attention_decode_triton(inputs, flags, **_decode_knobs(config))
+        return attention_triton(inputs, flags, **(_tile_knobs(config) if config is not None else {}))
     except ValueError as err:
         _fallback("attention", err)
         return cpu.attention_with_lse(inputs, flags)
 
 
-def _tuned_config(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> dict[str, int]:
+def _attention_config(
+    inputs: ref.AttnInputs, flags: ref.AttnFlags, backward: bool
+) -> tuple[str | None, TileConfig | None]:
+    """(kernel family, chosen config or None) of this attention launch; (None, None) when nothing was chosen."""
     from ..autotune import registry
 
     q, k, v = inputs.q, inputs.k, inputs.v
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0:
-        return {}  # the launcher raises the clear error
+    if not registry.active() or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0:
+        return None, None  # no config to find (or a shape the launcher rejects with a clear error)
+    from ..autotune.launch_keys import attention_key
+    from .attention_decode import use_decode
+
+    group = q.shape[1] // k.shape[1]
+    if backward:
+        kind = "attention_backward"
+    else:
+        decode = use_decode(q.shape[2], k.shape[2], group, max(q.shape[-1], v.shape[-1]))
+        kind = "attention_decode" if decode else "attention"
     rope = inputs.cos is not None and inputs.sin is not None and flags.rope_layout != ref.ROPE_NONE
-    key = registry.launch_key(
-        q.shape[-1], v.shape[-1], str(q.dtype), q.shape[1] // k.shape[1], q.shape[2], k.shape[2], flags.causal,
-        flags.window > 0, flags.softcap > 0, inputs.alibi_slopes is not None, inputs.mask is not None, rope,
-        flags.dropout_p > 0,
+    key = attention_key(
+        kind, q.shape[-1], v.shape[-1], q.dtype, group, q.shape[2], k.shape[2], flags.causal, flags.window > 0,
+        flags.softcap > 0, inputs.alibi_slopes is not None, inputs.mask is not None, rope, flags.dropout_p > 0,
     )  # fmt: skip
-    config = registry.config_for_launch(key)
-    if config is None:
-        return {}
+    return kind, registry.config_for_launch(key)
+
+
+def _tile_knobs(config: TileConfig) -> dict[str, int]:
+    """The FA2 forward's and the backward's knobs."""
     return dict(block_m=config.block_m, block_n=config.block_n, num_warps=config.num_warps,
+                num_stages=config.num_stages)  # fmt: skip
+
+
+def _decode_knobs(config: TileConfig) -> dict[str, int | None]:
+    return dict(block_n=config.block_n, num_splits=config.num_splits, num_warps=config.num_warps,
                 num_stages=config.num_stages)  # fmt: skip
 
 
@@ -64,21 +91,39 @@ def attention_backward(
     from .attention_bwd import attention_backward_triton
 
     try:
-        return attention_backward_triton(grad_out, inputs, flags, out, lse)
+        _, config = _attention_config(inputs, flags, backward=True)
+        knobs = _tile_knobs(config) if config is not None else {}
+        return attention_backward_triton(grad_out, inputs, flags, out, lse, **knobs)
     except ValueError as err:
         _fallback("attention_backward", err)
         return ref.attention_backward(grad_out, inputs, flags)
+
+
+def _norm_config(kind: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+                 rms: bool) -> TileConfig | None:  # fmt: skip
+    from ..autotune import registry
+
+    if not registry.active() or x.dim() == 0 or x.shape[-1] == 0:
+        return None
+    from ..autotune.launch_keys import norm_key
+
+    width = x.shape[-1]
+    key = norm_key(kind, rms, width, x.numel() // width, x.dtype, weight is not None, bias is not None,
+                   residual is not None)  # fmt: skip
+    return registry.config_for_launch(key)
 
 
 def norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, weight_offset: float,
     rms: bool,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """(normalized, x + residual or None)."""
+    """(normalized, x + residual or None), at the warps chosen at compile time (autotune registry) or the default."""
     from .norm_kernels import norm_forward_triton
 
     try:
-        y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms)
+        config = _norm_config("norm", x, weight, bias, residual, rms)
+        warps = config.num_warps if config is not None else None
+        y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms, num_warps=warps)
         return y, total
     except ValueError as err:
         _fallback("rms_norm" if rms else "layer_norm", err)
@@ -94,17 +139,31 @@ def norm_backward(
 
     _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms)
     try:
-        return norm_backward_triton(grad, x, weight, None if rms else mean, rstd, weight_offset, rms)
+        config = _norm_config("norm_backward", x, weight, None, None, rms)
+        knobs = dict(num_warps=config.num_warps, programs=config.num_splits) if config is not None else {}
+        return norm_backward_triton(grad, x, weight, None if rms else mean, rstd, weight_offset, rms, **knobs)
     except ValueError as err:
         _fallback("norm_backward", err)
         return ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms)
+
+
+def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """block_rows and num_warps chosen at compile time for this RoPE launch (forward and backward share them)."""
+    from ..autotune import registry
+
+    if not registry.active() or x.dim() == 0 or x.shape[-1] == 0:
+        return {}
+    from ..autotune.launch_keys import rope_key
+
+    config = registry.config_for_launch(rope_key(layout, x.shape[-1], rotary_dim, x.numel() // x.shape[-1], dtype))
+    return {} if config is None else {"block_rows": config.block_m, "num_warps": config.num_warps}
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
     from .rope_kernels import rope_forward_triton
 
     try:
-        return rope_forward_triton(x, cos, sin, layout, rotary_dim)
+        return rope_forward_triton(x, cos, sin, layout, rotary_dim, **_rope_knobs(x, layout, rotary_dim, x.dtype))
     except ValueError as err:
         _fallback("rope", err)
         return ref.rope_forward(x, cos, sin, layout, rotary_dim)
@@ -114,7 +173,8 @@ def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_di
     from .rope_kernels import rope_backward_triton
 
     try:
-        return rope_backward_triton(grad, cos, sin, layout, rotary_dim, x_dtype)
+        knobs = _rope_knobs(grad, layout, rotary_dim, x_dtype)
+        return rope_backward_triton(grad, cos, sin, layout, rotary_dim, x_dtype, **knobs)
     except ValueError as err:
         _fallback("rope_backward", err)
         return ref.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype)

@@ -36,13 +36,19 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     return compile_fx(gm, list(example_inputs))  # type: ignore[return-value]
 
 
-def _choose_tile_configs(sites: Sequence[Any], options: Options) -> None:
-    """Fill the autotune registry for the fused sites (a database lookup; never raises, see autotune.registry)."""
+def _choose_tile_configs(sites: Sequence[Any], options: Options, training: bool) -> None:
+    """Fill the autotune registry for every kernel of the fused sites (a database lookup; never raises, see
+    autotune.registry); `training` lets mode "measure" search the backward kernels too."""
     if options.autotune == "off":
         return
     from ..autotune.registry import resolve_sites
 
-    resolve_sites(sites, options.autotune, options.tuning_db)
+    resolve_sites(sites, options.autotune, options.tuning_db, training=training)
+
+
+def _needs_backward(example_inputs: Sequence[Any]) -> bool:
+    """Whether this graph will run a backward: grad is on and some input requires it."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
 class TilefuseBackend:
@@ -68,7 +74,7 @@ class TilefuseBackend:
             timings["passes"] += time.perf_counter() - start
             self.report.extend(ctx.sites, ctx.counters)
             start = time.perf_counter()
-            _choose_tile_configs(ctx.sites, self.options)
+            _choose_tile_configs(ctx.sites, self.options, _needs_backward(example_inputs))
             timings["autotune_lookup"] += time.perf_counter() - start
             log.info("tilefuse: %s", self.report.summary())
             start = time.perf_counter()

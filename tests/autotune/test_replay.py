@@ -13,17 +13,18 @@ import pytest
 
 from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.replay import STRATEGIES, Group, groups_of, replay, replay_files, run_strategy
-from tilefuse.autotune.space import PARAMS, infeasible_reasons
+from tilefuse.autotune.space import HEURISTIC_SPLITS, PARAMS, build_space, config_from_dict, infeasible_reasons
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.compiler import cli
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.records import MeasurementRecord, make_record, write_records
-from tilefuse.specs import AttentionSpec
+from tilefuse.specs import AttentionSpec, NormSpec
 
 H100 = get_gpu("h100")
 SPECS = [AttentionSpec(4, 8, 8, 512, 512, 64, 64, "bfloat16", 0.125, causal) for causal in (False, True)]
 # A smaller grid than ATTENTION_CHOICES keeps the cost model's predictions (the tilefuse strategy) quick.
-CHOICES = {"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3, 4)}
+CHOICES = {"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3, 4),
+           "num_splits": (HEURISTIC_SPLITS,)}  # fmt: skip
 
 
 def synthetic(spec: AttentionSpec, config: TileConfig) -> Measurement:
@@ -43,7 +44,7 @@ def synthetic_records() -> list[MeasurementRecord]:
     records = []
     for spec in SPECS:
         for values in itertools.product(*(CHOICES[n] for n in PARAMS)):
-            config = TileConfig(*values)
+            config = config_from_dict(dict(zip(PARAMS, values, strict=True)))
             reasons = infeasible_reasons(spec, config, H100)
             result = Measurement("infeasible", error="; ".join(reasons)) if reasons else synthetic(spec, config)
             records.append(make_record(spec, config, H100.name, result, versions={}, features={}))
@@ -117,3 +118,24 @@ def test_replay_files_rejects_missing_data(tmp_path: Path) -> None:
         replay_files([tmp_path / "nope.jsonl.gz"])
     with pytest.raises(ValueError, match="no measurement records"):
         replay_files([tmp_path])
+
+
+def test_groups_split_by_kernel_family_and_replay_each() -> None:
+    norm = NormSpec("rmsnorm", 4096, (2, 128, 4096), "bfloat16", 1e-6)
+    records = []
+    for kind in ("norm", "norm_backward"):
+        for config in build_space(norm, H100, kind=kind).configs:
+            value = 5.0 + abs(math.log2(config.num_warps / 8)) + (config.num_splits or 132) / 132
+            records.append(make_record(norm, config, H100.name, Measurement.ok(value), versions={}, features={},
+                                       family=kind))  # fmt: skip
+    families = groups_of(records)
+    assert sorted(g.family for g in families) == ["norm", "norm_backward"]
+    backward = next(g for g in families if g.family == "norm_backward")
+    assert len(backward.choices["num_splits"]) > 1 and backward.best[0].num_warps == 8
+    assert "norm_backward rmsnorm" in backward.describe()
+    for group in families:
+        for strategy in STRATEGIES:
+            reached = run_strategy(strategy, group, 0)
+            assert reached is not None and reached <= len(group.latency_us), (group.family, strategy)
+    report = replay(families, seeds=2, strategies=("exhaustive", "coordinate"))
+    assert {g["family"] for g in report["groups"]} == {"norm", "norm_backward"} and not report["notes"]

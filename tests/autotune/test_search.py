@@ -3,6 +3,8 @@ screening, failures recorded, stopping rules, exhaustive ground truth."""
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import optuna
@@ -10,12 +12,14 @@ import pytest
 from _synthetic import OPTIMUM, synthetic_cost, synthetic_latency
 
 from tilefuse.autotune.db import TuningDB
+from tilefuse.autotune.keys import tuning_key
 from tilefuse.autotune.records import Measurement
-from tilefuse.autotune.search import TuneSettings, predicted_latencies, tune_spec
-from tilefuse.autotune.space import build_space, default_config
+from tilefuse.autotune.search import TuneSettings, predicted_latencies, resolve_measure, summary_row, tune_spec
+from tilefuse.autotune.space import build_space, default_config, plan_for
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.analytic import predict
 from tilefuse.costmodel.hardware import get_gpu
-from tilefuse.specs import AttentionSpec, Spec
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100 = get_gpu("h100")
 SPEC = AttentionSpec(2, 8, 8, 1024, 1024, 64, 64, "bfloat16", 0.125, causal=True)
@@ -111,3 +115,39 @@ def test_settings_are_validated() -> None:
         TuneSettings(budget=0)
     with pytest.raises(ValueError, match="workers"):
         TuneSettings(mode="model", workers=2)
+
+
+NORM = NormSpec("rmsnorm", 4096, (2, 128, 4096), "bfloat16", 1e-6)
+ROPE = RopeSpec("rotate_half", 128, 128, (2, 32, 128, 128), "bfloat16")
+
+
+@pytest.mark.parametrize(("spec", "kind"), [(NORM, "norm"), (NORM, "norm_backward"), (ROPE, "rope")])
+def test_every_family_tunes_with_its_own_space_and_key(tmp_path: Path, spec: Spec, kind: str) -> None:
+    def warps_and_programs(spec: Spec, config: TileConfig) -> Measurement:  # fastest at 8 warps, 132 programs
+        value = 5.0 + abs(math.log2(config.num_warps / 8)) + abs(math.log2((config.num_splits or 132) / 132))
+        return Measurement.ok(value + abs(math.log2(config.block_m / 16)) if kind == "rope" else value)
+
+    db = TuningDB(tmp_path / "t.sqlite")
+    outcome = tune_spec(spec, H100, TuneSettings(mode="exhaustive"), kind=kind, db=db, measure=warps_and_programs)
+    space = build_space(spec, H100, kind=kind)
+    assert outcome.kind == kind and outcome.key == tuning_key(spec, "sm_90", kind=kind)
+    assert {t.config for t in outcome.record.trials} == set(space.configs)
+    assert outcome.record.best is not None and outcome.record.best.num_warps == 8
+    assert outcome.default == default_config(spec, kind)
+    model = tune_spec(spec, H100, TuneSettings(mode="model"), kind=kind, db=db)
+    assert model.hit and model.record.source == "exhaustive" and summary_row(model)["kernel"] == kind
+
+
+def test_backward_and_decode_rank_with_their_own_plans() -> None:
+    decode = AttentionSpec(4, 32, 8, 1, 4096, 128, 128, "bfloat16", 0.125, gqa_group=4)
+    for spec, kind in ((SPEC, "attention_backward"), (decode, "attention_decode")):
+        configs = build_space(spec, H100, kind=kind).configs[:24]
+        predicted = predicted_latencies(spec, configs, H100, kind)
+        expected = {c: predict(plan_for(spec, c, kind), H100).latency_us for c in configs}
+        assert predicted == expected and list(predicted.values()) == sorted(expected.values())
+
+
+def test_the_gpu_measure_is_bound_to_the_family() -> None:
+    measure = resolve_measure("gpu", "norm_backward")
+    assert isinstance(measure, functools.partial) and measure.keywords == {"kind": "norm_backward"}
+    assert resolve_measure("_synthetic:synthetic_latency", "rope") is synthetic_latency

@@ -8,16 +8,25 @@ import pytest
 
 from tilefuse.autotune.space import (
     ATTENTION_CHOICES,
+    FAMILY_CHOICES,
+    HEURISTIC_SPLITS,
+    KERNEL_FAMILIES,
+    NORM_BACKWARD_SM_MULTIPLES,
+    PARAMS,
+    PLAN_FAMILY,
     build_space,
     config_from_dict,
     config_to_dict,
     default_config,
     infeasible_reasons,
+    plan_for,
+    site_families,
+    spec_families,
 )
 from tilefuse.codegen.plan import TileConfig, TiledPlan
 from tilefuse.costmodel.features import KernelFeatures
-from tilefuse.costmodel.hardware import get_gpu
-from tilefuse.specs import AttentionSpec, NormSpec
+from tilefuse.costmodel.hardware import GPUSpec, get_gpu
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100, L4 = get_gpu("h100"), get_gpu("l4")
 
@@ -52,7 +61,7 @@ def test_blocks_the_launcher_would_shrink_are_not_separate_configs(q_len: int) -
 
 
 def test_head_dim_beyond_the_kernel_has_no_config() -> None:
-    with pytest.raises(ValueError, match="no feasible tile config"):
+    with pytest.raises(ValueError, match="no feasible attention tile config"):
         build_space(attention(head_dim=512), H100)
 
 
@@ -71,16 +80,78 @@ def test_compiler_facts_reject_spills_and_compile_failures() -> None:
     assert config not in space
 
 
-def test_norm_sites_have_the_launchers_single_config() -> None:
-    spec = NormSpec("rmsnorm", 64, (2, 16, 64), "bfloat16", 1e-6)
-    space = build_space(spec, H100)
-    assert space.configs == (default_config(spec),) and not space.tunable
+PREFILL = attention(q_len=256, head_dim=64)
+DECODE = AttentionSpec(4, 32, 8, 1, 4096, 128, 128, "bfloat16", 0.125, gqa_group=4)
+NORM = NormSpec("rmsnorm", 4096, (2, 128, 4096), "bfloat16", 1e-6)
+ROPE = RopeSpec("rotate_half", 128, 128, (2, 32, 128, 128), "bfloat16")
+FAMILY_SPECS = [(PREFILL, "attention"), (DECODE, "attention_decode"), (PREFILL, "attention_backward"),
+                (NORM, "norm"), (NORM, "norm_backward"), (ROPE, "rope")]  # fmt: skip
+
+
+def test_each_site_launches_its_families() -> None:
+    assert site_families(PREFILL) == ("attention", "attention_backward")
+    assert site_families(DECODE) == ("attention_decode", "attention_backward")
+    assert site_families(NORM) == ("norm", "norm_backward") and site_families(ROPE) == ("rope",)
+    assert set(KERNEL_FAMILIES) == {k for s in (PREFILL, NORM, ROPE) for k in spec_families(s)}
+
+
+@pytest.mark.parametrize(("spec", "kind"), FAMILY_SPECS, ids=[kind for _, kind in FAMILY_SPECS])
+def test_every_family_has_a_feasible_space_over_its_own_knobs(spec: Spec, kind: str) -> None:
+    space = build_space(spec, H100, kind=kind)
+    assert space.kind == kind and space.tunable
+    default = config_to_dict(default_config(spec, kind))
+    for name in PARAMS:
+        if name not in FAMILY_CHOICES[kind]:
+            assert space.choices[name] == (default[name],)  # a knob the family does not read stays put
+    for config in space.configs:
+        assert infeasible_reasons(spec, config, H100, kind=kind) == []
+        assert plan_for(spec, config, kind).kernel_family == PLAN_FAMILY[kind]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 100])
+def test_rope_rows_per_program_never_exceed_the_rows(rows: int) -> None:
+    spec = RopeSpec("interleaved", 64, 64, (1, 1, rows, 64), "float16")
+    blocks = {c.block_m for c in build_space(spec, H100, kind="rope").configs}
+    assert blocks and max(blocks) < 2 * rows and all(b & (b - 1) == 0 for b in blocks)
+
+
+@pytest.mark.parametrize("gpu", [H100, L4], ids=["h100", "l4"])
+def test_norm_backward_programs_follow_the_sm_count(gpu: GPUSpec) -> None:
+    splits = {c.num_splits for c in build_space(NORM, gpu, kind="norm_backward").configs}
+    expected = {max(1, round(gpu.sm_count * m)) for m in NORM_BACKWARD_SM_MULTIPLES}
+    assert splits == {min(s, 256) for s in expected}  # 2 x 128 rows: at most one program per row
+    small = NormSpec("layernorm", 64, (4, 64), "float32", 1e-5, has_bias=True)
+    assert {c.num_splits for c in build_space(small, gpu, kind="norm_backward").configs} == {4}
+
+
+def test_decode_tunes_its_split_count_and_never_its_rows() -> None:
+    space = build_space(DECODE, H100)
+    assert space.kind == "attention_decode" and len({c.block_m for c in space.configs}) == 1
+    splits = {c.num_splits for c in space.configs}
+    assert None in splits and {4, 8, 16, 32} <= splits  # the heuristic and explicit counts
+    for config in space.configs:
+        layout = plan_for(DECODE, config, "attention_decode").decode_layout()
+        assert config.num_splits is None or config.num_splits <= layout.work_splits
+    short = dataclasses.replace(DECODE, kv_len=512)  # 512 keys hold at most 32 blocks of 16: 64 splits do no work
+    assert max(c.num_splits or 0 for c in build_space(short, H100).configs) <= 32
+
+
+def test_a_family_the_spec_does_not_launch_is_refused() -> None:
+    with pytest.raises(ValueError, match="kernel family"):
+        build_space(NORM, H100, kind="bogus")
 
 
 def test_config_dict_round_trip_and_validation() -> None:
     config = TileConfig(128, 32, 8, 3)
+    assert config_to_dict(config)["num_splits"] == HEURISTIC_SPLITS
     assert config_from_dict(config_to_dict(config)) == config
+    split = TileConfig(64, 64, 4, 2, num_splits=16)
+    assert config_to_dict(split)["num_splits"] == 16 and config_from_dict(config_to_dict(split)) == split
+    old = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}  # written before num_splits existed
+    assert config_from_dict(old) == TileConfig(64, 64, 4, 2, None)
     with pytest.raises(ValueError, match="keys"):
         config_from_dict({"block_m": 64})
     with pytest.raises(ValueError, match="num_warps"):
         config_from_dict({"block_m": 64, "block_n": 64, "num_warps": "4", "num_stages": 2})
+    with pytest.raises(ValueError, match="num_splits"):
+        config_from_dict({**old, "num_splits": -1})

@@ -25,12 +25,34 @@ def test_tune_demo_in_model_mode_reports_every_site(tmp_path: Path, capsys: pyte
     report = _tune(tmp_path, capsys)
     sites = report["sites"]
     assert isinstance(sites, list) and {s["kind"] for s in sites} >= {"attention", "rmsnorm"}
-    attention = next(s for s in sites if s["kind"] == "attention")
+    kernels = {s["kernel"] for s in sites}
+    assert kernels >= {"attention", "attention_backward", "norm", "norm_backward"}, kernels
+    assert all(s["error"] is None for s in sites)
+    attention = next(s for s in sites if s["kernel"] == "attention")
     assert attention["best"] and attention["best_predicted_us"] > 0 and attention["speedup_over_default"] >= 1.0
     assert attention["spec"]["dtype"] == "bfloat16" and not attention["hit"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["sites"] == sites
     again = _tune(tmp_path, capsys)
     assert all(s["hit"] for s in again["sites"])  # type: ignore[union-attr]
+
+
+def test_tune_family_restricts_the_kernels(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "250")  # rich tables: no wrapped cells
+    report = _tune(tmp_path, capsys, "--family", "norm_backward", "--family", "rope")
+    assert {s["kernel"] for s in report["sites"]} <= {"norm_backward", "rope"}  # type: ignore[union-attr]
+    assert "norm_backward" in {s["kernel"] for s in report["sites"]}  # type: ignore[union-attr]
+    db = str(tmp_path / "t.sqlite")
+    assert cli.main(["tune", "demo", "--mode", "model", "--db", db, "--family", "norm"]) == 0
+    table = capsys.readouterr().out
+    assert "kernel" in table and "norm" in table
+    assert cli.main(["db", "list", "--db", db, "--family", "norm_backward", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed and {r["key"]["family"] for r in listed} == {"norm_backward"}
+    assert cli.main(["db", "list", "--db", db]) == 0
+    assert "norm_backward" in capsys.readouterr().out
+    assert cli.main(["db", "show", listed[0]["key_digest"][:12], "--db", db]) == 0
+    assert "kernel norm_backward" in capsys.readouterr().out.replace("\n", " ")
 
 
 def test_db_list_show_export_import_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,8 +100,9 @@ def test_compile_looks_up_the_db_and_fills_the_registry(tmp_path: Path, monkeypa
         compiled(*inputs)
     chosen = registry.snapshot()
     assert chosen and all(c.source == "model" for c in chosen.values())  # a miss: the cost model's choice
-    spec = next(iter(chosen))
-    assert registry.config_for(spec) == chosen[spec].config
+    assert {kind for _, kind in chosen} >= {"attention", "attention_backward", "norm", "norm_backward"}
+    spec, kind = next(iter(chosen))
+    assert registry.config_for(spec, kind) == chosen[(spec, kind)].config
     assert TuningDB(db).records()  # stored back: the next compile is a hit
     registry.clear()
     torch._dynamo.reset()

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from tilefuse.autotune.keys import DYNAMIC, TuningKey, bucket_dim, spec_bucket, tuning_key
-from tilefuse.specs import AttentionSpec, NormSpec
+from tilefuse.autotune.space import KERNEL_FAMILIES, spec_families
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
 
 def attention(q_len: int | None = 1000, **kw: object) -> AttentionSpec:
@@ -59,3 +60,38 @@ def test_key_round_trips_through_json() -> None:
     assert TuningKey.from_dict(key.to_dict()).digest == key.digest
     with pytest.raises(ValueError, match="arch"):
         tuning_key(attention(), "hopper")
+
+
+NORM = NormSpec("rmsnorm", 4096, (2, 128, 4096), "bfloat16", 1e-6)
+ROPE = RopeSpec("rotate_half", 128, 128, (2, 32, 128, 128), "bfloat16")
+DECODE = AttentionSpec(4, 32, 8, 1, 4096, 128, 128, "bfloat16", 0.125, gqa_group=4)
+
+
+def test_the_key_names_the_kernel_family_and_hashes_its_kernel() -> None:
+    keys = {
+        kind: tuning_key(spec, "sm_90", kind=kind)
+        for spec in (attention(), DECODE, NORM, ROPE) for kind in spec_families(spec)
+        if kind != "attention_decode" or spec is DECODE
+    }  # fmt: skip
+    assert set(keys) == set(KERNEL_FAMILIES) and all(k.family == kind for kind, k in keys.items())
+    assert len({k.source_hash for k in keys.values()}) == len(KERNEL_FAMILIES)  # one kernel source each
+    assert tuning_key(NORM, "sm_90") == keys["norm"] and tuning_key(DECODE, "sm_90") == keys["attention_decode"]
+    forward, backward = tuning_key(attention(), "sm_90"), tuning_key(attention(), "sm_90", kind="attention_backward")
+    assert forward.family == "attention" and forward.digest != backward.digest
+    assert "norm_backward (rmsnorm)" in keys["norm_backward"].describe()
+    assert backward.describe().startswith("attention_backward 4x16x16x1024x1024 d64 float16")
+
+
+def test_the_attention_forward_key_hashes_the_fa2_kernel() -> None:
+    """The forward's key is what it was before every family had one: the FA2 kernel's source digest."""
+    from tilefuse.codegen.attention_fwd import attention_fwd_kernel
+    from tilefuse.costmodel.features import kernel_source_digest
+
+    assert tuning_key(attention(), "sm_90").source_hash == kernel_source_digest(attention_fwd_kernel)
+
+
+def test_a_family_the_spec_does_not_launch_has_no_key() -> None:
+    with pytest.raises(ValueError, match="kernel families"):
+        tuning_key(NORM, "sm_90", kind="attention")
+    with pytest.raises(ValueError, match="kernel families"):
+        tuning_key(ROPE, "sm_90", kind="norm_backward")
