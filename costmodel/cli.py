@@ -40,10 +40,13 @@ def add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train = sub.add_parser("train", help="train the learned ranker on record files")
     train.add_argument("--data", nargs="+", required=True)
-    train.add_argument("--out", required=True, help="model JSON path")
+    train.add_argument("--out", required=True, help="model JSON path (costmodel/models/<gpu>.json ships it)")
+    train.add_argument("--kind", choices=("gbdt", "mlp"), default="gbdt",
+                       help="gbdt: LightGBM LambdaRank (default); mlp: pairwise-ranking MLP")  # fmt: skip
+    train.add_argument("--trees", type=int, default=300, help="gbdt: boosting rounds")
     train.add_argument("--holdout-shapes", type=float, default=0.2, help="fraction of Specs kept out of training")
     train.add_argument("--holdout-gpu", default=None, help="GPU name kept out of training")
-    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--epochs", type=int, default=300, help="mlp: training epochs")
     train.add_argument("--seed", type=int, default=0)
     evaluate = sub.add_parser("eval", help="ranking metrics of a model (and the analytic baseline) on record files")
     evaluate.add_argument("--model", required=True)
@@ -113,11 +116,17 @@ def training_subset(records: Sequence[MeasurementRecord], fraction: float, gpu: 
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .gbdt import GBDTSettings, train_gbdt
     from .learned import TrainSettings, train
+    from .ranker import CostModel
 
     records = read_records(args.data)
     subset = training_subset(records, args.holdout_shapes, args.holdout_gpu)
-    model = train(subset, TrainSettings(epochs=args.epochs, seed=args.seed))
+    model: CostModel
+    if args.kind == "gbdt":
+        model = train_gbdt(subset, GBDTSettings(num_trees=args.trees, seed=args.seed))
+    else:
+        model = train(subset, TrainSettings(epochs=args.epochs, seed=args.seed))
     model.trained_on["data"] = [Path(p).name for p in args.data]
     model.save(args.out)
     Console().print(f"trained on {len(subset)} of {len(records)} records "
@@ -127,9 +136,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import METRICS, evaluation_report, scatter_plot
-    from .learned import LearnedModel
+    from .ranker import load_model
 
-    model = LearnedModel.load(args.model)
+    model = load_model(args.model)
     records = read_records(args.data)
     report = evaluation_report(records, model)
     if args.plot and not scatter_plot(records, model, args.plot):

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .learned import LearnedModel, group_indices
+from .learned import group_indices
+from .ranker import CostModel
 from .records import MeasurementRecord
 
 ScoreFn = Callable[[Sequence[MeasurementRecord]], np.ndarray]
@@ -113,7 +114,7 @@ def analytic_scores(records: Sequence[MeasurementRecord]) -> np.ndarray:
     return np.array([math.inf if v is None else float(v) for v in values])
 
 
-def splits(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[str, list[MeasurementRecord]]:
+def splits(records: Sequence[MeasurementRecord], model: CostModel) -> dict[str, list[MeasurementRecord]]:
     """all; held_out_shapes (Specs the model was not trained on); held_out_gpu (GPUs it was not trained on)."""
     seen_specs = set(model.trained_on.get("specs") or ())
     seen_gpus = set(model.trained_on.get("gpus") or ())
@@ -123,11 +124,11 @@ def splits(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[st
     return out
 
 
-def _compare(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[str, Any]:
+def _compare(records: Sequence[MeasurementRecord], model: CostModel) -> dict[str, Any]:
     return {"learned": evaluate(records, model.rank_scores), "analytic": evaluate(records, analytic_scores)}
 
 
-def evaluation_report(records: Sequence[MeasurementRecord], model: LearnedModel) -> dict[str, Any]:
+def evaluation_report(records: Sequence[MeasurementRecord], model: CostModel) -> dict[str, Any]:
     """{split: {"learned": metrics, "analytic": metrics, "families": {family: {"learned": ..., "analytic": ...}}}}
     for every split with data; the overall metrics average over every group of every family."""
     report: dict[str, Any] = {}
@@ -139,7 +140,7 @@ def evaluation_report(records: Sequence[MeasurementRecord], model: LearnedModel)
     return report
 
 
-def scatter_plot(records: Sequence[MeasurementRecord], model: LearnedModel, path: str) -> bool:
+def scatter_plot(records: Sequence[MeasurementRecord], model: CostModel, path: str) -> bool:
     """Predicted score vs measured latency (ms), one point per ok record; False when matplotlib is missing."""
     try:
         import matplotlib

@@ -155,12 +155,14 @@ def _synthetic_dataset(path: Path, gpu: str = "h100", seqs: tuple[int, ...] = (2
     write_records(path, records)
 
 
-def test_train_and_eval_on_synthetic_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("kind", ["gbdt", "mlp"])
+def test_train_and_eval_on_synthetic_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
     data, model = tmp_path / "synthetic.jsonl.gz", tmp_path / "synthetic-model.json"
     _synthetic_dataset(data)
-    assert main(["costmodel", "train", "--data", str(data), "--out", str(model), "--holdout-shapes", "0.3"]) == 0
+    args = ["--data", str(data), "--out", str(model), "--holdout-shapes", "0.3", "--kind", kind]
+    assert main(["costmodel", "train", *args]) == 0
     saved = json.loads(model.read_text())
-    assert saved["format"] == "tilefuse-costmodel-mlp" and saved["feature_schema"]
+    assert saved["format"] == f"tilefuse-costmodel-{kind}" and saved["feature_schema"]
     capsys.readouterr()
     assert main(["costmodel", "eval", "--model", str(model), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -175,7 +177,8 @@ def test_held_out_gpu_split_and_model_schema(tmp_path: Path, capsys: pytest.Capt
     data, model = tmp_path / "synthetic.jsonl.gz", tmp_path / "synthetic-model.json"
     _synthetic_dataset(data, "h100", (512, 2048))
     _synthetic_dataset(data, "a100", (512,))
-    args = ["--data", str(data), "--out", str(model), "--holdout-gpu", "synthetic-a100", "--epochs", "100"]
+    args = ["--data", str(data), "--out", str(model), "--holdout-gpu", "synthetic-a100", "--kind", "mlp",
+            "--epochs", "100"]  # fmt: skip
     assert main(["costmodel", "train", *args]) == 0
     capsys.readouterr()
     assert main(["costmodel", "eval", "--model", str(model), "--data", str(data), "--json"]) == 0
