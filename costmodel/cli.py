@@ -36,6 +36,9 @@ def add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
     collect.add_argument("--gpu", default=None, help="GPU table entry for constraints (default: this device's)")
     collect.add_argument("--compiler-features", action="store_true", help="also record TTGIR/cubin facts")
     collect.add_argument(
+        "--jobs", type=int, default=1, help="compile the kernels first in N worker processes (spare CPU cores)"
+    )
+    collect.add_argument(
         "--interpret", action="store_true", help="time the Triton interpreter on CPU (tests only; marked interpreted)"
     )
     train = sub.add_parser("train", help="train the learned ranker on record files")
@@ -68,13 +71,24 @@ def _collect_in_interpreter(args: argparse.Namespace) -> int:
     argv += ["--limit", str(args.limit)] if args.limit is not None else []
     argv += ["--gpu", args.gpu] if args.gpu else []
     argv += ["--compiler-features"] if args.compiler_features else []
+    argv += ["--jobs", str(args.jobs)] if args.jobs > 1 else []
     return subprocess.run(argv, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
 
 
 def run_collect(args: argparse.Namespace) -> int:
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         return _collect_in_interpreter(args)
-    from .collect import FAMILIES, TINY_CHOICES, MeasureFn, collect, interpreter_measure, plan_tasks, shape_grid
+    from .collect import (
+        FAMILIES,
+        TINY_CHOICES,
+        MeasureFn,
+        Task,
+        collect,
+        interpreter_measure,
+        plan_tasks,
+        shape_grid,
+        warm_kernels,
+    )
     from .hardware import current_gpu, get_gpu
 
     measure: MeasureFn
@@ -89,12 +103,19 @@ def run_collect(args: argparse.Namespace) -> int:
     tasks = [task for family in families
              for task in plan_tasks(shape_grid(family, grid), gpu, TINY_CHOICES[family] if args.interpret else None,
                                     kind=family)]  # fmt: skip
+    device = "cpu" if args.interpret else "cuda"
+
+    def warm(todo: Sequence[Task]) -> None:
+        Console(stderr=True).print(f"compiling {len(todo)} configs in {args.jobs} processes first")
+        warm_kernels(todo, args.jobs, device)
+
     with Progress(console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("measuring", total=None)
         summary = collect(
             tasks, args.out, measure, gpu, gpu_name="triton-interpreter" if args.interpret else gpu.name,
             interpreted=args.interpret, compiler_features=args.compiler_features, limit=args.limit,
             on_step=lambda done, total: progress.update(bar, completed=done, total=total),
+            warm=warm if args.jobs > 1 else None,
         )  # fmt: skip
     Console().print(f"{summary.written} records written to {args.out} ({summary.skipped} already there): "
                     f"{summary.by_status}")  # fmt: skip

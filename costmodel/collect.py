@@ -103,14 +103,17 @@ def plan_tasks(
 def collect(
     tasks: Sequence[Task], out: str | Path, measure: MeasureFn, gpu: GPUSpec, *, gpu_name: str | None = None,
     interpreted: bool = False, compiler_features: bool = False, limit: int | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None, warm: Callable[[Sequence[Task]], None] | None = None,
 ) -> CollectSummary:  # fmt: skip
     """Measure each task not yet in `out` (at most `limit`), appending records; `on_step(done, total)` reports
-    progress. `gpu` sets the constraints and analytic features; `gpu_name` (default gpu.name) labels the records."""
+    progress. `gpu` sets the constraints and analytic features; `gpu_name` (default gpu.name) labels the records.
+    `warm` (e.g. `warm_kernels`) first runs over the tasks about to be measured, to compile them ahead."""
     known = {r.key for r in iter_records(out)} if Path(out).exists() else set()
     versions = tool_versions(interpreted)
     missing = [task for task in tasks if _task_key(task, gpu_name or gpu.name, interpreted) not in known]
     todo = missing[:limit] if limit is not None else missing
+    if warm is not None:
+        warm([task for task in todo if not task.rejected])
     pending: list[MeasurementRecord] = []
     by_status: dict[str, int] = {}
     for done, task in enumerate(todo, 1):
@@ -130,6 +133,49 @@ def collect(
             on_step(done, len(todo))
     write_records(out, pending)
     return CollectSummary(len(tasks), len(tasks) - len(missing), len(todo), by_status)
+
+
+def _launch_once(tasks: Sequence[Task], device: str) -> int:
+    """Launch each task's config once, untimed (worker of `warm_kernels`); returns how many launched cleanly."""
+    from .cases import measure_case
+
+    def untimed(run: Callable[[], object]) -> tuple[float, float, float]:
+        return 1.0, 1.0, 1.0
+
+    launched = 0
+    for task in tasks:
+        launched += measure_case(task.spec, task.config, task.kind, device, untimed).status == "ok"
+    return launched
+
+
+def warm_kernels(tasks: Sequence[Task], jobs: int, device: str = "cuda") -> int:
+    """Compile the tasks' kernels in `jobs` worker processes (each launches its share once, on `device`), so the
+    timed pass finds every kernel in Triton's on-disk cache and only measures. Compiling takes about a second per
+    config and one process uses one CPU core; measuring needs the GPU to itself, so it stays sequential. Tasks of
+    one Spec stay in one worker (their inputs and reference are built once). Returns how many launched cleanly;
+    a worker that fails only costs the warm-up (the timed pass compiles what is missing)."""
+    import concurrent.futures
+    import multiprocessing
+
+    by_spec: dict[tuple[Spec, str], list[Task]] = {}
+    for task in tasks:
+        by_spec.setdefault((task.spec, task.kind), []).append(task)
+    shares: list[list[Task]] = [[] for _ in range(max(1, jobs))]
+    for group in sorted(by_spec.values(), key=len, reverse=True):  # largest first onto the lightest share
+        min(shares, key=len).extend(group)
+    shares = [share for share in shares if share]
+    if not shares:
+        return 0
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialized in a forked child
+    launched = 0
+    with concurrent.futures.ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+        futures = [pool.submit(_launch_once, share, device) for share in shares]
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                launched += future.result()
+            except Exception as err:  # a crashed worker (e.g. killed for memory) loses only its warm-up
+                log.warning("warm-up worker failed: %s: %s", type(err).__name__, err)
+    return launched
 
 
 def _task_key(task: Task, gpu_name: str, interpreted: bool) -> str:

@@ -190,3 +190,15 @@ def test_held_out_gpu_split_and_model_schema(tmp_path: Path, capsys: pytest.Capt
         LearnedModel.from_dict({**saved, "feature_schema": saved["feature_schema"][:-1]})
     with pytest.raises(ValueError, match="format"):
         LearnedModel.from_dict({"format": "pickle"})
+
+
+def test_warm_kernels_launches_every_task_in_worker_processes(tmp_path: Path) -> None:
+    """The warm-up pool (collect --jobs N) launches each config once in spawned workers; under the interpreter
+    the workers inherit TRITON_INTERPRET=1 and run on the CPU."""
+    from tilefuse.costmodel.collect import warm_kernels
+
+    tasks = [t for t in plan_tasks(shape_grid("norm", "tiny"), get_gpu("h100"), {"num_warps": (1, 2)}, kind="norm")
+             if not t.rejected]  # fmt: skip
+    assert len({t.spec for t in tasks}) >= 2 and len(tasks) >= 3
+    assert warm_kernels(tasks, jobs=2, device="cpu") == len(tasks)
+    assert warm_kernels([], jobs=2, device="cpu") == 0
