@@ -24,6 +24,9 @@ _IGNORED = {
     "norm": ("eps", "weight_offset", "compute_dtype"),
     "rope": ("source",),
 }
+# Spec fields one kernel family never reads: sites that differ only there share its tuned config (the norm backward
+# kernel sees neither the bias nor the residual add of its forward).
+_IGNORED_BY_KERNEL = {"norm_backward": ("has_bias", "residual")}
 _ATTENTION_DIMS = ("batch", "q_heads", "kv_heads", "q_len", "kv_len")
 
 
@@ -159,7 +162,8 @@ def tuning_key(spec: Spec, arch: str, *, kind: str | None = None, source_hash: s
     kind = kind or kernel_family(spec)
     if kind not in spec_families(spec):
         raise ValueError(f"a {family(spec)} site launches kernel families {list(spec_families(spec))}, not {kind!r}")
+    bucket = _drop(spec_bucket(spec), _IGNORED_BY_KERNEL.get(kind, ()))
     return TuningKey(
-        kind, _canonical(spec_bucket(spec)), spec.dtype.removeprefix("torch."), arch, _canonical(versions()),
+        kind, _canonical(bucket), spec.dtype.removeprefix("torch."), arch, _canonical(versions()),
         source_hash if source_hash is not None else kernel_source_hash(kind),
     )  # fmt: skip

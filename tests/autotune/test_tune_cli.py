@@ -99,7 +99,10 @@ def test_compile_looks_up_the_db_and_fills_the_registry(tmp_path: Path, monkeypa
     with torch.no_grad():
         compiled(*inputs)
     chosen = registry.snapshot()
-    assert chosen and all(c.source == "model" for c in chosen.values())  # a miss: the cost model's choice
+    # A miss: the cost model's choice; the two norm sites differ only in what their backward kernel ignores, so
+    # the second one's backward finds the first one's choice stored back.
+    misses = {kind: c.source for (_, kind), c in chosen.items() if kind != "norm_backward"}
+    assert misses and set(misses.values()) == {"model"}
     assert {kind for _, kind in chosen} >= {"attention", "attention_backward", "norm", "norm_backward"}
     spec, kind = next(iter(chosen))
     assert registry.config_for(spec, kind) == chosen[(spec, kind)].config

@@ -95,3 +95,9 @@ def test_a_family_the_spec_does_not_launch_has_no_key() -> None:
         tuning_key(NORM, "sm_90", kind="attention")
     with pytest.raises(ValueError, match="kernel families"):
         tuning_key(ROPE, "sm_90", kind="norm_backward")
+
+
+def test_norm_sites_that_differ_only_in_what_the_backward_ignores_share_its_key() -> None:
+    fused = dataclasses.replace(NORM, residual=True)
+    assert tuning_key(fused, "sm_90", kind="norm_backward") == tuning_key(NORM, "sm_90", kind="norm_backward")
+    assert tuning_key(fused, "sm_90", kind="norm") != tuning_key(NORM, "sm_90", kind="norm")
