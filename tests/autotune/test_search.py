@@ -151,3 +151,15 @@ def test_the_gpu_measure_is_bound_to_the_family() -> None:
     measure = resolve_measure("gpu", "norm_backward")
     assert isinstance(measure, functools.partial) and measure.keywords == {"kind": "norm_backward"}
     assert resolve_measure("_synthetic:synthetic_latency", "rope") is synthetic_latency
+
+
+def test_a_worker_job_keeps_its_family_and_split_counts() -> None:
+    from tilefuse.autotune.study import SearchJob, config_of
+
+    space = build_space(NORM, H100, kind="norm_backward")
+    predicted = predicted_latencies(NORM, space.configs, H100, "norm_backward")
+    job = SearchJob(NORM, dict(space.choices), space.configs, predicted, 8, 4, kind="norm_backward")
+    again = SearchJob.from_dict(job.to_dict())
+    assert again.kind == "norm_backward" and again.configs == job.configs and again.predicted_us == job.predicted_us
+    assert config_of({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "num_splits": 0}) == TileConfig()
+    assert config_of({"block_m": 64}) is None
