@@ -126,9 +126,20 @@ def resolve_measure(target: str, kind: str = "attention") -> MeasureFn:
 def predicted_latencies(
     spec: Spec, configs: Sequence[TileConfig], gpu: GPUSpec, kind: str | None = None
 ) -> dict[TileConfig, float]:
-    """The analytic model's latency (µs) per config launched by kernel family `kind` (default: the Spec's forward
-    family), in ranking order (fastest first, ties in input order; infeasible ones last at inf)."""
+    """The cost model's latency (µs) per config launched by kernel family `kind` (default: the Spec's forward
+    family), in ranking order (fastest first, ties in input order; infeasible ones last at inf). Where a learned
+    model ranks for `gpu` (`costmodel.ranker.model_for`), it decides the order and feasibility; its scores have no
+    unit, so the k-th config in its order gets the k-th smallest analytic latency (values stay in µs)."""
+    from tilefuse.costmodel.ranker import learned_scores, model_for
+
     latency = {config: predict(plan_for(spec, config, kind), gpu).latency_us for config in configs}
+    model = model_for(gpu)
+    if model is not None and configs:
+        scores = learned_scores(model, spec, configs, gpu, kind or kernel_family(spec))
+        order = sorted(range(len(configs)), key=lambda i: scores[i])
+        values = sorted(latency.values())
+        latency = {configs[i]: (values[rank] if math.isfinite(scores[i]) else math.inf)
+                   for rank, i in enumerate(order)}  # fmt: skip
     return dict(sorted(latency.items(), key=lambda item: item[1]))
 
 

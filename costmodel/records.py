@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tilefuse.autotune.records import Measurement
-from tilefuse.autotune.space import KERNEL_FAMILIES, config_from_dict, config_to_dict, kernel_family
+from tilefuse.autotune.space import KERNEL_FAMILIES, config_from_dict, config_to_dict, kernel_family, spec_families
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.specs import Spec, spec_from_dict, spec_to_json
 
@@ -28,11 +28,6 @@ QUANTILES = ("p20", "median", "p80")
 _FROM_MEASUREMENT = {
     "ok": "ok", "compile-fail": "infeasible", "oom": "infeasible", "infeasible": "infeasible",
     "wrong-output": "mismatch", "timeout": "error", "error": "error", "predicted": "error",
-}  # fmt: skip
-# The kernel families that launch each Spec kind.
-_SPEC_FAMILIES = {
-    "attention": ("attention", "attention_decode", "attention_backward"), "rmsnorm": ("norm", "norm_backward"),
-    "layernorm": ("norm", "norm_backward"), "rope": ("rope",),
 }  # fmt: skip
 
 
@@ -120,7 +115,7 @@ def _validate(record: MeasurementRecord) -> None:
     spec = spec_from_dict(record.spec)  # raises on an unknown kind or bad fields
     if record.family not in KERNEL_FAMILIES:
         raise ValueError(f"record family={record.family!r}; expected one of {list(KERNEL_FAMILIES)}")
-    if record.family not in _SPEC_FAMILIES[str(spec.kind)]:
+    if record.family not in spec_families(spec):
         raise ValueError(f"record family={record.family!r} does not launch a {spec.kind} spec")
     config_from_dict(record.config)
     if not isinstance(record.gpu, str) or not record.gpu:

@@ -69,3 +69,20 @@ def test_learned_scores_rank_candidate_configs(saved_models: dict[str, Path]) ->
     assert scores.shape == (len(configs),) and np.isfinite(scores).all()
     # The synthetic labels make 16 warps best for rows this wide; the trained ranker should put it first.
     assert configs[int(np.argmin(scores))].num_warps == 16
+
+
+def test_the_autotuner_ranks_with_the_learned_model_when_one_is_there(
+    saved_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tilefuse.autotune.search import TuneSettings, predicted_latencies, tune_spec
+
+    spec = NormSpec("rmsnorm", 8192, (4096, 8192), "bfloat16", 1e-6, out_dtype="bfloat16")
+    configs = build_space(spec, H100, kind="norm").configs
+    monkeypatch.setenv(ranker.MODEL_ENV, "analytic")
+    analytic = predicted_latencies(spec, configs, H100, "norm")
+    monkeypatch.setenv(ranker.MODEL_ENV, str(saved_models["gbdt"]))
+    learned = predicted_latencies(spec, configs, H100, "norm")
+    assert sorted(learned.values()) == sorted(analytic.values())  # the same µs values, in the model's order
+    assert next(iter(analytic)).num_warps != 16 and next(iter(learned)).num_warps == 16
+    outcome = tune_spec(spec, H100, TuneSettings(mode="model"), kind="norm")
+    assert outcome.record.best is not None and outcome.record.best.num_warps == 16
