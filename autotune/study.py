@@ -176,9 +176,23 @@ class StopRule:
         return since >= self.patience
 
 
+SUGGEST_WAIT_S = 10.0  # how long a trial waits for earlier trials to finish suggesting before it decides
+
+
 def _duplicate_of(study: optuna.Study, trial: optuna.Trial, config: TileConfig) -> int | None:
-    for other in study.get_trials(deepcopy=False):
-        if other.number < trial.number and config_of(other.params) == config and is_attempt(other):
+    """The number of an earlier trial that measures (or measured) `config`, else None. The earliest trial of a
+    config wins. Earlier trials still suggesting (running, no "worker" attribute yet: their params are not all
+    stored) are waited for, up to SUGGEST_WAIT_S, or two workers could both measure a config: the later one
+    checking before the earlier one's params land, the earlier one never yielding to a later one."""
+    deadline = time.monotonic() + SUGGEST_WAIT_S
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+        suggesting = [t for t in earlier if t.state == TrialState.RUNNING and "worker" not in t.user_attrs]
+        if not suggesting or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for other in earlier:
+        if config_of(other.params) == config and is_attempt(other):
             return other.number
     return None
 
