@@ -1,5 +1,6 @@
-"""The `tilefuse tune` report: JSON (one row per site and kernel family, with every trial), then an
-optimization-history plot per measured row when matplotlib is installed."""
+"""The `tilefuse tune` report: JSON (one row per site and kernel family, with every trial and the knobs'
+importances), then an optimization-history and a knob-importance plot per measured row when matplotlib is
+installed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,32 @@ from typing import Any
 from tilefuse.costmodel.hardware import GPUSpec
 
 from .search import TuneOutcome, TuneSettings, summary_row
+from .space import PARAMS
+
+
+def knob_importances(trials: list[dict[str, Any]]) -> dict[str, float]:
+    """How much of the spread of log latency over the measured trials each knob explains: the variance of the
+    per-value mean log latency over the total variance (a one-way ANOVA per knob, fANOVA's first-order term for
+    a grid), normalized to sum to 1. Knobs with one measured value, and rows with fewer than 3 measured trials,
+    get nothing."""
+    measured = [(t["config"], math.log(t["latency_us"]["p50"])) for t in trials
+                if t.get("status") == "ok" and (t.get("latency_us") or {}).get("p50")]  # fmt: skip
+    if len(measured) < 3:
+        return {}
+    values = [v for _, v in measured]
+    mean = sum(values) / len(values)
+    total = sum((v - mean) ** 2 for v in values)
+    if total <= 0:
+        return {}
+    explained: dict[str, float] = {}
+    for name in PARAMS:
+        groups: dict[int, list[float]] = {}
+        for config, value in measured:
+            groups.setdefault(int(config.get(name, 0)), []).append(value)
+        if len(groups) > 1:
+            explained[name] = sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups.values()) / total
+    norm = sum(explained.values())
+    return {name: share / norm for name, share in explained.items()} if norm > 0 else {}
 
 
 def tune_report(args: argparse.Namespace, gpu: GPUSpec, settings: TuneSettings, jobs: list[tuple[str, Any, str]],
@@ -24,6 +51,7 @@ def tune_report(args: argparse.Namespace, gpu: GPUSpec, settings: TuneSettings, 
             row["error"] = f"{type(outcome).__name__}: {outcome}"
         else:
             row.update(summary_row(outcome), error=None)
+            row["importances"] = knob_importances(row.get("trials", []))
         rows.append(row)
     notes = [] if rows else ["the model has no fused site to tune"]
     if settings.mode == "model":
@@ -63,6 +91,15 @@ def write_report(report: dict[str, Any], outcomes: list[TuneOutcome | Exception]
         fig.tight_layout()
         fig.savefig(out / f"history_{index:02d}_{row['node']}_{row['kernel']}.png", dpi=100)
         plt.close(fig)
+        importances = row.get("importances") or {}
+        if importances:
+            fig, ax = plt.subplots(figsize=(5, 2.8))
+            names = sorted(importances, key=importances.__getitem__)
+            ax.barh(names, [importances[n] for n in names])
+            ax.set(xlabel="share of log-latency variance explained", title=f"{row['node']} ({row['kernel']})")
+            fig.tight_layout()
+            fig.savefig(out / f"importance_{index:02d}_{row['node']}_{row['kernel']}.png", dpi=100)
+            plt.close(fig)
     if not any(row.get("trials") and row.get("source") != "model" for row in report["sites"]):
-        notes.append("no measured trials: optimization-history plots are drawn for measured searches only")
+        notes.append("no measured trials: history and importance plots are drawn for measured searches only")
     return notes
