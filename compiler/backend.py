@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
 from .capture import CaptureDeclined, dynamo_graph_to_aten
 from .options import Options
@@ -87,7 +88,9 @@ class TilefuseBackend:
             self.report.counters["graph_declined"] += 1
             return inner_compile(gm, example_inputs, self.options)
         except Exception as err:
-            if self.options.strict:
+            if self.options.strict or isinstance(err, RestartAnalysis):
+                # Dynamo's restart signals (e.g. AOTAutograd asking to re-trace with float scalars specialized)
+                # are control flow, not failures: swallowing one would compile an unfused graph for no reason.
                 raise
             log.warning("tilefuse: falling back to the unfused graph: %s: %s", type(err).__name__, err)
             self.report.fallbacks.append(f"{type(err).__name__}: {err}")

@@ -135,3 +135,31 @@ def test_backend_name_resolves_without_importing_tilefuse() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("True")  # loaded through the entry point, not by the test
+
+
+def test_dynamo_restart_signals_are_not_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo's restart signals (AOTAutograd raising TensorifyScalarRestartAnalysis to have float scalars
+    specialized) must reach Dynamo, which re-traces and calls the backend again. Seen compiling several HF models
+    in one process: a swallowed restart left a graph unfused for no reason."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    from tilefuse.compiler import backend as backend_module
+
+    real_capture = backend_module.dynamo_graph_to_aten
+    calls = []
+
+    def capture_restarting_once(gm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
+        calls.append(gm)
+        if len(calls) == 1:
+            raise TensorifyScalarRestartAnalysis
+        return real_capture(gm, example_inputs)
+
+    monkeypatch.setattr(backend_module, "dynamo_graph_to_aten", capture_restarting_once)
+    model, inputs = load_model("demo")
+    backend = tilefuse.TilefuseBackend(Options(inner="eager"))
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(*inputs)
+    torch.testing.assert_close(out, model(*inputs))
+    assert len(calls) >= 2  # Dynamo re-traced and called the backend again
+    assert backend.report.counters["fallback"] == 0 and not backend.report.fallbacks
+    assert any(s.kind == "attention" and s.status == "fused" for s in backend.report.sites)
