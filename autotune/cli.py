@@ -4,7 +4,6 @@ compiler/cli.py's COMMANDS table. Reports are JSON first (report.py), then rende
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     from tilefuse.compiler.cli import _add_model_arguments, _positive_int
 
     _add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype the sites are tuned for")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype the model is captured and tuned in")
     parser.add_argument("--budget", type=_positive_int, default=16, help="measured configs per site (measure mode)")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="model (cost model only; default without a GPU), measure (GPU search; default with "
@@ -67,15 +66,24 @@ def _target(args: argparse.Namespace) -> GPUSpec:
     return target_gpu() or get_gpu("h100")
 
 
-def site_specs(report: Any, dtype: str) -> list[tuple[str, Any]]:
-    """(node, Spec in `dtype`) of every fused site that launches its own kernel, each Spec once."""
+def site_specs(report: Any) -> list[tuple[str, Any]]:
+    """(node, Spec) of every fused site that launches its own kernel, each Spec once."""
     seen: dict[Any, str] = {}
     for site in report.sites:
         if site.status != "fused" or site.spec is None or site.detail.get("fused_into"):
             continue
-        spec = _with_dtype(site.spec, dtype)
-        seen.setdefault(spec, site.node)
+        seen.setdefault(site.spec, site.node)
     return [(node, spec) for spec, node in seen.items()]
+
+
+def in_dtype(model: Any, inputs: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
+    """The model and its floating-point inputs cast to `dtype`, so the captured Specs are what that dtype's
+    compile sees (upcasts inside the model, e.g. fp32 norm statistics, stay as written)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    cast = tuple(t.to(target) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+    return model.to(target), cast
 
 
 def site_jobs(sites: list[tuple[str, Any]], families: list[str] | None = None) -> list[tuple[str, Any, str]]:
@@ -87,15 +95,6 @@ def site_jobs(sites: list[tuple[str, Any]], families: list[str] | None = None) -
             if families is None or kind in families:
                 jobs.append((node, spec, kind))
     return jobs
-
-
-def _with_dtype(spec: Any, dtype: str) -> Any:
-    fields = {"dtype": dtype}
-    if getattr(spec, "rope", None) is not None:
-        fields["rope"] = dataclasses.replace(spec.rope, dtype=dtype)
-    if hasattr(spec, "out_dtype"):
-        fields["out_dtype"] = dtype
-    return dataclasses.replace(spec, **fields)
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -117,7 +116,7 @@ def run_tune(args: argparse.Namespace) -> int:
         db = TuningDB(args.db)
     except (ValueError, TypeError, TuningDBError) as err:
         return _fail(str(err), EXIT_USAGE)
-    jobs = site_jobs(site_specs(_import_explain()(model, inputs), args.dtype), args.family)
+    jobs = site_jobs(site_specs(_import_explain()(*in_dtype(model, inputs, args.dtype))), args.family)
     outcomes = _tune_sites(jobs, gpu, settings, db)
     report = tune_report(args, gpu, settings, jobs, outcomes)
     if args.out:
