@@ -7,7 +7,7 @@ a config the data lacks, counts as a measurement that yields no result; a config
 again). The score of
 one run is the number of configs measured until one lies within `margin` (3%) of the group's exhaustive best.
 
-Strategies: "tilefuse" (the shipped search, `search._optuna_search`, with its measure function replaced by the
+Strategies: "tilefuse" (the shipped search, `search.optuna_search`, with its measure function replaced by the
 replay lookup: default config and cost-model top-k enqueued first, then TPE screened by the cost model), "tpe"
 (Optuna's TPE alone, seeded), "random" (uniform, without replacement), "exhaustive" (every config in the config
 list's order, as Triton's autotune does) and "coordinate" (Inductor's coordinate descent: from the default config,
@@ -193,17 +193,17 @@ def _search_inputs(group: Group) -> tuple[GPUSpec, SearchSpace, dict[TileConfig,
 
 
 def run_tilefuse(replay: Replay, seed: int) -> None:
-    """The shipped search (search._optuna_search) on the group's knob grid, filtered by the real constraints; it
+    """The shipped search (search.optuna_search) on the group's knob grid, filtered by the real constraints; it
     runs until it has measured the whole space (budget and patience = space size) or the lookup stops it."""
     from .keys import tuning_key
-    from .search import TuneSettings, _optuna_search
+    from .search import TuneSettings, optuna_search
 
     group = replay.group
     gpu, space, predicted = _search_inputs(group)
     size = len(space.configs)
     settings = TuneSettings(mode="measure", budget=size, patience=size, seed=seed, remeasure=0)
     key = tuning_key(group.spec, gpu.arch, kind=group.family)
-    _optuna_search(group.spec, key, space, predicted, replay.measure, settings, None)
+    optuna_search(group.spec, key, space, predicted, replay.measure, settings, None)
 
 
 def run_tpe(replay: Replay, seed: int) -> None:

@@ -196,7 +196,7 @@ def tune_spec(
     elif settings.mode == "exhaustive":
         record = _measured_record(key, spec, _exhaustive(spec, space, predicted, measure), "exhaustive")
     else:
-        record = _measured_record(key, spec, _optuna_search(spec, key, space, predicted, measure, settings, db),
+        record = _measured_record(key, spec, optuna_search(spec, key, space, predicted, measure, settings, db),
                                   "measure")  # fmt: skip
     if record.source != "model" and measure is not None:
         record = _confirm_close_calls(record, spec, measure, settings)
@@ -245,7 +245,7 @@ def _exhaustive(spec: Spec, space: SearchSpace, predicted: dict[TileConfig, floa
     return trials
 
 
-def _optuna_search(
+def optuna_search(
     spec: Spec, key: TuningKey, space: SearchSpace, predicted: dict[TileConfig, float], measure: MeasureFn,
     settings: TuneSettings, db: TuningDB | None,
 ) -> list[Trial]:  # fmt: skip
