@@ -220,29 +220,35 @@ def _configs(
     return configs[0], configs[1]
 
 
-class BlockList(NamedTuple):
-    """Per (batch, head, query block): how many key blocks to visit and which, visited ones first in order.
+def _zero_broadcast(t: Tensor, dims: int) -> tuple[int, ...]:
+    """Strides of t's first `dims` dims, 0 where the dim has size 1 (a list the kernel shares along that dim)."""
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:dims], t.shape[:dims], strict=True))
 
-    Dims the mask broadcasts over have size 1 here, and stride 0 in the strides the kernel gets.
+
+class BlockList(NamedTuple):
+    """Per (batch, head, outer block): how many inner blocks to visit and which, visited ones first in order.
+
+    Outer/inner are query/key blocks (`mask_block_list`), or key/query blocks with by_key=True. Dims the mask
+    broadcasts over have size 1 here, and stride 0 in the strides the kernel gets.
     """
 
-    block_index: Tensor  # int32 [Bm, Hm, Mb, key blocks]
-    block_count: Tensor  # int32 [Bm, Hm, Mb]
+    block_index: Tensor  # int32 [Bm, Hm, outer blocks, inner blocks]
+    block_count: Tensor  # int32 [Bm, Hm, outer blocks]
 
     def strides(self) -> tuple[int, ...]:
-        def of(t: Tensor) -> tuple[int, int, int]:
-            return tuple(s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3], strict=True))  # type: ignore[return-value]
-
-        return (*of(self.block_index), *of(self.block_count))
+        return (*_zero_broadcast(self.block_index, 3), *_zero_broadcast(self.block_count, 3))
 
 
-def mask_block_list(mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags) -> BlockList:
-    """The key blocks each query block must visit: those inside its causal/window range (the same range the
-    kernel computes) holding at least one key the mask keeps. A fully masked tile is never loaded.
+def block_list_args(tiles: BlockList | None) -> tuple[Tensor | None, Tensor | None, int, int, int, int, int, int]:
+    """Kernel arguments (BlockIdx, BlockCount, their 6 strides) of a block list; Nones and zeros without one."""
+    if tiles is None:
+        return None, None, 0, 0, 0, 0, 0, 0
+    return (tiles.block_index, tiles.block_count, *tiles.strides())  # type: ignore[return-value]
 
-    Costs one read of the mask on the device and no host sync; a mask broadcast over rows (key padding) gives one
-    list per (batch, head) that every query block shares.
-    """
+
+def _kept_tiles(mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, by_key: bool = False) -> Tensor:
+    """bool [Bm, Hm, query blocks, key blocks]: the tile holds a pair the mask keeps. A mask broadcast over rows
+    gives one query block (every query block shares it) unless by_key asks for all of them."""
     kept = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     kept = kept if kept.dtype == torch.bool else kept != float("-inf")
     n_mb, n_nb = -(-q_len // block_m), -(-kv_len // block_n)
@@ -251,17 +257,65 @@ def mask_block_list(mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n
     kept = torch.nn.functional.pad(kept, (0, n_nb * block_n - kv_len, 0, n_mb * block_m - q_len if rows > 1 else 0))
     row_blocks, row_block = (n_mb, block_m) if rows > 1 else (1, 1)
     tiles = kept.view(*kept.shape[:2], row_blocks, row_block, n_nb, block_n).amax(dim=(3, 5)) > 0
-    if flags.causal or flags.window > 0:
-        tiles = tiles & _range_tiles(q_len, kv_len, block_m, block_n, flags, mask.device)
+    return tiles.expand(*tiles.shape[:2], n_mb, n_nb) if by_key else tiles
+
+
+def _block_list(tiles: Tensor) -> BlockList:
+    """Count and stable-sorted index (kept blocks first, in order) of the last dim of a bool tile table."""
     count = tiles.sum(dim=-1, dtype=torch.int32)
-    index = torch.sort((~tiles).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
-    return BlockList(index, count)
+    index = torch.sort((~tiles).to(torch.uint8), dim=-1, stable=True).indices
+    return BlockList(index.to(torch.int32).contiguous(), count)  # the kernels step through a list with stride 1
 
 
-def _range_tiles(q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, device: torch.device) -> Tensor:
-    """[query blocks, key blocks] bool: key block inside the query block's causal/window range (as in the kernel)."""
+def mask_block_list(
+    mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, by_key: bool = False
+) -> BlockList:
+    """The key blocks each query block must visit: those inside its causal/window range (the same range the
+    kernel computes) holding at least one key the mask keeps. A fully masked tile is never loaded.
+
+    by_key=True gives the transposed list, per key block the query blocks to visit (the backward's dK/dV loop),
+    within the dK/dV kernel's own query range for that key block; either way a tile holding a pair that mask and
+    causal/window both keep is visited.
+    Costs one read of the mask on the device and no host sync; a mask broadcast over rows (key padding) gives one
+    list per (batch, head) that every query block shares (by_key: one per key block, all or none of the queries).
+    """
+    tiles = _kept_tiles(mask, q_len, kv_len, block_m, block_n, by_key)
+    if flags.causal or flags.window > 0:
+        tiles = tiles & _range_tiles(q_len, kv_len, block_m, block_n, flags, mask.device, by_key)
+    return _block_list(tiles.transpose(2, 3) if by_key else tiles)
+
+
+class KeptBlocks(NamedTuple):
+    """Per (batch, kv head): the key blocks that some query row of the GQA group keeps a key of, in order
+    (block_index[:prefix[-1]]), and prefix[j] = how many of blocks [0, j) are kept, so the kept blocks of a block
+    range [a, b) are block_index[prefix[a]:prefix[b]]. Dims the mask broadcasts over have size 1 (stride 0)."""
+
+    block_index: Tensor  # int32 [Bm, Hkv or 1, key blocks]
+    block_prefix: Tensor  # int32 [Bm, Hkv or 1, key blocks + 1]
+
+    def strides(self) -> tuple[int, ...]:
+        return (*_zero_broadcast(self.block_index, 2), *_zero_broadcast(self.block_prefix, 2))
+
+
+def mask_kept_blocks(mask: Tensor, q_len: int, kv_len: int, block_n: int, group: int) -> KeptBlocks:
+    """The key blocks a split-KV decode tile (every query row of one kv head's group) must visit: those where the
+    mask keeps some pair of the group's q heads and query rows. On the device, no host sync."""
+    tiles = _kept_tiles(mask, q_len, kv_len, q_len, block_n)[:, :, 0]  # [Bm, Hm, key blocks], one row block
+    if tiles.shape[1] > 1:  # per q head: any over each kv head's group
+        tiles = tiles.reshape(tiles.shape[0], -1, group, tiles.shape[2]).any(dim=2)
+    prefix = torch.nn.functional.pad(torch.cumsum(tiles, dim=-1, dtype=torch.int32), (1, 0))
+    return KeptBlocks(_block_list(tiles).block_index, prefix)
+
+
+def _range_tiles(
+    q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, device: torch.device, by_key: bool = False
+) -> Tensor:
+    """[query blocks, key blocks] bool: key block inside the query block's causal/window range (as the forward and
+    dQ kernels compute it), or by_key: query block inside the key block's range (as the dK/dV kernel computes it)."""
     pos_offset = kv_len - q_len if flags.bottom_right else 0
     starts_m = torch.arange(0, q_len, block_m, device=device)
+    if by_key:
+        return _range_tiles_by_key(starts_m, q_len, kv_len, block_m, block_n, flags, pos_offset)
     lo = torch.zeros_like(starts_m)
     hi = torch.full_like(starts_m, kv_len)
     if flags.causal:
@@ -270,3 +324,16 @@ def _range_tiles(q_len: int, kv_len: int, block_m: int, block_n: int, flags: Att
         lo = torch.clamp(starts_m + pos_offset - flags.window + 1, min=0) // block_n * block_n
     starts_n = torch.arange(0, kv_len, block_n, device=device)
     return (starts_n[None, :] >= lo[:, None]) & (starts_n[None, :] < hi[:, None])
+
+
+def _range_tiles_by_key(
+    starts_m: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, pos_offset: int
+) -> Tensor:
+    starts_n = torch.arange(0, kv_len, block_n, device=starts_m.device)
+    lo = torch.zeros_like(starts_n)
+    hi = torch.full_like(starts_n, q_len)
+    if flags.causal:
+        lo = torch.clamp(starts_n - pos_offset, min=0) // block_m * block_m
+    if flags.window > 0:
+        hi = torch.minimum(hi, torch.clamp(starts_n + block_n, max=kv_len) - 1 + flags.window - pos_offset)
+    return (starts_m[:, None] >= lo[None, :]) & (starts_m[:, None] < hi[None, :])

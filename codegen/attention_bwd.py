@@ -2,7 +2,8 @@
 
 delta = rowsum(dO ∘ O) first; then one program per (batch, kv head, key block) accumulates dK/dV over the query
 blocks of every q head in its GQA group (no atomics), and one program per (batch, q head, query block) computes dQ.
-Both recompute P from q, k and the forward's log-sum-exp.
+Both recompute P from q, k and the forward's log-sum-exp. With a mask tensor both skip the tiles it keeps no pair of
+(`attention_args.mask_block_list`: dQ takes the forward's per-query-block list, dK/dV the transposed one).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from .attention_args import (
     _check_extras,
     _check_tensors,
     _configs,
+    block_list_args,
     dropout_args,
+    mask_block_list,
     rope_args,
     rope_swap_span,
 )
@@ -87,10 +90,11 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_q_heads, group, q_len, kv_len, head_dim, head_dim_v, rotary_dim,
     sm_scale, qk_scale, softcap_log2, window, pos_offset, drop_p, drop_scale,
+    BlockIdx, BlockCount, stride_ib, stride_ih, stride_im, stride_nb, stride_nh, stride_nm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROPE_LAYOUT: tl.constexpr, SWAP_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ROPE_LAYOUT: tl.constexpr, SWAP_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr, SKIP_TILES: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     pid_bkv = tl.program_id(1)
@@ -131,7 +135,16 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
-        for start_m in range(lo, hi, BLOCK_M):
+        first = lo
+        last = hi
+        if SKIP_TILES:  # the launcher listed the query blocks of this q head holding a pair the mask keeps
+            idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + tl.program_id(0) * stride_im
+            first = 0  # walk list entries [0, count) in steps of BLOCK_M, as the unlisted loop walks query rows
+            last = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm) * BLOCK_M
+        for pos in range(first, last, BLOCK_M):
+            start_m = pos
+            if SKIP_TILES:
+                start_m = tl.load(idx_base + pos // BLOCK_M) * BLOCK_M
             offs_m = start_m + offs_m0
             q = tl.load(
                 q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -201,10 +214,11 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_q_heads, group, q_len, kv_len, head_dim, head_dim_v, rotary_dim,
     sm_scale, qk_scale, softcap_log2, window, pos_offset, drop_p, drop_scale,
+    BlockIdx, BlockCount, stride_ib, stride_ih, stride_im, stride_nb, stride_nh, stride_nm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROPE_LAYOUT: tl.constexpr, SWAP_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ROPE_LAYOUT: tl.constexpr, SWAP_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr, SKIP_TILES: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -248,11 +262,18 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
         hi = tl.minimum(hi, tl.minimum(start_m + BLOCK_M, q_len) + pos_offset)
     if USE_WINDOW:
         lo = tl.maximum(start_m + pos_offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    if SKIP_TILES:  # the forward's list at this kernel's blocks: key blocks holding a key the mask keeps
+        idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + tl.program_id(0) * stride_im
+        lo = 0  # walk list entries [0, count) in steps of BLOCK_N, as the unlisted loop walks key positions
+        hi = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_cos_off = off_b * stride_cb + off_kvh * stride_ch
     kv_sin_off = off_b * stride_sb + off_kvh * stride_sh
-    for start_n in range(lo, hi, BLOCK_N):
+    for pos in range(lo, hi, BLOCK_N):
+        start_n = pos
+        if SKIP_TILES:
+            start_n = tl.load(idx_base + pos // BLOCK_N) * BLOCK_N
         offs_n = start_n + offs_n0
         kt = _load_kt(
             k_base, Cos, Sin, kv_cos_off, kv_sin_off, offs_n, offs_d, kv_len, head_dim,
@@ -326,6 +347,7 @@ def _shared_args(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tupl
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(),
         ROPE_LAYOUT=rope.layout, SWAP_SPAN=rope_swap_span(rope), HAS_DROPOUT=rng is not None,
+        SKIP_TILES=mask is not None,
     )  # fmt: skip
     return (args, scalars), meta
 
@@ -366,15 +388,19 @@ def attention_backward_triton(
     )  # fmt: skip
     (args, scalars), meta = _shared_args(grad_out, inputs, flags)
     kv = _blocks(dkdv_config, q, k, v)
+    mask, kv_len = inputs.mask, k.shape[2]
+    # Mask block lists: dK/dV visits per key block the query blocks holding a kept pair, dQ the forward's list.
+    by_key = None if mask is None else mask_block_list(mask, q_len, kv_len, kv.m, kv.n, flags, by_key=True)
+    by_query = None if mask is None else mask_block_list(mask, q_len, kv_len, blocks.m, blocks.n, flags)
     emit.launch(
-        attention_bwd_dkdv_kernel, (triton.cdiv(k.shape[2], kv.n), batch * k.shape[1]),
-        q, k, v, grad_out, lse, delta, dk, dv, *args, *dk.stride(), *dv.stride(), *scalars, **meta,
-        BLOCK_M=kv.m, BLOCK_N=kv.n, BLOCK_D=kv.d, BLOCK_DV=kv.dv,
+        attention_bwd_dkdv_kernel, (triton.cdiv(kv_len, kv.n), batch * k.shape[1]),
+        q, k, v, grad_out, lse, delta, dk, dv, *args, *dk.stride(), *dv.stride(), *scalars,
+        *block_list_args(by_key), **meta, BLOCK_M=kv.m, BLOCK_N=kv.n, BLOCK_D=kv.d, BLOCK_DV=kv.dv,
         num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages,
     )  # fmt: skip
     emit.launch(
         attention_bwd_dq_kernel, (triton.cdiv(q_len, blocks.m), batch * q_heads),
-        q, k, v, grad_out, lse, delta, dq, *args, *dq.stride(), *scalars, **meta,
+        q, k, v, grad_out, lse, delta, dq, *args, *dq.stride(), *scalars, *block_list_args(by_query), **meta,
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_DV=blocks.dv,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
     )  # fmt: skip

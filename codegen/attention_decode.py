@@ -2,9 +2,10 @@
 
 Phase 1 (`attention_decode_split_kernel`, grid (num_splits, B·Hkv)) packs every query row of one GQA group
 (group × Nq rows) into the M dimension of one tile, so a kv head's K/V are read once per split, not once per q head,
-and streams one chunk of key blocks with an fp32 online softmax into fp32 scratch (normalized partial output and its
-log2-sum-exp). Phase 2 (`attention_decode_combine_kernel`, one program per query row) merges the splits with
-log-sum-exp weights. Semantics are reference.attention_forward's, with the feature set of attention_fwd.
+and streams one chunk of key blocks (with a mask tensor, only those where some row of the group keeps a key) with an
+fp32 online softmax into fp32 scratch (normalized partial output and its log2-sum-exp). Phase 2
+(`attention_decode_combine_kernel`, one program per query row) merges the splits with log-sum-exp weights.
+Semantics are reference.attention_forward's, with the feature set of attention_fwd.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .attention_args import (
     _check_extras,
     _check_tensors,
     dropout_args,
+    mask_kept_blocks,
     rope_args,
 )
 from .attention_fwd import (
@@ -119,7 +121,7 @@ def decode_config(block_m: int, head_dim: int, has_rope: bool) -> tuple[int, int
 # ---------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
-    Q, K, V, Acc, Stat, Mask, Alibi, Cos, Sin, Rng,
+    Q, K, V, Acc, Stat, Mask, Alibi, Cos, Sin, Rng, BlockIdx, BlockPrefix,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -127,13 +129,14 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
     stride_ab, stride_ah,
     stride_cb, stride_ch, stride_cn, stride_cd,
     stride_sb, stride_sh, stride_sn, stride_sd,
+    stride_ib, stride_ih, stride_pb, stride_ph,
     kv_heads, group, q_len, kv_len, head_dim, head_dim_v, rotary_dim,
     qk_scale, softcap_log2, window, pos_offset, drop_p, drop_scale,
     vis_lo, vis_hi, split_len, num_splits, work_splits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROPE_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ROPE_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SKIP_TILES: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     pid_bkv = tl.program_id(1)
@@ -174,12 +177,29 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
     if MASK_KIND != 0:  # Mask is None otherwise
         mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + offs_m * stride_mm
 
+    if SKIP_TILES:  # the launcher listed the key blocks some row of the group keeps a key of: visit only those
+        # This split's key blocks (lo is block-aligned) are list entries [prefix[lo / BLOCK_N], prefix[⌈hi /
+        # BLOCK_N⌉]), walked in steps of BLOCK_N; splits past the visible range load nothing and walk none (a
+        # runtime branch: masked scalar loads made sm_90 spill).
+        prefix = BlockPrefix + off_b * stride_pb + off_kvh * stride_ph
+        first = lo // BLOCK_N
+        last = first  # an empty walk unless this split works
+        if pid_s < work_splits:
+            last = tl.load(prefix + tl.cdiv(hi, BLOCK_N))
+            first = tl.load(prefix + first)
+        lo = first * BLOCK_N
+        hi = last * BLOCK_N
+        idx_base = BlockIdx + off_b * stride_ib + off_kvh * stride_ih
+
     cos_off = off_b * stride_cb + off_kvh * stride_ch
     sin_off = off_b * stride_sb + off_kvh * stride_sh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for pos in range(lo, hi, BLOCK_N):
+        start_n = pos
+        if SKIP_TILES:
+            start_n = tl.load(idx_base + pos // BLOCK_N) * BLOCK_N
         offs_n = start_n + offs_n0
         kt = _load_kt(
             k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
@@ -300,10 +320,12 @@ def _launch_split(
     softcap = flags.softcap
     qk_scale = flags.scale / softcap if softcap > 0 else flags.scale * LOG2E
     block_m, block_n, block_d, block_dv = blocks
+    kept = None if inputs.mask is None else mask_kept_blocks(inputs.mask, q_len, kv_len, block_n, q_heads // kv_heads)
     emit.launch(
         attention_decode_split_kernel, (layout.num_splits, batch * kv_heads),
         q, k, v, *scratch, extras.mask, extras.slopes, extras.rope.cos, extras.rope.sin, extras.rng,
-        *q.stride(), *k.stride(), *v.stride(), *extras.strides,
+        *((None, None) if kept is None else kept[:2]),
+        *q.stride(), *k.stride(), *v.stride(), *extras.strides, *((0,) * 4 if kept is None else kept.strides()),
         kv_heads, q_heads // kv_heads, q_len, kv_len, head_dim, head_dim_v, extras.rope.rotary_dim,
         qk_scale, softcap * LOG2E, flags.window, kv_len - q_len if flags.bottom_right else 0, extras.drop_p,
         extras.drop_scale,
@@ -313,7 +335,7 @@ def _launch_split(
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=extras.slopes is not None,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(), ROPE_LAYOUT=extras.rope.layout,
-        HAS_DROPOUT=extras.rng is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_DROPOUT=extras.rng is not None, SKIP_TILES=kept is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 

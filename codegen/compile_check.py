@@ -126,7 +126,7 @@ def _prefill_ints(d: int, masked: bool, rope: bool) -> dict[str, int]:
         ints |= {f"stride_{t}b": h * n * d, f"stride_{t}h": n * d, f"stride_{t}{row}": d, f"stride_{t}d": 1}
     if masked:  # a [B, 1, 1, N] key-padding mask and its block list ([B, 1, 1, N / 32] and [B, 1, 1])
         ints |= dict(stride_mb=n, stride_mh=0, stride_mm=0, stride_mn=1)
-        ints |= dict(stride_ib=n // 32, stride_ih=0, stride_im=0, stride_nb=1, stride_nh=0, stride_nm=0)
+        ints |= _key_padding_list_ints(n // 128, n // 32, by_key=False)
     if rope:  # an [N, d] table shared by batch and heads
         ints |= dict(stride_cb=0, stride_ch=0, stride_cn=d, stride_cd=1)
         ints |= dict(stride_sb=0, stride_sh=0, stride_sn=d, stride_sd=1)
@@ -142,8 +142,9 @@ def _decode_ints(q_len: int, masked: bool, rope: bool) -> dict[str, int]:
     for t in "kv":
         kv_strides = (kv_heads * kv_len * d, kv_len * d, d, 1)
         ints |= {f"stride_{t}{dim}": stride for dim, stride in zip("bhnd", kv_strides, strict=True)}
-    if masked:  # a [B, 1, 1, Nk] key-padding mask
+    if masked:  # a [B, 1, 1, Nk] key-padding mask and its kept key blocks ([B, 1, Nk / 64] and [B, 1, Nk / 64 + 1])
         ints.update(stride_mb=kv_len, stride_mh=0, stride_mm=0, stride_mn=1)
+        ints.update(stride_ib=kv_len // 64, stride_ih=0, stride_pb=kv_len // 64 + 1, stride_ph=0)
     if rope:  # a [1, r] table shared by all positions (the only shape reference.rope_qk allows with Nq != Nk)
         ints.update(stride_cb=0, stride_ch=0, stride_cn=0, stride_cd=1, stride_sb=0, stride_sh=0, stride_sn=0,
                     stride_sd=1, rotary_dim=d)  # fmt: skip
@@ -161,7 +162,7 @@ def decode_variants(head_dim: int = 128) -> list[KernelVariant]:
 
     bf16, fp32 = "*bf16", "*fp32"
     pointers = dict(Q=bf16, K=bf16, V=bf16, Acc=fp32, Stat=fp32, Mask="*u8", Alibi=fp32, Cos=bf16, Sin=bf16,
-                    Rng="*i64")  # fmt: skip
+                    Rng="*i64", BlockIdx="*i32", BlockPrefix="*i32")  # fmt: skip
     variants = []
     for block_m, masked, rope in ((16, False, False), (16, True, False), (16, False, True), (64, False, False)):
         block_n, warps, stages = decode_config(block_m, head_dim, rope)
@@ -169,6 +170,7 @@ def decode_variants(head_dim: int = 128) -> list[KernelVariant]:
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
             MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False,
             INPUT_PRECISION="tf32", UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1, HAS_DROPOUT=False,
+            SKIP_TILES=masked,
         )  # fmt: skip
         name = f"attention_decode_d{head_dim}_m{block_m}{'_mask' if masked else ''}{'_rope' if rope else ''}"
         ints = _decode_ints(block_m // 8, masked, rope) if head_dim == 128 else None
@@ -203,30 +205,47 @@ def backward_ints(forward: dict[str, int]) -> dict[str, int]:
     return ints
 
 
+def _key_padding_list_ints(q_blocks: int, kv_blocks: int, by_key: bool) -> dict[str, int]:
+    """Strides of a [B, 1, 1, N] key-padding mask's block list: [B, 1, 1, key blocks] shared by every query block,
+    or by key ([B, 1, key blocks, query blocks], one list per key block)."""
+    if by_key:
+        return dict(stride_ib=kv_blocks * q_blocks, stride_ih=0, stride_im=q_blocks, stride_nb=kv_blocks,
+                    stride_nh=0, stride_nm=1)  # fmt: skip
+    return dict(stride_ib=kv_blocks, stride_ih=0, stride_im=0, stride_nb=1, stride_nh=0, stride_nm=0)
+
+
 def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
     """Causal bf16 attention backward (dK/dV and dQ kernels) at `backward_config` with a Llama-like prefill's ints:
     plain, RoPE (rotate-half, the register-permutation epilogue), RoPE with a non-power-of-two span (rotary dim 96:
-    the tl.gather epilogue), and dropout."""
+    the tl.gather epilogue), dropout, and a key-padding mask with its block lists (tile skipping)."""
     from .attention_args import backward_config
-    from .attention_fwd import MASK_NONE
+    from .attention_fwd import MASK_BOOL, MASK_NONE
 
     bf16, fp32 = "*bf16", "*fp32"
     pointers = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DQ=bf16, DK=bf16, DV=bf16, Lse=fp32, Delta=fp32, Mask="*u8",
-                    Alibi=fp32, Cos=bf16, Sin=bf16, Rng="*i64")  # fmt: skip
+                    Alibi=fp32, Cos=bf16, Sin=bf16, Rng="*i64", BlockIdx="*i32", BlockCount="*i32")  # fmt: skip
     floats = ("sm_scale", "qk_scale", "softcap_log2", "drop_p", "drop_scale")
     variants = []
-    for suffix, layout, span, dropout in (("", -1, 0, False), ("_rope", 0, head_dim, False),
-                                          ("_rope_gather", 0, 0, False), ("_dropout", -1, 0, True)):  # fmt: skip
-        configs = backward_config(head_dim, False, layout >= 0, dropout)
-        ints = backward_ints(_prefill_ints(head_dim, False, layout >= 0))
+    features = (  # (suffix, RoPE layout, SWAP_SPAN, dropout, mask)
+        ("", -1, 0, False, False), ("_rope", 0, head_dim, False, False), ("_rope_gather", 0, 0, False, False),
+        ("_dropout", -1, 0, True, False), ("_mask", -1, 0, False, True),
+    )  # fmt: skip
+    for suffix, layout, span, dropout, masked in features:
+        configs = backward_config(head_dim, masked, layout >= 0, dropout)
+        forward = _prefill_ints(head_dim, masked, layout >= 0)
         if layout >= 0 and not span:
-            ints["rotary_dim"] = 3 * head_dim // 4
+            forward["rotary_dim"] = 3 * head_dim // 4
         for kind, kernel, config in (("dkdv", _attention_bwd_dkdv, configs[0]), ("dq", _attention_bwd_dq, configs[1])):
             consts = dict(
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True,
-                USE_WINDOW=False, MASK_KIND=MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False, INPUT_PRECISION="tf32",
-                UPCAST_DOT=False, ROPE_LAYOUT=layout, SWAP_SPAN=span, HAS_DROPOUT=dropout,
+                USE_WINDOW=False, MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                INPUT_PRECISION="tf32", UPCAST_DOT=False, ROPE_LAYOUT=layout, SWAP_SPAN=span, HAS_DROPOUT=dropout,
+                SKIP_TILES=masked,
             )  # fmt: skip
+            ints = backward_ints(forward)
+            if masked:
+                n = forward["q_len"]
+                ints |= _key_padding_list_ints(n // config.block_m, n // config.block_n, kind == "dkdv")
             name = f"attention_bwd_{kind}_d{head_dim}{suffix}"
             variants.append(
                 KernelVariant(name, kernel, pointers, floats, consts, config.num_warps, config.num_stages, ints)

@@ -10,9 +10,9 @@ Byte convention (all families): a byte counts when an element is *loaded or stor
 even when several programs (or several tiles of one program) read the same address — e.g. K/V re-read by every query
 block and every query head of a GQA group, a broadcast key-padding mask re-read per query row, the norm weight
 re-read per row, cos/sin re-read per head. Caches are ignored: this is the traffic a kernel issues, an upper bound
-of what DRAM sees. With a mask tensor the attention kernel skips the key tiles the mask keeps nothing of (data the
-plan cannot see); the plan assumes no tile is skipped, again an upper bound. The attention backward family's cost
-terms live in `plan_backward.py`.
+of what DRAM sees. With a mask tensor the attention kernels (forward, decode and both backward kernels) skip the
+tiles the mask keeps nothing of (data the plan cannot see) and read a block list instead; the plan counts the list as
+if no tile is skipped, again an upper bound. The attention backward family's cost terms live in `plan_backward.py`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "bool": 1, "uint8": 1, "int8": 1}
 _LSE_BYTES = 4  # log-sum-exp is fp32
-_BLOCK_LIST_BYTES = 4  # int32 entries of the mask's visited-key-block list (attention_args.mask_block_list)
+_BLOCK_LIST_BYTES = 4  # int32 entries of a mask's block lists (attention_args.mask_block_list / mask_kept_blocks)
 _STAT_BYTES = 4  # norm mean/rstd are fp32
 _ALIBI_BYTES = 4  # ALiBi slopes are assumed fp32 (the Spec does not record their dtype)
 _SCRATCH_BYTES = 4  # split-KV partial outputs and log2-sum-exps are fp32
@@ -105,8 +105,9 @@ class TiledPlan:
     assumed in `spec.dtype`), writes head_dim elements of y.
 
     Attention decode (`attention_decode.py`, split-KV): phase 1 grid (num_splits, B·Hkv); a working split loads the
-    group's Q rows (group·Nq), its key blocks' K, V (and mask, ALiBi, RoPE partner + cos/sin in `spec.dtype`) and
-    stores fp32 partial rows (Dv + 1 values each); splits past the visible range move nothing. Phase 2 (one program
+    group's Q rows (group·Nq), its key blocks' K, V (and mask, ALiBi, RoPE partner + cos/sin in `spec.dtype`; with a
+    mask two prefix counts and an index entry per key block) and stores fp32 partial rows (Dv + 1 values each);
+    splits past the visible range move nothing. Phase 2 (one program
     per query row) loads the working splits' partials and stores O and lse. `family` picks the kernel: "auto" is
     what codegen/gpu.py dispatches (`use_decode`).
     """
@@ -255,6 +256,8 @@ class TiledPlan:
             last = range(lo, min(lo + layout.split_len, layout.vis_hi), bn)[-1]
             keys = min(last + bn, kv_len) - lo
             read += rows * per_row + keys * per_key + rows * keys * self._mask_bytes()
+            if self._mask_bytes():  # the kept-block list: prefix counts at both ends, an index per key block
+                read += _BLOCK_LIST_BYTES * (2 + (last - lo) // bn + 1)
             write += rows * (dv + 1) * _SCRATCH_BYTES
             pairs += rows * keys
         read = read * programs + (_RNG_BYTES * splits * programs if spec.dropout_p > 0 else 0)

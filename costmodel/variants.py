@@ -72,15 +72,17 @@ def _attention_consts(plan: TiledPlan, spec: AttentionSpec) -> dict[str, Any]:
         HAS_SOFTCAP=bool(spec.softcap), HAS_ALIBI=spec.alibi,
         INPUT_PRECISION="ieee" if spec.dtype.endswith("float32") else "tf32", UPCAST_DOT=False,
         ROPE_LAYOUT=_ROPE_LAYOUT[spec.rope.layout] if spec.rope else -1, HAS_DROPOUT=spec.dropout_p > 0,
+        SKIP_TILES=spec.mask != "none",  # the launchers pass a mask's block list with every mask tensor
     )  # fmt: skip
 
 
 def _attention_pointers(spec: AttentionSpec, names: str, fp32: str = "") -> dict[str, str]:
     """Pointer types: `names` in the Spec's dtype, `fp32` names fp32, plus the optional inputs (mask, ALiBi slopes,
-    cos/sin, the dropout rng)."""
+    cos/sin, the dropout rng, the mask's block list)."""
     pointers = {name: _pointer(spec.dtype) for name in (*names.split(), "Cos", "Sin")}
     pointers |= {name: "*fp32" for name in (*fp32.split(), "Alibi")}
     pointers |= {"Mask": _pointer(spec.dtype) if spec.mask == "additive" else "*u8", "Rng": "*i64"}
+    pointers |= {name: "*i32" for name in ("BlockIdx", "BlockCount", "BlockPrefix")}
     return pointers
 
 

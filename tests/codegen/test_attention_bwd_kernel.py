@@ -181,12 +181,13 @@ _COMPILE_SM90 = textwrap.dedent(
     from tilefuse.codegen import attention_bwd as bwd
     consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, CAUSAL=True, USE_WINDOW=True, MASK_KIND=1,
                   HAS_SOFTCAP=True, HAS_ALIBI=True, INPUT_PRECISION="tf32", UPCAST_DOT=False,
-                  ROPE_LAYOUT=0, SWAP_SPAN=128, HAS_DROPOUT=True)
+                  ROPE_LAYOUT=0, SWAP_SPAN=128, HAS_DROPOUT=True, SKIP_TILES=True)
     report = {}
     for fn in (bwd.attention_bwd_dkdv_kernel, bwd.attention_bwd_dq_kernel):
         sig = {name: "i32" for name in fn.arg_names}
         sig.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DQ", "DK", "DV") if name in fn.arg_names})
-        sig.update(Lse="*fp32", Delta="*fp32", Mask="*u8", Alibi="*fp32", Cos="*bf16", Sin="*bf16", Rng="*i64")
+        sig.update(Lse="*fp32", Delta="*fp32", Mask="*u8", Alibi="*fp32", Cos="*bf16", Sin="*bf16", Rng="*i64",
+                   BlockIdx="*i32", BlockCount="*i32")
         sig.update(sm_scale="fp32", qk_scale="fp32", softcap_log2="fp32", drop_p="fp32", drop_scale="fp32")
         sig.update({name: "constexpr" for name in consts})
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)

@@ -233,7 +233,7 @@ _COMPILE_SM90 = textwrap.dedent(
     from tilefuse.codegen.compile_check import compile_kernel, decode_variants, kernel_resources
     split, rope, combine = decode_variants()[0], decode_variants()[2], decode_variants()[-1]
     every = dict(rope.constexprs, USE_WINDOW=True, MASK_KIND=2, HAS_SOFTCAP=True, HAS_ALIBI=True, ROPE_LAYOUT=1,
-                 HAS_DROPOUT=True)
+                 HAS_DROPOUT=True, SKIP_TILES=True)
     pointers = {**rope.pointers, "Mask": "*bf16"}
     every = dataclasses.replace(rope, name="every_feature", constexprs=every, pointers=pointers)
     report = {}

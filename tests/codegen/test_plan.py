@@ -192,6 +192,7 @@ DECODE_CASES: dict[str, tuple[Any, ...]] = {
     "window_bottom_right": ((1, 2, 1, 2, 80, 16, 16, torch.float32, {"window": 20, "bottom_right": True}, "none"),
                             (), 8, 16),
     "key_padding_alibi": ((2, 2, 2, 1, 40, 16, 16, torch.float32, {}, "key_padding"), ("alibi",), 2, 16),
+    "key_padding_empty_splits": ((2, 2, 2, 1, 40, 16, 16, torch.float32, {}, "key_padding"), (), 8, 16),
     "additive_rope_dropout": ((1, 4, 1, 2, 45, 16, 16, torch.float16, {"causal": True, "bottom_right": True},
                                "additive"), ("rope", "dropout"), 3, 32),
 }  # fmt: skip
