@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, help="tuning database: file path, sqlite:///... or postgresql://... "
                         "(default: $TILEFUSE_TUNING_DB or ~/.cache/tilefuse/tuning.sqlite)")  # fmt: skip
     parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes on one study (one per GPU)")
+    parser.add_argument("--compile-jobs", type=int, default=None, metavar="N",
+                        help="measure mode: compile the likely configs in N processes first "
+                             "(default: CPU cores - 1, at most 8; 0 or 1: compile as measured)")  # fmt: skip
     parser.add_argument("--gpu", default=None, help=f"GPU to tune for when it is not this machine's ({gpu_names()})")
     parser.add_argument("--out", default=None, metavar="DIR", help="write report.json (+ plots) to DIR")
     parser.add_argument("--force", action="store_true", help="tune again even when the database has the key")
@@ -112,7 +116,9 @@ def run_tune(args: argparse.Namespace) -> int:
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
         gpu = _target(args)
         mode = args.mode or ("measure" if _has_cuda() else "model")
-        settings = TuneSettings(mode=mode, budget=args.budget, workers=args.workers, force=args.force, seed=args.seed)
+        jobs = args.compile_jobs if args.compile_jobs is not None else min(8, (os.cpu_count() or 1) - 1)
+        settings = TuneSettings(mode=mode, budget=args.budget, workers=args.workers, force=args.force, seed=args.seed,
+                                compile_jobs=jobs)  # fmt: skip
         db = TuningDB(args.db)
     except (ValueError, TypeError, TuningDBError) as err:
         return _fail(str(err), EXIT_USAGE)

@@ -15,6 +15,7 @@ import importlib
 import logging
 import math
 import statistics
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ PREDICTED_TRIALS_KEPT = 8  # mode "model" stores the model's top configs as pred
 class TuneSettings:
     """How to tune. `budget`: measured configs per site; `patience`: stop after this many measurements without a
     0.5% improvement (default budget // 2, at least 4); `top_k`: cost-model picks measured first; `workers` > 1
-    runs that many processes on one study in `study_url` (the tuning database's URL by default)."""
+    runs that many processes on one study in `study_url` (the tuning database's URL by default); `compile_jobs` > 1
+    compiles the configs the search is likely to measure (the cost model's first 2·budget, every config when
+    exhaustive) in that many processes before the GPU measures them one by one."""
 
     mode: str = "model"
     budget: int = 16
@@ -65,6 +68,7 @@ class TuneSettings:
     study_url: str | None = None
     measure_target: str = "gpu"  # for worker processes: "gpu" or "package.module:function"
     heartbeat_interval: int = 10
+    compile_jobs: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -191,6 +195,8 @@ def tune_spec(
     predicted = predicted_latencies(spec, space.configs, gpu, kind)
     if settings.mode != "model" and space.tunable and measure is None:
         measure = resolve_measure(settings.measure_target, kind)
+        if settings.measure_target == "gpu" and settings.compile_jobs > 1:
+            warm_candidates(spec, kind, predicted, settings, "cuda")
     if settings.mode == "model" or not space.tunable or measure is None:
         record = _model_record(key, spec, predicted, "model")
     elif settings.mode == "exhaustive":
@@ -209,6 +215,23 @@ def tune_spec(
     best_predicted = predicted.get(record.best) if record.best is not None else None
     return TuneOutcome(spec, key, record, False, default, default_latency, best_predicted, len(space.configs),
                        len(space.rejected), kind=kind)  # fmt: skip
+
+
+def warm_candidates(
+    spec: Spec, kind: str, predicted: dict[TileConfig, float], settings: TuneSettings, device: str
+) -> int:
+    """Compile (by launching once, in `settings.compile_jobs` processes) the configs the search will most likely
+    measure, so the timed loop finds them in Triton's cache; returns how many launched cleanly."""
+    from tilefuse.costmodel.collect import Task, warm_kernels
+
+    ranked = [config for config, latency in predicted.items() if math.isfinite(latency)]
+    count = len(ranked) if settings.mode == "exhaustive" else max(2 * settings.budget, settings.top_k)
+    tasks = [Task(spec, config, (), kind) for config in ranked[:count]]
+    start = time.perf_counter()
+    launched = warm_kernels(tasks, settings.compile_jobs, device)
+    log.info("compiled %d of %d likely configs in %d processes in %.1f s", launched, len(tasks),
+             settings.compile_jobs, time.perf_counter() - start)  # fmt: skip
+    return launched
 
 
 def _default_latency(record: TuningRecord, default: TileConfig) -> float | None:

@@ -152,16 +152,19 @@ def warm_kernels(tasks: Sequence[Task], jobs: int, device: str = "cuda") -> int:
     """Compile the tasks' kernels in `jobs` worker processes (each launches its share once, on `device`), so the
     timed pass finds every kernel in Triton's on-disk cache and only measures. Compiling takes about a second per
     config and one process uses one CPU core; measuring needs the GPU to itself, so it stays sequential. Tasks of
-    one Spec stay in one worker (their inputs and reference are built once). Returns how many launched cleanly;
-    a worker that fails only costs the warm-up (the timed pass compiles what is missing)."""
+    one Spec stay together up to a fair share (each worker builds a Spec's inputs and reference once). Returns how
+    many launched cleanly; a worker that fails only costs the warm-up (the timed pass compiles what is missing)."""
     import concurrent.futures
     import multiprocessing
 
     by_spec: dict[tuple[Spec, str], list[Task]] = {}
     for task in tasks:
         by_spec.setdefault((task.spec, task.kind), []).append(task)
-    shares: list[list[Task]] = [[] for _ in range(max(1, jobs))]
-    for group in sorted(by_spec.values(), key=len, reverse=True):  # largest first onto the lightest share
+    jobs = max(1, jobs)
+    piece = max(1, -(-len(tasks) // jobs))  # a Spec with more configs than a fair share is split (one case each)
+    pieces = [group[i : i + piece] for group in by_spec.values() for i in range(0, len(group), piece)]
+    shares: list[list[Task]] = [[] for _ in range(jobs)]
+    for group in sorted(pieces, key=len, reverse=True):  # largest first onto the lightest share
         min(shares, key=len).extend(group)
     shares = [share for share in shares if share]
     if not shares:

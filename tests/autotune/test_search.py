@@ -163,3 +163,16 @@ def test_a_worker_job_keeps_its_family_and_split_counts() -> None:
     assert again.kind == "norm_backward" and again.configs == job.configs and again.predicted_us == job.predicted_us
     assert config_of({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "num_splits": 0}) == TileConfig()
     assert config_of({"block_m": 64}) is None
+
+
+def test_warm_candidates_compile_the_likely_configs_in_parallel() -> None:
+    """The pre-compile of measure mode (run here on the CPU under the interpreter): the cost model's first
+    2·budget configs of one Spec are split over the worker processes and each is launched once."""
+    from tilefuse.autotune.search import predicted_latencies, warm_candidates
+    from tilefuse.specs import NormSpec
+
+    spec = NormSpec("rmsnorm", 64, (8, 64), "float32", 1e-6, out_dtype="float32")
+    space = build_space(spec, H100, kind="norm")
+    predicted = predicted_latencies(spec, space.configs, H100, "norm")
+    settings = TuneSettings(mode="measure", budget=2, compile_jobs=2)
+    assert warm_candidates(spec, "norm", predicted, settings, "cpu") == 4  # 2·budget configs, each launched once
