@@ -282,6 +282,16 @@ def max_subtracted(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (s - s.amax(-1, keepdim=True)).softmax(-1) @ v
 
 
+def max_values_detached(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    s = _scores(q, k).masked_fill(torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1), NEG_INF)
+    return (s - torch.max(s, dim=-1, keepdim=True)[0].detach()).softmax(-1) @ v
+
+
+def column_max_subtracted(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    s = _scores(q, k)
+    return (s - s.amax(-2, keepdim=True)).softmax(-1) @ v  # not a row shift: changes the result
+
+
 class BufferCausal(nn.Module):
     """GPT-2 style: a causal tril registered as a buffer and sliced per call."""
 
@@ -318,12 +328,6 @@ def test_canonicalized_spelling_fuses(name: str, shape: Shape) -> None:
 
 # name: (module, whether it is causal, why it is not fused (or not proven causal) yet)
 GAPS: dict[str, tuple[Callable[[], nn.Module], bool, str]] = {
-    "max_subtracted_scores": (
-        lambda: Attend(max_subtracted),
-        False,
-        "softmax(s - s.amax(-1)) is not folded: it equals softmax(s) bitwise only in an fp32/fp64 forward (bf16 "
-        "rounds the shift, the amax gradient is not exactly 0), so canonicalize may not drop it; the recognizer may",
-    ),
     "causal_buffer": (lambda: BufferCausal(17), True, "a registered tril buffer fuses as a data mask, not causal"),
 }
 
@@ -339,6 +343,30 @@ def test_spelling_still_declined_or_not_proven(name: str) -> None:
     torch.testing.assert_close(gm(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)  # correct either way
     (spec,) = assert_fused(gm, ctx)
     assert spec.causal == causal
+
+
+# The row-max shift of a hand-written stable softmax, softmax(s - rowmax(s)), is softmax(s): the kernel's online
+# softmax does the same shift itself, so the recognizer looks through it (value and gradient equal up to rounding).
+@pytest.mark.parametrize(("fn", "causal"), [(max_subtracted, False), (max_values_detached, True)])
+def test_row_max_shift_fuses_forward_and_backward(fn: Callable[..., Tensor], causal: bool) -> None:
+    inputs = qkv(SQUARE[2], torch.Generator().manual_seed(0))
+    gm, ctx = fuse(Attend(fn), inputs)
+    (spec,) = assert_fused(gm, ctx)
+    assert spec.causal == causal
+    torch.testing.assert_close(gm(*inputs), Attend(fn)(*inputs), atol=1e-5, rtol=1e-5)
+    ours = [t.detach().double().requires_grad_() for t in inputs]
+    eager = [t.detach().double().requires_grad_() for t in inputs]
+    gm.double()(*ours).sum().backward()
+    Attend(fn)(*eager).sum().backward()
+    for a, b in zip(ours, eager, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_a_shift_that_is_not_the_row_max_is_declined() -> None:
+    inputs = qkv(SQUARE[2], torch.Generator().manual_seed(0))
+    gm, ctx = fuse(Attend(column_max_subtracted), inputs)
+    assert "unsupported op" in only_site(ctx, "declined").reason
+    torch.testing.assert_close(gm(*inputs), Attend(column_max_subtracted)(*inputs))
 
 
 # ------------------------------------------------------------------------------------------------- property
