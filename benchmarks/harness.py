@@ -98,6 +98,9 @@ class Context:
     case_filter: str | None = None  # regular expression searched in case names
     inner: str = "inductor"  # inner compiler of the tilefuse contenders in the e2e and compile suites
     notes: list[str] = field(default_factory=list)
+    done_cases: frozenset[str] = frozenset()  # cases an earlier, interrupted run already measured (--resume)
+    checkpoint: Callable[[list[Record]], object] | None = None  # called with every record so far after each case
+    completed: list[Record] = field(default_factory=list)
 
     @property
     def is_cuda(self) -> bool:
@@ -107,7 +110,15 @@ class Context:
         return self.contenders is None or contender in self.contenders
 
     def selected(self, case: str) -> bool:
+        if case in self.done_cases:
+            return False
         return self.case_filter is None or re.search(self.case_filter, case) is not None
+
+    def case_done(self, records: list[Record]) -> None:
+        """Keep a finished case's records and let the checkpoint write them, so a killed run loses one case."""
+        self.completed.extend(records)
+        if self.checkpoint is not None:
+            self.checkpoint(self.completed)
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -268,6 +279,7 @@ def run_case(suite: str, case: Case, ctx: Context) -> list[Record]:
         for record in records.values():
             _failure(record, err)
             record.reason = f"reference failed: {record.reason}"
+        ctx.case_done(list(records.values()))
         return list(records.values())
     runners = {}
     for name in names:
@@ -281,6 +293,7 @@ def run_case(suite: str, case: Case, ctx: Context) -> list[Record]:
             record.metrics.update(_metrics(case.work, record.median_ms))
     _rank(records)
     release_memory(ctx.device)
+    ctx.case_done(list(records.values()))
     return list(records.values())
 
 

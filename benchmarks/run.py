@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 
 from tilefuse.benchmarks import report
 from tilefuse.benchmarks.environment import environment, gpu_slug
-from tilefuse.benchmarks.harness import SCHEMA_VERSION, Context, configure_dynamo
+from tilefuse.benchmarks.harness import SCHEMA_VERSION, Context, Record, configure_dynamo
 
 log = logging.getLogger("tilefuse.benchmarks")
 SUITES = ("attention", "decode", "norms", "e2e", "io", "compile", "tuning")
@@ -30,42 +30,89 @@ CPU_RUNNABLE = ("io", "compile", "tuning")  # full size is fine on a CPU; the ot
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_suite(name: str, ctx: Context, full_grid: bool = False) -> dict[str, Any]:
-    """Run one suite and return its result document (records, environment, config, notes)."""
+def run_suite(name: str, ctx: Context, full_grid: bool = False, prior: dict[str, Any] | None = None,
+              checkpoint: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run one suite and return its result document (records, environment, config, notes).
+
+    `prior`: the document an interrupted run of the same suite left (``"partial": true``); its cases are kept and
+    not measured again. `checkpoint`: called with the partial document after every case.
+    """
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
     module = importlib.import_module(f"tilefuse.benchmarks.suite_{name}")
     configure_dynamo()
     ctx.notes.clear()
+    ctx.completed.clear()
+    kept = [Record(**r) for r in prior["records"]] if prior else []
+    ctx.done_cases = frozenset(r.case for r in kept)
+    if prior:
+        ctx.note(f"resumed: {len(ctx.done_cases)} cases measured by an earlier run ({prior['env'].get('date')}, "
+                 f"host {prior['env'].get('host')}); ratios are still taken within each case")  # fmt: skip
+        ctx.notes.extend(n for n in prior.get("notes", []) if n not in ctx.notes)
     start = time.perf_counter()
-    records = module.run(ctx, full_grid) if name == "attention" else module.run(ctx)
-    config = {
-        "tiny": ctx.tiny, "device": str(ctx.device), "repeats": ctx.repeats, "warmup_ms": ctx.warmup_ms,
-        "rep_ms": ctx.rep_ms, "cuda_graphs": ctx.cuda_graphs, "inner": ctx.inner, "filter": ctx.case_filter,
-        "contenders": sorted(ctx.contenders) if ctx.contenders else None, "full_grid": full_grid,
-    }  # fmt: skip
-    return {
-        "schema": SCHEMA_VERSION,
-        "suite": name,
-        "metric": module.METRIC,
-        "x_axis": module.X_AXIS,
-        "config": config,
-        "env": environment(ctx.device),
-        "elapsed_s": time.perf_counter() - start,
-        "notes": list(ctx.notes),
-        "records": [r.to_dict() for r in records],
-    }
+
+    def merged(records: list[Record]) -> list[Record]:  # a case measured again (norms' copy) replaces the old one
+        again = {(r.case, r.contender) for r in records}
+        return [*(r for r in kept if (r.case, r.contender) not in again), *records]
+
+    def document(records: list[Record], partial: bool) -> dict[str, Any]:
+        config = {
+            "tiny": ctx.tiny, "device": str(ctx.device), "repeats": ctx.repeats, "warmup_ms": ctx.warmup_ms,
+            "rep_ms": ctx.rep_ms, "cuda_graphs": ctx.cuda_graphs, "inner": ctx.inner, "filter": ctx.case_filter,
+            "contenders": sorted(ctx.contenders) if ctx.contenders else None, "full_grid": full_grid,
+        }  # fmt: skip
+        return {
+            "schema": SCHEMA_VERSION,
+            "suite": name,
+            "metric": module.METRIC,
+            "x_axis": module.X_AXIS,
+            "config": config,
+            "env": environment(ctx.device),
+            "elapsed_s": time.perf_counter() - start + (prior["elapsed_s"] if prior else 0.0),
+            "partial": partial,
+            "notes": list(ctx.notes),
+            "records": [r.to_dict() for r in merged(records)],
+        }
+
+    if checkpoint is not None:
+        ctx.checkpoint = lambda records: checkpoint(document(records, partial=True))
+    try:
+        records = module.run(ctx, full_grid) if name == "attention" else module.run(ctx)
+    finally:
+        ctx.checkpoint, ctx.done_cases = None, frozenset()
+    finish = getattr(module, "finish", None)
+    if finish is not None and kept:  # suite-wide derived metrics over the kept and the new records
+        finish(merged(records))
+    return document(records, partial=False)
+
+
+def result_stem(suite: str, tag: str | None, tiny: bool) -> str:
+    return suite + (f"-{tag}" if tag else "") + ("-tiny" if tiny else "")
 
 
 def write_result(result: dict[str, Any], out: Path, tag: str | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = result["suite"] + (f"-{tag}" if tag else "") + ("-tiny" if result["config"]["tiny"] else "")
+    stem = result_stem(result["suite"], tag, result["config"]["tiny"])
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     report.write_json(result, paths[0])
+    if result.get("partial"):
+        return paths[:1]  # tables and plots are written once the suite finishes
     report.write_markdown(result, paths[1])
     if report.write_plot(result, out / f"{stem}.png"):
         paths.append(out / f"{stem}.png")
     return paths
+
+
+def interrupted_result(path: Path) -> dict[str, Any] | None:
+    """The document at `path` when an earlier run was interrupted there (``"partial": true``), else None."""
+    if not path.exists():
+        return None
+    try:
+        result: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("cannot resume from %s (%s): measuring every case again", path, err)
+        return None
+    return result if result.get("partial") else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
                         help="inner compiler of the tilefuse contenders (e2e, compile, tuning)")  # fmt: skip
     parser.add_argument("--full-grid", action="store_true", help="attention: every dtype x head dim x N")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the cases an interrupted run left in the output; measure the rest"
+    )
 
 
 def context(args: argparse.Namespace) -> Context:
@@ -119,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.out or RESULTS / gpu_slug(ctx.device)
     for name in suites:
-        result = run_suite(name, ctx, args.full_grid)
+        prior = interrupted_result(out / f"{result_stem(name, args.tag, ctx.tiny)}.json") if args.resume else None
+        result = run_suite(name, ctx, args.full_grid, prior, checkpoint=lambda doc: write_result(doc, out, args.tag))
         paths = write_result(result, out, args.tag)
         statuses = [r["status"] for r in result["records"]]
         summary = ", ".join(f"{s} {statuses.count(s)}" for s in dict.fromkeys(statuses))

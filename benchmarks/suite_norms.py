@@ -218,7 +218,8 @@ def problems(ctx: Context) -> list[NormProblem]:
     return [NormProblem(op, (rows, h)) for h in hiddens for op in ops] + [NormProblem("rope", rope_shape)]
 
 
-def _add_copy_fraction(records: list[Record]) -> None:
+def finish(records: list[Record]) -> None:
+    """GB/s as a fraction of the device-to-device copy of the same shape (run.py calls it again on resume)."""
     copy_gbps = {r.params["copy_of"]: r.metrics.get("gbps") for r in records if r.params["op"] == "copy"}
     for record in records:
         gbps, copy = record.metrics.get("gbps"), copy_gbps.get(record.params["copy_of"])
@@ -239,5 +240,5 @@ def run(ctx: Context) -> list[Record]:
                 records += run_case(NAME, copy_case(p.copy_shape, p.dtype, ctx), replace(ctx, contenders=None))
             log.info("norms: %s", name)
             records += run_case(NAME, make_case(p, backward, ctx), ctx)
-    _add_copy_fraction(records)
+    finish(records)
     return records

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tilefuse.benchmarks import run as bench
-from tilefuse.benchmarks import suite_tuning
+from tilefuse.benchmarks import suite_decode, suite_tuning
 from tilefuse.benchmarks.harness import STATUSES, Case, Context, Unavailable, max_rel_error, run_case
 
-RESULT_KEYS = {"schema", "suite", "metric", "x_axis", "config", "env", "elapsed_s", "notes", "records"}
+RESULT_KEYS = {"schema", "suite", "metric", "x_axis", "config", "env", "elapsed_s", "partial", "notes", "records"}
 RECORD_KEYS = {"suite", "case", "params", "contender", "status", "reason", "median_ms", "p20_ms", "p80_ms", "timing",
                "max_rel_err", "tolerance", "metrics", "best_peer", "speedup_vs_best_peer"}  # fmt: skip
 TIMED_SUITES = ("attention", "decode", "norms", "e2e")
@@ -153,6 +153,49 @@ def test_main_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFix
     assert json.loads(capsys.readouterr().out)["suite"] == "io"
     table = (tmp_path / "io-tiny.md").read_text()
     assert "attention bf16 d64 N128 causal" in table and "| case |" in table
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed mid-suite (a GPU lease's time limit) leaves a partial JSON after every case; --resume keeps
+    those cases and measures only the rest."""
+    args = [
+        "decode",
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        "--contenders",
+        "tilefuse,sdpa",
+        "--filter",
+        "q1 ",
+        "--repeats",
+        "2",
+    ]
+    measured: list[str] = []
+
+    def killed_after_first_case(suite: str, case: Case, ctx: Context) -> Any:
+        if measured:
+            raise KeyboardInterrupt  # what the time limit's SIGINT/SIGTERM does to the run
+        measured.append(case.name)
+        return run_case(suite, case, ctx)
+
+    monkeypatch.setattr(suite_decode, "run_case", killed_after_first_case)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    first = measured[0]
+    partial = json.loads((tmp_path / "decode-tiny.json").read_text())
+    assert partial["partial"] and {r["case"] for r in partial["records"]} == {first}
+    assert not (tmp_path / "decode-tiny.md").exists()  # tables only for finished suites
+
+    measured.clear()
+    monkeypatch.setattr(suite_decode, "run_case", lambda s, c, x: measured.append(c.name) or run_case(s, c, x))
+    assert bench.main([*args, "--resume"]) == 0
+    done = json.loads((tmp_path / "decode-tiny.json").read_text())
+    check_schema(done)
+    assert not done["partial"] and first not in measured and len(measured) == 1
+    assert sorted({r["case"] for r in done["records"]}) == sorted([first, *measured])
+    assert len(done["records"]) == 4 and any(note.startswith("resumed: 1 cases") for note in done["notes"])
+    assert (tmp_path / "decode-tiny.md").exists()
+    assert bench.main([*args, "--resume"]) == 0 and len(measured) == 3  # a finished file is measured again
 
 
 def test_main_refuses_full_size_gpu_suites_on_cpu(tmp_path: Path) -> None:
