@@ -12,8 +12,11 @@ import torch
 import torch.fx as fx
 
 from tilefuse.compiler.capture import capture
+from tilefuse.passes.attention import AttentionPass
 from tilefuse.passes.base import PassContext, PassResult
-from tilefuse.passes.manager import check_graph
+from tilefuse.passes.canonicalize import CanonicalizePass
+from tilefuse.passes.manager import PassManager, check_graph
+from tilefuse.specs import AttentionSpec
 
 GraphPassFn = Callable[[fx.GraphModule, PassContext], PassResult]
 
@@ -49,6 +52,24 @@ def sites(ctx: PassContext, kind: str, status: str) -> list[Any]:
 
 def reasons(ctx: PassContext) -> list[str]:
     return [s.reason or "" for s in ctx.sites if s.status == "declined"]
+
+
+# ------------------------------------------------------------------------------------------------ attention
+PIPELINE = PassManager([CanonicalizePass(), AttentionPass()])
+SOFTMAX_OPS = {"aten.softmax", "aten._softmax", "aten._safe_softmax"}
+
+
+def fuse(module: Callable[..., Any], inputs: Sequence[Any]) -> tuple[fx.GraphModule, PassContext]:
+    """Canonicalize and fuse attention in `module(*inputs)`."""
+    return run_pass(PIPELINE, module, inputs)
+
+
+def assert_fused(gm: fx.GraphModule, ctx: PassContext, count: int = 1) -> list[AttentionSpec]:
+    """Every attention site fused (`count` of them), and no softmax or SDPA left in the graph."""
+    assert ctx.counters["attention_fused"] == count and not ctx.counters["attention_declined"], ctx.sites
+    assert len(tilefuse_nodes(gm, "attention")) == count, gm.code
+    assert not ops_in(gm) & (SOFTMAX_OPS | {"aten.scaled_dot_product_attention"}), gm.code
+    return [s.spec for s in sites(ctx, "attention", "fused")]
 
 
 def assert_same(actual: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5) -> None:

@@ -28,7 +28,18 @@ from _attention_cases import (
     qkv,
     repeat_kv,
 )
-from _helpers import as_double, assert_no_worse_than_eager, ops_in, reasons, run_pass, sites, tilefuse_nodes
+from _helpers import (
+    PIPELINE,
+    as_double,
+    assert_fused,
+    assert_no_worse_than_eager,
+    fuse,
+    ops_in,
+    reasons,
+    run_pass,
+    sites,
+    tilefuse_nodes,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -36,27 +47,12 @@ from torch import Tensor, nn
 from tilefuse.passes.attention import AttentionPass
 from tilefuse.passes.base import PassContext
 from tilefuse.passes.canonicalize import CanonicalizePass
-from tilefuse.passes.manager import PassManager
 from tilefuse.specs import AttentionSpec, spec_from_dict
-
-PIPELINE = PassManager([CanonicalizePass(), AttentionPass()])
-SOFTMAX_OPS = {"aten.softmax", "aten._softmax", "aten._safe_softmax"}
-
-
-def fuse(module: Callable[..., Any], inputs: tuple[Tensor, ...]) -> tuple[fx.GraphModule, PassContext]:
-    return run_pass(PIPELINE, module, inputs)
 
 
 def only_site(ctx: PassContext, status: str) -> Any:
     assert [s.status for s in ctx.sites if s.kind == "attention"] == [status], ctx.sites
     return sites(ctx, "attention", status)[0]
-
-
-def assert_fused(gm: fx.GraphModule, ctx: PassContext, count: int = 1) -> list[AttentionSpec]:
-    assert ctx.counters["attention_fused"] == count and not ctx.counters["attention_declined"], ctx.sites
-    assert len(tilefuse_nodes(gm, "attention")) == count, gm.code
-    assert not ops_in(gm) & (SOFTMAX_OPS | {"aten.scaled_dot_product_attention"}), gm.code
-    return [s.spec for s in sites(ctx, "attention", "fused")]
 
 
 def assert_rows_match(ours: Tensor, eager: Tensor, kept_rows: Tensor, atol: float = 1e-5) -> None:
