@@ -8,13 +8,13 @@ probabilities is recorded as dropout_p: the fused op draws its own keep mask (it
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
 
 from .base import Decline
+from .canonicalize_softmax import without_row_shift
 from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
 from .head_fold import merged_heads, split_heads, unfolded_source
 from .masks import is_full_slice, is_very_negative
@@ -73,7 +73,8 @@ def match_softmax_site(softmax: fx.Node) -> AttentionMatch:
         raise Decline(f"softmax over dim {dim} of a rank-{rank} tensor is not attention over keys")
     pv, dropout_p, pv_heads = _find_pv(softmax)
     match = AttentionMatch(anchor=softmax, output=pv, q=pv, k=pv, v=pv, dropout_p=dropout_p)
-    _peel_scores(_without_row_max(softmax.args[0], rank), match)
+    # softmax(s - rowmax(s)) is softmax(s): the kernel's online softmax does that shift itself.
+    _peel_scores(without_row_shift(softmax.args[0], rank - 1), match)
     if pv_heads != match.heads_folded:
         raise Decline("heads are folded into the batch axis on one side of the softmax only")
     return match
@@ -100,34 +101,6 @@ def _find_pv(softmax: fx.Node) -> tuple[fx.Node, float, int | None]:
 
 
 # --------------------------------------------------------------------------------------- scores ← Q·Kᵀ
-def _row_max_of(node: Any, rank: int) -> Any:
-    """x when `node` is the keepdim max of x over its last dim (amax, max.dim's values, through detach), else None."""
-    while is_op(node, aten.detach, aten.alias) and single_user(node) is not None:
-        node = node.args[0]
-    if is_op(node, operator.getitem) and node.args[1] == 0 and is_op(node.args[0], aten.max) and len(node.users) == 1:
-        source, dim, keepdim = node.args[0].args[0], arg(node.args[0], 1, "dim"), arg(node.args[0], 2, "keepdim")
-        dims = [dim]
-    elif is_op(node, aten.amax):
-        source, dims, keepdim = node.args[0], list(arg(node, 1, "dim", [])), arg(node, 2, "keepdim", False)
-    else:
-        return None
-    if not keepdim or [d % rank for d in dims] != [rank - 1]:
-        return None
-    return source
-
-
-def _without_row_max(node: Any, rank: int) -> Any:
-    """s for softmax(s - rowmax(s)): the shift only keeps eager's exp from overflowing, which the kernel's online
-    softmax does by itself, and softmax is shift-invariant (value and gradient, up to rounding). Anything else is
-    returned unchanged."""
-    if not is_op(node, aten.sub) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-        return node
-    scores, shift = node.args
-    if single_user(shift) is node and _row_max_of(shift, rank) is scores:
-        return scores
-    return node
-
-
 def _peel_scores(node: Any, match: AttentionMatch) -> None:
     """Walk from the softmax input back to the Q·Kᵀ contraction, recording ops from outside in."""
     outer_to_inner: list[tuple[str, Any]] = []

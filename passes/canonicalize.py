@@ -4,7 +4,8 @@ fewer spellings.
 Only exact identities: in-place ops on intermediates become functional, batched-matmul einsums become `matmul`,
 a constant-filled `where` branch becomes a scalar, and casts to the same dtype, inactive dropout and
 multiplication by one in a float dtype go. Everything that could change a value's bits, NaN/Inf/-0 behaviour,
-the strides a later view sees, or aliasing stays.
+the strides a later view sees, or aliasing stays. One rewrite is exact in real arithmetic but not bit for bit: a
+softmax written by hand with exp and sum becomes `softmax` (canonicalize_softmax.py says when, and what differs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.fx as fx
 from .base import PassContext, PassResult
 from .canonicalize_einsum import einsum_to_matmul
 from .canonicalize_inplace import functionalize
+from .canonicalize_softmax import manual_softmax
 from .graph import arg, aten, constant_fill, dtype_of, insert_equivalent, is_mutated, is_op, scalar_value
 
 
@@ -70,6 +72,7 @@ def _fill_scalar(x: Any) -> bool | int | float | None:
 _REWRITES: tuple[tuple[str, Callable[[fx.Node], fx.Node | None]], ...] = (
     ("canonicalize_einsum", einsum_to_matmul),
     ("canonicalize_where_fill", where_scalar_fill),
+    ("canonicalize_softmax", manual_softmax),
     ("canonicalize_removed", _identity_input),
 )
 
