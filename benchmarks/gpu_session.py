@@ -60,6 +60,13 @@ class Step:
 
 CORE = "(full|causal)$"
 VARIANTS = "(gqa|window|softcap|alibi|rope)$"
+PROFILED = (  # benchmarks/ncu_profile.py targets: the README's headline cases
+    "attention/fwd bf16 d128 N8192 causal@tilefuse,flex,sdpa",
+    "attention/fwd bf16 d128 N8192 full@tilefuse",
+    "attention/fwd+bwd bf16 d128 N8192 causal@tilefuse,flex",
+    "norms/fwd rmsnorm+residual 16384x4096@tilefuse,liger",
+    "decode/decode bf16 d128 q1 kv65536@tilefuse",
+)
 
 
 def _bench(name: str, why: str, cap_s: float, *args: str) -> Step:
@@ -83,6 +90,9 @@ def plan(gpu: str, collect_jobs: int, root: Path = REPO) -> list[Step]:
                "attention", "--filter", f"^fwd .* {VARIANTS}", "--tag", "fwd-variants"),
         _bench("norms", "norms and RoPE against copy bandwidth, Liger, torch.compile", 300, "norms"),
         _bench("decode", "split-KV decode against SDPA and FlexAttention", 240, "decode", "--cuda-graphs"),
+        Step("profile", "Nsight Compute verdict on the main kernels and their closest peers", 240,
+             command=(python, "-m", "tilefuse.benchmarks.ncu_profile", *PROFILED, "--out", "{results}"),
+             marker="profile.done"),
         _bench("attention-bwd-core", "forward+backward, full and causal", 360,
                "attention", "--filter", rf"^fwd\+bwd .* {CORE}", "--tag", "bwd-core"),
         _bench("e2e-train", "Llama-1B-shaped training step", 420, "e2e", "--filter", "^train", "--tag", "train"),

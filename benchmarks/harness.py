@@ -101,6 +101,8 @@ class Context:
     done_cases: frozenset[str] = frozenset()  # cases an earlier, interrupted run already measured (--resume)
     checkpoint: Callable[[list[Record]], object] | None = None  # called with every record so far after each case
     completed: list[Record] = field(default_factory=list)
+    profile: str | None = None  # run only this contender, its timed calls inside cudaProfilerStart/Stop (ncu)
+    profile_calls: int = 1
 
     @property
     def is_cuda(self) -> bool:
@@ -268,9 +270,36 @@ def _rank(records: dict[str, Record]) -> None:
             record.speedup_vs_best_peer = peers[record.best_peer] / record.median_ms
 
 
+def profile_case(case: Case, ctx: Context) -> None:
+    """Warm the `ctx.profile` contender up (compiles happen outside the profiled range), then call it
+    `ctx.profile_calls` times between cudaProfilerStart and Stop, for `ncu --profile-from-start off`
+    (benchmarks/profile.py). Cases without that contender (norms' copy yardstick) are left alone."""
+    if ctx.profile is None or ctx.profile not in case.contenders:
+        return
+    built = case.contenders[ctx.profile]()
+    runner = built.run if isinstance(built, Contender) else built
+    for _ in range(2):
+        runner()
+    _sync(ctx.device)
+    if ctx.is_cuda:
+        torch.cuda.profiler.start()
+    try:
+        for _ in range(ctx.profile_calls):
+            runner()
+        _sync(ctx.device)
+    finally:
+        if ctx.is_cuda:
+            torch.cuda.profiler.stop()
+    log.info("profiled %s: %s (%d calls)", case.name, ctx.profile, ctx.profile_calls)
+
+
 def run_case(suite: str, case: Case, ctx: Context) -> list[Record]:
-    """Check every wanted contender against the reference, time those that pass, and rank them."""
+    """Check every wanted contender against the reference, time those that pass, and rank them (or, with
+    `ctx.profile` set, only run that contender for a profiler and return no record)."""
     torch._dynamo.reset()  # every case compiles its own graphs; stale ones would only count against the limit
+    if ctx.profile is not None:
+        profile_case(case, ctx)
+        return []
     names = [n for n in case.contenders if ctx.wants(n)]
     records = {n: Record(suite, case.name, case.params, n, "ok", tolerance=case.tolerance) for n in names}
     try:

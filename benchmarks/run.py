@@ -138,6 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
                         help="inner compiler of the tilefuse contenders (e2e, compile, tuning)")  # fmt: skip
     parser.add_argument("--full-grid", action="store_true", help="attention: every dtype x head dim x N")
+    parser.add_argument("--profile", metavar="CONTENDER",
+                        help="no timing, no output: call CONTENDER's selected cases between cudaProfilerStart/Stop "
+                        "for ncu --profile-from-start off (benchmarks/profile.py drives this)")  # fmt: skip
     parser.add_argument(
         "--resume", action="store_true", help="keep the cases an interrupted run left in the output; measure the rest"
     )
@@ -148,7 +151,7 @@ def context(args: argparse.Namespace) -> Context:
     return Context(
         device=torch.device(args.device), tiny=args.tiny, repeats=args.repeats, warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms, cuda_graphs=args.cuda_graphs, contenders=contenders, case_filter=args.filter,
-        inner=args.inner,
+        inner=args.inner, profile=args.profile,
     )  # fmt: skip
 
 
@@ -168,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         log.error("suites %s need a GPU at full size; pass --tiny on CPU", ", ".join(needs_tiny))
         return 2
     out = args.out or RESULTS / gpu_slug(ctx.device)
+    if args.profile:
+        for name in suites:
+            run_suite(name, ctx, args.full_grid)
+        return 0
     for name in suites:
         prior = interrupted_result(out / f"{result_stem(name, args.tag, ctx.tiny)}.json") if args.resume else None
         result = run_suite(name, ctx, args.full_grid, prior, checkpoint=lambda doc: write_result(doc, out, args.tag))
