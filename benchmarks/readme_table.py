@@ -82,8 +82,10 @@ def _value(case: list[dict[str, Any]], mine: dict[str, Any], metric: str) -> flo
     return None if value is None else float(value)
 
 
-def rows(results: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
-    """[suite, case, metric, vs best peer, targets] per headline tilefuse record of the (file name, result) pairs."""
+def rows(results: Sequence[tuple[str, dict[str, Any]]], limiters: dict[str, str] | None = None) -> list[list[str]]:
+    """[suite, case, metric, vs best peer, targets] per headline tilefuse record of the (file name, result) pairs;
+    a missed target is followed by what Nsight Compute said limits that case's tilefuse kernel (`limiters`: case
+    name -> verdict, from ncu_profile.py's profile.json), when it was profiled."""
     out = []
     for name, result in results:
         suite, metric = result["suite"], result["metric"]
@@ -107,6 +109,8 @@ def rows(results: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
                 else:
                     verdict = "met" if got >= target.value else f"missed by {100 * (1 - got / target.value):.0f}%"
                     verdicts.append(f"{target.describe()}: {got:.3g} ({verdict})")
+            if any("missed" in v for v in verdicts) and (limiters or {}).get(case_name):
+                verdicts.append(f"ncu: {(limiters or {})[case_name]}")
             out.append([
                 suite, case_name, "-" if value is None else f"{value:.4g} {metric}",
                 "-" if best is None else f"{best:.2f}x {mine.get('best_peer')}", "; ".join(verdicts), name,
@@ -114,13 +118,15 @@ def rows(results: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
     return out
 
 
-def table(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
+def table(results: Sequence[tuple[str, dict[str, Any]]], limiters: dict[str, str] | None = None) -> str:
     """The markdown table with a line naming the GPU and run date of the results."""
     envs = {(r["env"].get("gpu") or r["env"].get("device"), str(r["env"].get("date", ""))[:10]) for _, r in results}
     lines = ["Measured on " + ", ".join(f"{gpu} ({date})" for gpu, date in sorted(envs, key=str)) + "; ratios are "
              "peer time / tilefuse time from the same run (> 1: tilefuse faster).", "",
              "| suite | case | tilefuse | vs best peer | targets | source |", "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows(results)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows(results, limiters)]
+    if partial := sorted(name for name, r in results if r.get("partial")):
+        lines += ["", f"Interrupted runs (not every case measured yet): {', '.join(partial)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -133,13 +139,27 @@ def update_readme(readme: Path, body: str) -> None:
     readme.write_text(pattern.sub(lambda _: f"{START}\n{body}{END}", text, count=1))
 
 
+def load(paths: Sequence[Path]) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
+    """Suite result files, and the tilefuse limiter per case from any profile file among `paths` (other JSON in a
+    results folder, such as the GPU session's summary, is skipped)."""
+    results, limiters = [], {}
+    for path in paths:
+        doc = json.loads(path.read_text())
+        if "suite" in doc and "records" in doc:
+            results.append((path.name, doc))
+        for entry in doc.get("profiles", []):
+            if entry.get("contender") == TILEFUSE and entry.get("status") == "ok" and entry.get("limiter"):
+                limiters[entry["case"]] = entry["limiter"]
+    return results, limiters
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="result JSON files (benchmarks/results/<gpu>/*.json)")
     parser.add_argument("--write", type=Path, default=None, help="README to update between the markers")
     args = parser.parse_args(argv)
-    results = [(path.name, json.loads(path.read_text())) for path in args.results]
-    body = table(results)
+    results, limiters = load(args.results)
+    body = table(results, limiters)
     if args.write is not None:
         update_readme(args.write, body)
     else:

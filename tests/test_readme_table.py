@@ -3,6 +3,7 @@ reported as met or missed by how much, and written between the README's markers.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,19 @@ def test_update_readme_replaces_only_between_the_markers(tmp_path: Path) -> None
 def test_the_repository_readme_has_the_markers() -> None:
     text = (Path(readme_table.__file__).parents[1] / "README.md").read_text()
     assert text.count(readme_table.START) == 1 and text.count(readme_table.END) == 1
+
+
+def test_missed_targets_quote_the_profile_and_other_json_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "attention-fwd.json").write_text(json.dumps({**RESULT, "partial": True}))
+    (tmp_path / "gpu-session.json").write_text(json.dumps({"gpu": "x", "steps": []}))
+    profile = {"profiles": [
+        {"case": "fwd bf16 d128 N4096 causal", "contender": "tilefuse", "status": "ok", "limiter": "latency-bound: x"},
+        {"case": "fwd bf16 d128 N4096 causal", "contender": "flex", "status": "ok", "limiter": "memory-bound: y"},
+    ]}  # fmt: skip
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    results, limiters = readme_table.load(sorted(tmp_path.glob("*.json")))
+    assert [name for name, _ in results] == ["attention-fwd.json"]
+    assert limiters == {"fwd bf16 d128 N4096 causal": "latency-bound: x"}
+    ((*_, targets, _source),) = readme_table.rows(results, limiters)
+    assert targets.endswith("; ncu: latency-bound: x")
+    assert "Interrupted runs (not every case measured yet): attention-fwd.json." in readme_table.table(results)
