@@ -171,6 +171,8 @@ def _fold_once(lines: list[str]) -> list[str] | None:
 def _fold_if(lines: list[str], tree: ast.Module, node: ast.If, value: bool) -> list[str]:
     first, last = node.lineno - 1, node.end_lineno - 1  # type: ignore[operator]
     indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+    if lines[first].lstrip().startswith("elif"):  # the outer `if` is not static (a static one promotes its elif)
+        return _fold_elif(lines, node, value, indent)
     kept: list[str] = []
     if value:
         start, end = _block_lines(node.body, node.lineno)
@@ -187,6 +189,21 @@ def _fold_if(lines: list[str], tree: ast.Module, node: ast.If, value: bool) -> l
     if not kept and _only_statement(tree, node):
         kept = ["pass"]
     return [*lines[:first], *(indent + k if k.strip() else k for k in kept), *lines[last + 1 :]]
+
+
+def _fold_elif(lines: list[str], node: ast.If, value: bool, indent: str) -> list[str]:
+    """Fold a static `elif` of an `if` that stays: a true one becomes the chain's `else:` (what follows it can no
+    longer run), a false one leaves the chain and hands on to its own `elif`/`else`, if any."""
+    first, last = node.lineno - 1, node.end_lineno - 1  # type: ignore[operator]
+    if value:
+        body_end = node.body[-1].end_lineno - 1  # type: ignore[operator]
+        return [*lines[:first], indent + "else:", *lines[first + 1 : body_end + 1], *lines[last + 1 :]]
+    if not node.orelse:
+        return [*lines[:first], *lines[last + 1 :]]
+    following = node.orelse[0]
+    if isinstance(following, ast.If) and lines[following.lineno - 1].lstrip().startswith("elif"):
+        return [*lines[:first], *lines[following.lineno - 1 :]]
+    return [*lines[:first], *lines[_else_line(lines, node) :]]
 
 
 def _else_line(lines: list[str], node: ast.If) -> int:

@@ -46,6 +46,22 @@ def _branchy_kernel(X, Y, n, MODE: tl.constexpr, SCALE: tl.constexpr, FLAG: tl.c
     tl.store(Y + offs, x.to(DTYPE), mask=offs < n)
 
 
+@triton.jit
+def _runtime_chain_kernel(X, Y, n, A: tl.constexpr, B: tl.constexpr):
+    offs = tl.arange(0, 16)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    for step in range(0, 2):
+        if step == 0:  # decided at run time: stays; the constexpr tests after it fold
+            x = x * 2.0
+        elif A:
+            x = x + 1.0
+        elif B:
+            x = x - 3.0
+        else:
+            x = -x
+    tl.store(Y + offs, x, mask=offs < n)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(tmp_path / "cache"))
@@ -80,6 +96,20 @@ def test_elif_else_and_conditional_expressions_fold() -> None:
         assert "if" not in source.split("):", 1)[1]  # every branch here is decided by baked values
         assert "x * SCALE" not in source and "x + 0.5" not in source
         assert "DTYPE: tl.constexpr" in source  # not given: stays a constexpr parameter
+
+
+@pytest.mark.parametrize("a,b", [(False, False), (False, True), (True, False), (True, True)])
+def test_static_elif_after_a_runtime_if_folds_inside_the_chain(a: bool, b: bool) -> None:
+    """`if <runtime>: .. elif CONST: .. else: ..` keeps the else branch under the runtime test."""
+    source = emit.specialize(_runtime_chain_kernel, dict(A=a, B=b)).source
+    ast.parse(source)
+    kept = "x = x + 1.0" if a else "x = x - 3.0" if b else "x = -x"
+    assert "if step == 0:" in source and "elif" not in source and f"else:\n            {kept}\n" in source
+    x = torch.randn(13, generator=torch.Generator().manual_seed(1))
+    want, got = torch.empty(13), torch.empty(13)
+    _runtime_chain_kernel[(1,)](x, want, 13, A=a, B=b)
+    emit.launch(_runtime_chain_kernel, (1,), x, got, 13, A=a, B=b)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("mode,flag", [(0, False), (1, True), (2, True)])
