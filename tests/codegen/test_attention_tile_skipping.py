@@ -30,7 +30,7 @@ from tilefuse.codegen.attention_args import mask_block_list, mask_kept_blocks
 from tilefuse.codegen.attention_bwd import attention_backward_triton
 from tilefuse.codegen.attention_decode import attention_decode_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
-from tilefuse.codegen.io_count import _element_bytes
+from tilefuse.codegen.io_count import _element_bytes, watch_memory
 
 BATCH, KV_HEADS, GROUP = 2, 2, 2
 
@@ -76,26 +76,18 @@ MASK_CASES = [("key_padding", "causal_br"), ("rows", "plain"), ("per_head", "cau
 
 @contextmanager
 def _bytes_read(tensors: dict[str, Tensor]) -> Iterator[dict[str, int]]:
-    """Bytes interpreted kernels load from each named tensor (io_count's patch, split by address range)."""
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    orig_load = builder.create_masked_load
+    """Bytes interpreted kernels load from each named tensor (io_count's hook, split by address range)."""
     spans = {name: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for name, t in tensors.items()}
     counts = dict.fromkeys(tensors, 0)
 
-    def load(self: Any, ptrs: Any, mask: Any, other: Any, cache_policy: Any, is_volatile: Any) -> Any:
+    def load(ptrs: Any, mask: Any) -> None:
         addrs = np.broadcast_to(np.asarray(ptrs.data), np.shape(ptrs.data))
         active = addrs[np.broadcast_to(np.asarray(mask.data), addrs.shape)].astype(np.int64)
         for name, (lo, hi) in spans.items():
             counts[name] += int(np.count_nonzero((active >= lo) & (active < hi))) * _element_bytes(ptrs)
-        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
-    builder.create_masked_load = load
-    try:
+    with watch_memory(on_load=load):
         yield counts
-    finally:
-        builder.create_masked_load = orig_load
 
 
 # ------------------------------------------------------------------------------------------------ the lists
