@@ -198,13 +198,14 @@ def backward_config(
     blocks; RoPE adds the partner/cos/sin tiles of every rotated K (dQ) or Q (dK/dV) tile, and dropout its Philox
     state, which need smaller tiles still. `tilefuse compile-check` covers these with a launch's integer
     specialization (vectorized loads and cp.async pipelining cost registers: 64x64 dK/dV tiles spill at D=128, and
-    RoPE's dK/dV kernel needs a single stage); the autotuner replaces them.
+    RoPE's and dropout's dK/dV kernels need a single stage; a masked dQ kernel fits with 64-row tiles, where 32
+    rows spill); the autotuner replaces them.
     """
     if head_dim <= 64 and not (has_rope or has_dropout):
         return BwdConfig(64, 64, 4, 2), BwdConfig(64, 32, 4, 2)
     if has_rope:
         return BwdConfig(32, 64, 8, 1), BwdConfig(32, 16, 8, 1)
-    return BwdConfig(32, 64, 8, 2), BwdConfig(32, 32, 8, 2)
+    return BwdConfig(32, 64, 8, 1 if has_dropout else 2), BwdConfig(64 if has_mask else 32, 32, 8, 2)
 
 
 def _configs(

@@ -40,9 +40,12 @@ from .attention_tiles import (
     _dropout_rows,
     _load_kt,
     _load_row_stats,
+    _nth_block,
     _recompute_scores,
     _rope_grad_tile,
     _rope_tile,
+    _unmasked_key_blocks,
+    _unmasked_query_blocks,
 )
 from .reference import AttnFlags, AttnInputs
 
@@ -125,6 +128,14 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
     if USE_WINDOW:
         hi = tl.minimum(hi, tl.minimum(start_n + BLOCK_N, kv_len) - 1 + window - pos_offset)
 
+    num_blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 0)
+    i_lo, i_hi = _unmasked_query_blocks(
+        lo, num_blocks, start_n, q_len, kv_len, window, pos_offset, BLOCK_M, BLOCK_N, CAUSAL, USE_WINDOW
+    )  # query blocks lo / BLOCK_M + [i_lo, i_hi) run unmasked, the others masked
+    blk_lo = lo // BLOCK_M
+    c_lo = blk_lo + i_lo
+    c_hi = blk_lo + i_hi
+
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, group):
@@ -135,52 +146,51 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
-        first = lo
-        last = hi
+        n_masked = i_lo + num_blocks - i_hi
+        idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
         if SKIP_TILES:  # the launcher listed the query blocks of this q head holding a pair the mask keeps
             idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + tl.program_id(0) * stride_im
-            first = 0  # walk list entries [0, count) in steps of BLOCK_M, as the unlisted loop walks query rows
-            last = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm) * BLOCK_M
-        for pos in range(first, last, BLOCK_M):
-            start_m = pos
-            if SKIP_TILES:
-                start_m = tl.load(idx_base + pos // BLOCK_M) * BLOCK_M
-            offs_m = start_m + offs_m0
-            q = tl.load(
-                q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim),
-                other=0.0,
-            )
-            if ROPE_LAYOUT >= 0:
-                q = _rope_tile(
-                    q, q_base, Cos + off_b * stride_cb + off_h * stride_ch, Sin + off_b * stride_sb + off_h * stride_sh,
-                    offs_m[:, None], offs_d[None, :], offs_m[:, None] < q_len, offs_d[None, :] < head_dim,
-                    stride_qm, stride_qd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
+            n_masked = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm)
+        # Unrolled at compile time: phase 0 = query blocks needing no mask (absent under a data mask), 1 = the rest.
+        for phase in tl.static_range(0 if MASK_KIND == 0 and not SKIP_TILES else 1, 2):
+            for block in range(0, c_hi - c_lo if phase == 0 else n_masked):
+                offs_m = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_M + offs_m0
+                q = tl.load(
+                    q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim),
+                    other=0.0,
+                )
+                if ROPE_LAYOUT >= 0:
+                    q = _rope_tile(
+                        q, q_base, Cos + off_b * stride_cb + off_h * stride_ch,
+                        Sin + off_b * stride_sb + off_h * stride_sh, offs_m[:, None], offs_d[None, :],
+                        offs_m[:, None] < q_len, offs_d[None, :] < head_dim, stride_qm, stride_qd, stride_cn,
+                        stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
+                    )  # fmt: skip
+                do = tl.load(
+                    do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                    mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < head_dim_v),
+                    other=0.0,
+                )
+                lse, delta = _load_row_stats(Lse, Delta, off_b * num_q_heads + off_h, offs_m, q_len)
+                s, t = _recompute_scores(
+                    q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
+                    q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
+                    CAUSAL, USE_WINDOW, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, UPCAST_DOT, phase == 1,
                 )  # fmt: skip
-            do = tl.load(
-                do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < head_dim_v),
-                other=0.0,
-            )
-            lse, delta = _load_row_stats(Lse, Delta, off_b * num_q_heads + off_h, offs_m, q_len)
-            s, t = _recompute_scores(
-                q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
-                q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
-                CAUSAL, USE_WINDOW, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, UPCAST_DOT,
-            )  # fmt: skip
-            p = tl.exp2(s - lse[:, None])
-            dp = _dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
-            p_dropped = p
-            if HAS_DROPOUT:  # dV takes the dropped P; dP gets the same mask and scale (delta needs none)
-                seed, row_counter = _dropout_rows(Rng, (off_b * num_q_heads + off_h) * q_len + offs_m, kv_len)
-                keep = _dropout_keep(seed, row_counter, offs_n, drop_p)
-                p_dropped = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            dv += _dot(tl.trans(p_dropped.to(do.dtype)), do, INPUT_PRECISION, UPCAST_DOT)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST_DOT)
+                p = tl.exp2(s - lse[:, None])
+                dp = _dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
+                p_dropped = p
+                if HAS_DROPOUT:  # dV takes the dropped P; dP gets the same mask and scale (delta needs none)
+                    seed, row_counter = _dropout_rows(Rng, (off_b * num_q_heads + off_h) * q_len + offs_m, kv_len)
+                    keep = _dropout_keep(seed, row_counter, offs_n, drop_p)
+                    p_dropped = tl.where(keep, p * drop_scale, 0.0)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                dv += _dot(tl.trans(p_dropped.to(do.dtype)), do, INPUT_PRECISION, UPCAST_DOT)
+                ds = p * (dp - delta[:, None])
+                if HAS_SOFTCAP:
+                    ds = ds * (1.0 - t * t)
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST_DOT)
 
     dk_ptrs = (
         DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -262,41 +272,51 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
         hi = tl.minimum(hi, tl.minimum(start_m + BLOCK_M, q_len) + pos_offset)
     if USE_WINDOW:
         lo = tl.maximum(start_m + pos_offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    blk_lo = lo // BLOCK_N
+    blk_hi = blk_lo + tl.cdiv(hi - lo, BLOCK_N)
+    c_lo = blk_lo
+    c_hi = blk_lo
+    if MASK_KIND == 0 and not SKIP_TILES:  # unmasked key blocks, as in the forward, when every row is a real query
+        c_lo, c_hi = _unmasked_key_blocks(
+            blk_lo, blk_hi, start_m + pos_offset, start_m + BLOCK_M - 1 + pos_offset, kv_len, window,
+            BLOCK_N, CAUSAL, USE_WINDOW,
+        )  # fmt: skip
+        c_hi = tl.where(start_m + BLOCK_M <= q_len, c_hi, c_lo)
+    n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
+    idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
     if SKIP_TILES:  # the forward's list at this kernel's blocks: key blocks holding a key the mask keeps
         idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + tl.program_id(0) * stride_im
-        lo = 0  # walk list entries [0, count) in steps of BLOCK_N, as the unlisted loop walks key positions
-        hi = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm) * BLOCK_N
+        n_masked = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_cos_off = off_b * stride_cb + off_kvh * stride_ch
     kv_sin_off = off_b * stride_sb + off_kvh * stride_sh
-    for pos in range(lo, hi, BLOCK_N):
-        start_n = pos
-        if SKIP_TILES:
-            start_n = tl.load(idx_base + pos // BLOCK_N) * BLOCK_N
-        offs_n = start_n + offs_n0
-        kt = _load_kt(
-            k_base, Cos, Sin, kv_cos_off, kv_sin_off, offs_n, offs_d, kv_len, head_dim,
-            stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
-        )  # fmt: skip
-        vt = tl.load(
-            v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-            mask=(offs_n[None, :] < kv_len) & (offs_dv[:, None] < head_dim_v),
-            other=0.0,
-        )
-        s, t = _recompute_scores(
-            q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
-            q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
-            CAUSAL, USE_WINDOW, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, UPCAST_DOT,
-        )  # fmt: skip
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
-        if HAS_DROPOUT:
-            dp = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += _dot(ds.to(q.dtype), tl.trans(kt), INPUT_PRECISION, UPCAST_DOT)
+    # Unrolled at compile time: phase 0 = key blocks needing no mask (absent under a data mask), 1 = the rest.
+    for phase in tl.static_range(0 if MASK_KIND == 0 and not SKIP_TILES else 1, 2):
+        for block in range(0, c_hi - c_lo if phase == 0 else n_masked):
+            offs_n = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
+            kt = _load_kt(
+                k_base, Cos, Sin, kv_cos_off, kv_sin_off, offs_n, offs_d, kv_len, head_dim,
+                stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
+            )  # fmt: skip
+            vt = tl.load(
+                v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                mask=(offs_n[None, :] < kv_len) & (offs_dv[:, None] < head_dim_v),
+                other=0.0,
+            )
+            s, t = _recompute_scores(
+                q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
+                q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
+                CAUSAL, USE_WINDOW, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, UPCAST_DOT, phase == 1,
+            )  # fmt: skip
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
+            if HAS_DROPOUT:
+                dp = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq += _dot(ds.to(q.dtype), tl.trans(kt), INPUT_PRECISION, UPCAST_DOT)
 
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)

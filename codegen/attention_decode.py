@@ -224,7 +224,7 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
                 s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
 
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, 1.0, False)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),

@@ -26,7 +26,15 @@ from .attention_args import _check_extras as _check_extras
 from .attention_args import _check_tensors as _check_tensors
 from .attention_args import dropout_args, mask_block_list, rope_args
 from .attention_tiles import _dot as _dot
-from .attention_tiles import _dropout_keep, _dropout_rows, _load_kt, _online_softmax, _softmax_finish
+from .attention_tiles import (
+    _dropout_keep,
+    _dropout_rows,
+    _load_kt,
+    _nth_block,
+    _online_softmax,
+    _softmax_finish,
+    _unmasked_key_blocks,
+)
 from .attention_tiles import _rope_tile as _rope_tile
 from .attention_tiles import _tanh as _tanh
 from .reference import AttnFlags, AttnInputs
@@ -52,7 +60,7 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ROPE_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SKIP_TILES: tl.constexpr,
+    ROPE_LAYOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SKIP_TILES: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -88,66 +96,85 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
     # Key-block range of this query block: blocks entirely outside causal/window are never loaded.
     lo = 0
     hi = kv_len
+    first_pos = start_m * BLOCK_M + pos_offset
     last_pos = tl.minimum(start_m * BLOCK_M + BLOCK_M, q_len) - 1 + pos_offset
     if CAUSAL:
         hi = tl.minimum(hi, last_pos + 1)
     if USE_WINDOW:
-        first_pos = start_m * BLOCK_M + pos_offset
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
-    num_blocks = tl.cdiv(hi - lo, BLOCK_N)
+    blk_lo = lo // BLOCK_N
+    blk_hi = blk_lo + tl.cdiv(hi - lo, BLOCK_N)
+    # Clean blocks [c_lo, c_hi): inside kv_len and kept whole by causal/window for every row of this query block
+    # (last key <= the first row's position; first key inside the last row's window), so their scores skip the
+    # masking. The rest — the diagonal, the window's edge, a partial last block — run masked. Data masks and
+    # listed tiles run masked throughout.
+    c_lo = blk_lo
+    c_hi = blk_lo
+    if MASK_KIND == 0 and not SKIP_TILES:
+        c_lo, c_hi = _unmasked_key_blocks(
+            blk_lo, blk_hi, first_pos, last_pos, kv_len, window, BLOCK_N, CAUSAL, USE_WINDOW
+        )
+    n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
+    idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
     if SKIP_TILES:  # the launcher listed the key blocks this query block visits: mask tiles with a kept key
         idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + start_m * stride_im
-        num_blocks = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + start_m * stride_nm)
+        n_masked = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + start_m * stride_nm)
 
     cos_off = off_b * stride_cb + off_kvh * stride_ch
     sin_off = off_b * stride_sb + off_kvh * stride_sh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for block in range(0, num_blocks):
-        start_n = lo + block * BLOCK_N
-        if SKIP_TILES:
-            start_n = tl.load(idx_base + block) * BLOCK_N
-        offs_n = start_n + offs_n0
-        kt = _load_kt(
-            k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
-            stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
-        )  # fmt: skip
-        # Scores live in log2 units: log2(e) is folded into qk_scale (or into softcap_log2 with softcap).
-        s = _dot(q, kt, INPUT_PRECISION, UPCAST_DOT)
-        s = _tanh(s * qk_scale) * softcap_log2 if HAS_SOFTCAP else s * qk_scale
-        if HAS_ALIBI:
-            s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
-        keep = offs_n[None, :] < kv_len
-        if CAUSAL:
-            keep &= offs_n[None, :] <= q_pos[:, None]
-        if USE_WINDOW:
-            keep &= (q_pos[:, None] - offs_n[None, :]) < window
-        if MASK_KIND != 0:
-            # int64 rows: one head's [Nq, Nk] mask plane passes 2^31 elements at N = 46341
-            mask_ptrs = (
-                Mask
-                + off_b * stride_mb
-                + off_h * stride_mh
-                + offs_m[:, None].to(tl.int64) * stride_mm
-                + offs_n[None, :] * stride_mn
-            )
-            in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
-            if MASK_KIND == 1:
-                keep &= tl.load(mask_ptrs, mask=in_range, other=0) != 0
-            else:
-                s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
+    # Unrolled at compile time: phase 0 = clean blocks (not compiled at all under a data mask), 1 = masked blocks.
+    for phase in tl.static_range(0 if MASK_KIND == 0 and not SKIP_TILES else 1, 2):
+        num_blocks = c_hi - c_lo if phase == 0 else n_masked
+        for block in range(0, num_blocks):
+            offs_n = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
+            kt = _load_kt(
+                k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
+                stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
+            )  # fmt: skip
+            # Scores live in log2 units: log2(e) is folded into qk_scale (or into softcap_log2 with softcap).
+            # SCALE_IN_EXP (qk_scale > 0, nothing added to the scaled scores): the softmax step scales them
+            # inside its exp2 argument, one FMA per score instead of a multiply and a subtract.
+            s = _dot(q, kt, INPUT_PRECISION, UPCAST_DOT)
+            if HAS_SOFTCAP:
+                s = _tanh(s * qk_scale) * softcap_log2
+            elif not SCALE_IN_EXP:
+                s = s * qk_scale
+            if HAS_ALIBI:
+                s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
+            if phase == 1:
+                keep = offs_n[None, :] < kv_len
+                if CAUSAL:
+                    keep &= offs_n[None, :] <= q_pos[:, None]
+                if USE_WINDOW:
+                    keep &= (q_pos[:, None] - offs_n[None, :]) < window
+                if MASK_KIND != 0:
+                    # int64 rows: one head's [Nq, Nk] mask plane passes 2^31 elements at N = 46341
+                    mask_ptrs = (
+                        Mask
+                        + off_b * stride_mb
+                        + off_h * stride_mh
+                        + offs_m[:, None].to(tl.int64) * stride_mm
+                        + offs_n[None, :] * stride_mn
+                    )
+                    in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
+                    if MASK_KIND == 1:
+                        keep &= tl.load(mask_ptrs, mask=in_range, other=0) != 0
+                    else:
+                        s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
+                s = tl.where(keep, s, float("-inf"))
 
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),
-            other=0.0,
-        )
-        if HAS_DROPOUT:  # on P only: l_i above sums the undropped P, so lse and normalization are unaffected
-            p = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, SCALE_IN_EXP)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),
+                other=0.0,
+            )
+            if HAS_DROPOUT:  # on P only: l_i above sums the undropped P, so lse and normalization are unaffected
+                p = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
 
     # Fully masked rows: l = 0, acc = 0 -> output 0 and lse = -inf.
     acc, lse2 = _softmax_finish(acc, m_i, l_i)
@@ -191,6 +218,13 @@ def default_config(
     if head_dim <= 128:
         return 128, 64, 8, 2 if has_dropout else 3
     return 64, 32 if has_dropout else 64, 8, 2
+
+
+def scale_in_exp(qk_scale: float, softcap: float, alibi: bool, mask_kind: int) -> bool:
+    """Whether the kernel may scale scores inside the softmax's exp2 (SCALE_IN_EXP): only a positive scale keeps
+    the row max where it was (and masked -inf scores at -inf), and only when no softcap, ALiBi bias or additive
+    mask is applied to the scaled scores first."""
+    return qk_scale > 0 and softcap <= 0 and not alibi and mask_kind != MASK_ADDITIVE
 
 
 def _pow2_block(requested: int, size: int) -> int:
@@ -258,6 +292,7 @@ def attention_forward_triton(
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(),
         ROPE_LAYOUT=rope.layout, HAS_DROPOUT=rng is not None, SKIP_TILES=tiles is not None,
+        SCALE_IN_EXP=scale_in_exp(qk_scale, softcap, slopes is not None, mask_kind),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, lse

@@ -77,13 +77,19 @@ def _load_kt(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i):  # type: ignore[no-untyped-def]
+def _online_softmax(s, m_i, l_i, scale, SCALED: tl.constexpr):  # type: ignore[no-untyped-def]
     """One online-softmax step over masked log2-unit scores: (p, alpha, new row max, new row sum). The caller
     rescales its accumulator by alpha and adds p·V. A row with no kept key so far has max -inf: 0 is subtracted
-    instead, so exp2 gives 0 rather than NaN."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
+    instead, so exp2 gives 0 rather than NaN. SCALED: the scores are still to be multiplied by `scale` (> 0, so
+    the row max scales with them), which happens inside the exp2 argument as one FMA."""
+    if SCALED:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * scale - m_safe[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -148,13 +154,66 @@ def _dropout_keep(seed, row_counter, offs_n, drop_p):  # type: ignore[no-untyped
 
 
 @triton.jit
+def _unmasked_key_blocks(  # type: ignore[no-untyped-def]
+    blk_lo, blk_hi, first_pos, last_pos, kv_len, window,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """[c_lo, c_hi) within key blocks [blk_lo, blk_hi): blocks inside kv_len that causal and window keep whole for
+    every query position in [first_pos, last_pos] (last key <= first_pos; first key inside last_pos's window), so
+    their scores need no masking. The caller runs [blk_lo, c_lo) and [c_hi, blk_hi) masked."""
+    c_lo = blk_lo
+    if USE_WINDOW:
+        c_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N), blk_lo), blk_hi)
+    c_end = kv_len
+    if CAUSAL:
+        c_end = tl.minimum(c_end, tl.maximum(first_pos + 1, 0))
+    return c_lo, tl.minimum(tl.maximum(c_end // BLOCK_N, c_lo), blk_hi)
+
+
+@triton.jit
+def _nth_block(  # type: ignore[no-untyped-def]
+    block, blk_lo, c_lo, c_hi, idx_base, PHASE: tl.constexpr, SKIP_TILES: tl.constexpr
+):  # fmt: skip
+    """Tile index of a phase's block-th step: phase 0 walks the unmasked tiles [c_lo, c_hi); phase 1 the masked
+    ones around them, [blk_lo, c_lo) then [c_hi, ...), or with SKIP_TILES the launcher's list at idx_base."""
+    if PHASE == 0:
+        index = c_lo + block
+    elif SKIP_TILES:
+        index = tl.load(idx_base + block)
+    else:
+        index = tl.where(block < c_lo - blk_lo, blk_lo + block, c_hi + block - (c_lo - blk_lo))
+    return index
+
+
+@triton.jit
+def _unmasked_query_blocks(  # type: ignore[no-untyped-def]
+    lo, num_blocks, start_n, q_len, kv_len, window, pos_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """[i_lo, i_hi) of the query blocks lo + i·BLOCK_M (i < num_blocks) in which every row is a real query that
+    causal and window let see every key of the full key block at start_n: their scores need no masking."""
+    i_lo = num_blocks * 0
+    if CAUSAL:  # the block's first query position must reach the key block's last key
+        i_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - pos_offset - lo, 0), BLOCK_M)
+    i_lo = tl.minimum(i_lo, num_blocks)
+    last_start = q_len - BLOCK_M  # the last block start whose rows are all real queries ...
+    if USE_WINDOW:  # ... and whose last query still has the key block's first key inside its window
+        last_start = tl.minimum(last_start, start_n + window - BLOCK_M - pos_offset)
+    i_hi = tl.where(last_start >= lo, (last_start - lo) // BLOCK_M + 1, 0)
+    i_hi = tl.where(start_n + BLOCK_N <= kv_len, i_hi, 0)  # a partial key block masks its missing keys
+    return i_lo, tl.minimum(tl.maximum(i_hi, i_lo), num_blocks)
+
+
+@triton.jit
 def _recompute_scores(  # type: ignore[no-untyped-def]
     q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
     q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
-    """(masked scores in log2 units, tanh of the scaled scores for the softcap chain rule; the scores without it)."""
+    """(scores in log2 units, masked when MASKED, tanh of the scaled scores for the softcap chain rule; the scores
+    without it). MASKED False is for tiles of real queries and keys that causal/window keep whole."""
     s = _dot(q, kt, INPUT_PRECISION, UPCAST_DOT) * qk_scale
     t = s
     if HAS_SOFTCAP:
@@ -163,20 +222,22 @@ def _recompute_scores(  # type: ignore[no-untyped-def]
     q_pos = offs_m + pos_offset
     if HAS_ALIBI:
         s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
-    # Padded query rows are dropped too: their lse is loaded as 0, and exp2 of a live score would not vanish.
-    in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
-    keep = in_range
-    if CAUSAL:
-        keep &= offs_n[None, :] <= q_pos[:, None]
-    if USE_WINDOW:
-        keep &= (q_pos[:, None] - offs_n[None, :]) < window
-    if MASK_KIND != 0:
-        mask_ptrs = Mask + mask_off + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        if MASK_KIND == 1:
-            keep &= tl.load(mask_ptrs, mask=in_range, other=0) != 0
-        else:
-            s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
-    return tl.where(keep, s, float("-inf")), t
+    if MASKED:
+        # Padded query rows are dropped too: their lse is loaded as 0, and exp2 of a live score would not vanish.
+        in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
+        keep = in_range
+        if CAUSAL:
+            keep &= offs_n[None, :] <= q_pos[:, None]
+        if USE_WINDOW:
+            keep &= (q_pos[:, None] - offs_n[None, :]) < window
+        if MASK_KIND != 0:
+            mask_ptrs = Mask + mask_off + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            if MASK_KIND == 1:
+                keep &= tl.load(mask_ptrs, mask=in_range, other=0) != 0
+            else:
+                s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+    return s, t
 
 
 @triton.jit

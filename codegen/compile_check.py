@@ -95,6 +95,7 @@ def attention_variant(head_dim: int, masked: bool, rope: bool = False, dropout: 
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
         MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False, INPUT_PRECISION="tf32",
         UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1, HAS_DROPOUT=dropout, SKIP_TILES=masked,
+        SCALE_IN_EXP=True,  # a positive scale, no softcap/ALiBi/additive mask
     )  # fmt: skip
     pointers = {
         "Rng": "*i64",

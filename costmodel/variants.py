@@ -92,10 +92,13 @@ def _launch_name(prefix: str, plan: TiledPlan) -> str:
 
 
 def _attention_variant(plan: TiledPlan, spec: AttentionSpec) -> compile_check.KernelVariant:
+    from tilefuse.codegen.attention_fwd import scale_in_exp
+
     base = compile_check.attention_variant(spec.head_dim, spec.mask != "none", spec.rope is not None)
     consts: dict[str, Any] = {k: False for k in base.constexprs if k.startswith("HAS_")}
     consts.update(base.constexprs)
     consts.update(_attention_consts(plan, spec))
+    consts["SCALE_IN_EXP"] = scale_in_exp(spec.scale, spec.softcap or 0.0, spec.alibi, consts["MASK_KIND"])
     pointers = dict(base.pointers) | _attention_pointers(spec, "Q K V Out")
     cfg = plan.config
     return dataclasses.replace(

@@ -263,7 +263,7 @@ _COMPILE_SM90 = textwrap.dedent(
     sig.update(qk_scale="fp32", softcap_log2="fp32")
     consts = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, CAUSAL=True, USE_WINDOW=True, MASK_KIND=1,
                   HAS_SOFTCAP=True, HAS_ALIBI=True, INPUT_PRECISION="tf32", UPCAST_DOT=False,
-                  ROPE_LAYOUT=-1, HAS_DROPOUT=False, SKIP_TILES=True)
+                  ROPE_LAYOUT=-1, HAS_DROPOUT=False, SKIP_TILES=True, SCALE_IN_EXP=False)
     sig.update({name: "constexpr" for name in consts})
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
