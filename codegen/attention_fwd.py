@@ -208,12 +208,12 @@ def default_config(
     Chosen with `tilefuse compile-check` (launch-like specialization of a Llama prefill) so that neither the sm_90
     nor the sm_80 build spills and shared memory fits both: 128x64 tiles with 8 warps up to D=128 (3 stages
     without RoPE; RoPE's partner tiles and cos/sin take the third stage's shared memory), 64x64 at D=256 and
-    32x16 for RoPE at D=256 (larger tiles spill on sm_80). Dropout's Philox state costs about a mask tile. The
-    autotuner replaces these per shape.
+    32x16 for RoPE at D=256 (larger tiles spill on sm_80). Dropout's Philox state costs about a mask tile (RoPE
+    with dropout: 32x32, which neither Triton 3.6 nor 3.9 spills on sm_80). The autotuner replaces these per shape.
     """
     if has_rope:
         if head_dim <= 128:
-            return (64, 32, 8, 2) if has_dropout else (128, 64, 8, 2)
+            return (32, 32, 8, 2) if has_dropout else (128, 64, 8, 2)
         return 32, 16, 8, 2
     if head_dim <= 128:
         return 128, 64, 8, 2 if has_dropout else 3

@@ -132,12 +132,13 @@ def _warps(requested: int | None, width: int) -> int:
 
 
 def default_warps(block: int) -> int:
-    """Warps per row program: enough threads that a row's BLOCK elements fit in registers without spilling
-    (at BLOCK=4096 the backward spills with 4 warps on sm_80/sm_90; `tilefuse compile-check` shows it)."""
-    if block >= 16384:
+    """Warps per row program: enough threads that a row's BLOCK elements fit in registers without spilling, and no
+    more (at 16 warps the register file caps a thread at 128 registers). `tilefuse compile-check` on Triton 3.6
+    and 3.9, sm_80 and sm_90: the backward at BLOCK=4096 spills with 4 warps and (3.6) with 16, not with 8; at
+    8192 it spills ~200 bytes with 16 warps, not with 32 on sm_90. At 16384 it spills even with 32 (a whole row
+    plus the dweight accumulator per thread); the autotuner's warps knob cannot fix that."""
+    if block >= 8192:
         return 32
-    if block >= 4096:
-        return 16
     if block >= 1024:
         return 8
     return 4
