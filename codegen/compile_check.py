@@ -45,6 +45,9 @@ class CompileResult:
     spill_bytes: int | None = None  # the cubin's stack frame: spilled registers (and local arrays, which we have none)
     shared_bytes: int | None = None
     error: str | None = None
+    # SASS instructions in the body of each loop, in code order (a static proxy of per-iteration issue work: the
+    # attention kernels' unmasked and masked tile loops show up as two entries)
+    loop_instructions: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -287,17 +290,36 @@ def default_variants() -> list[KernelVariant]:
     return variants
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))
     return {k: int(v) for k, v in fields.items()}
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
+
+
+def loop_instructions(sass: str) -> tuple[int, ...]:
+    """SASS instructions in each loop body of `cuobjdump -sass` text: every branch back to an earlier address closes
+    a loop from its target up to the branch, both included. Ordered by the branch's address; an outer loop counts
+    the loops inside it too."""
+    instructions = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
+    bodies = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            start = int(branch.group(1), 16)
+            bodies.append(sum(1 for a, _ in instructions if start <= a <= address))
+    return tuple(bodies)
 
 
 def compile_kernel(variant: KernelVariant, arch: str) -> Any:
@@ -336,10 +358,12 @@ def kernel_resources(kernel: Any) -> tuple[int | None, int, int]:
 def compile_variant(variant: KernelVariant, arch: str) -> CompileResult:
     """Compile one variant for `arch`; a compile error is a result (ok=False), not an exception."""
     try:
-        registers, spill, shared = kernel_resources(compile_kernel(variant, arch))
+        kernel = compile_kernel(variant, arch)
+        registers, spill, shared = kernel_resources(kernel)
+        loops = loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
     except Exception as err:  # compile failures are data for the cost model
         return CompileResult(variant.name, arch, False, error=f"{type(err).__name__}: {str(err)[:300]}")
-    return CompileResult(variant.name, arch, True, registers, spill, shared)
+    return CompileResult(variant.name, arch, True, registers, spill, shared, loop_instructions=loops)
 
 
 def compile_check(arch: str, variants: list[KernelVariant] | None = None) -> list[CompileResult]:

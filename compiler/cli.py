@@ -295,11 +295,12 @@ def run_compile_check(args: argparse.Namespace) -> int:
         print(json.dumps({"arch": args.arch, "ok": not failed, "kernels": [r.to_dict() for r in results]}, indent=2))
     else:
         table = Table(title=f"tilefuse kernels compiled for {args.arch} (no GPU needed)")
-        for column in ("kernel", "ok", "registers", "spill bytes", "shared bytes", "error"):
+        for column in ("kernel", "ok", "registers", "spill bytes", "shared bytes", "SASS per loop", "error"):
             table.add_column(column)
         for r in results:
+            loops = "/".join(map(str, r.loop_instructions))
             table.add_row(r.name, "yes" if r.ok else "[red]no[/]", str(r.registers), str(r.spill_bytes),
-                          str(r.shared_bytes), escape(r.error or ""))  # fmt: skip
+                          str(r.shared_bytes), loops, escape(r.error or ""))  # fmt: skip
         Console().print(table)
     return EXIT_OK if not failed else EXIT_FAILED
 

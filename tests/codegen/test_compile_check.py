@@ -32,6 +32,30 @@ def test_every_kernel_compiles_without_spills() -> None:
             assert r["spill_bytes"] == 0, (arch, r)
             assert 0 < r["registers"] <= 255, (arch, r)
             assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[arch], (arch, r)  # Triton only refuses it at launch
+        by_name = {r["name"]: r for r in results}
+        # The attention forward's two tile loops: the one without mask code is the shorter.
+        clean, masked = by_name["attention_fwd_d128"]["loop_instructions"]
+        assert 0 < clean < masked, (arch, clean, masked)
+        assert len(by_name["attention_fwd_d128_mask"]["loop_instructions"]) == 1  # a data mask: masked loop only
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x1, PT ;
+        /*0020*/                   FADD R2, R2, R3 ;
+        /*0030*/                   FMUL R2, R2, R4 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   FFMA R5, R2, R2, R5 ;
+        /*0060*/                   BRA 0x50 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x90 ;
+"""
+
+
+def test_loop_instructions_counts_each_backward_branch_body() -> None:
+    from tilefuse.codegen.compile_check import loop_instructions
+
+    assert loop_instructions(SASS) == (3, 2)  # 0x20-0x40 and 0x50-0x60; the forward branch at 0x80 is no loop
 
 
 def test_unknown_arch_is_a_usage_error() -> None:
