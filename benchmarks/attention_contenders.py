@@ -49,6 +49,25 @@ def tilefuse_attention(p: AttnProblem, x: AttnInputs, backward: bool) -> Runner:
     return _runner(attention, x, backward)
 
 
+def tilefuse_rope_prepass(p: AttnProblem, x: AttnInputs, backward: bool) -> Runner:
+    """tilefuse with RoPE as passes of its own (`ops.apply_rope` on q and k, then attention without RoPE): the
+    alternative to rotating every K tile as it is loaded (once per query block), timed beside it so the launcher's
+    choice between the two can rest on a measurement."""
+    from tilefuse import ops
+
+    if x.cos is None or x.sin is None:
+        raise Unavailable("no RoPE in this case")
+    cos, sin = x.cos, x.sin
+
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k = ops.apply_rope(q, cos[-p.q_len :], sin[-p.q_len :]), ops.apply_rope(k, cos, sin)
+        return ops.attention(
+            q, k, v, causal=p.causal, scale=p.scale, window=p.window, softcap=p.softcap, alibi_slopes=x.slopes
+        )
+
+    return _runner(attention, x, backward)
+
+
 def _sdpa_mask(p: AttnProblem, x: AttnInputs) -> tuple[Tensor | None, bool]:
     """SDPA's attn_mask / is_causal equivalent to the problem (is_causal is top-left aligned, so only for Nq == Nk)."""
     rows = range(p.q_len)
@@ -135,6 +154,7 @@ def plain_eager_attention(p: AttnProblem, x: AttnInputs, backward: bool) -> Runn
 
 BUILDERS: dict[str, Callable[[AttnProblem, AttnInputs, bool], Runner]] = {
     "tilefuse": tilefuse_attention,
+    "tilefuse_prepass": tilefuse_rope_prepass,  # RoPE cases only (suite_attention adds it)
     "sdpa": sdpa_attention,
     "flex": flex_attention,
     "compile": compiled_attention,

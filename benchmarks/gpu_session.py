@@ -64,6 +64,7 @@ PROFILED = (  # benchmarks/ncu_profile.py targets: the README's headline cases
     "attention/fwd bf16 d128 N8192 causal@tilefuse,flex,sdpa",
     "attention/fwd bf16 d128 N8192 full@tilefuse",
     "attention/fwd+bwd bf16 d128 N8192 causal@tilefuse,flex",
+    "attention/fwd bf16 d128 N8192 rope@tilefuse,tilefuse_prepass",
     "norms/fwd rmsnorm+residual 16384x4096@tilefuse,liger",
     "decode/decode bf16 d128 q1 kv65536@tilefuse",
 )

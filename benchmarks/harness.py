@@ -261,10 +261,15 @@ def _time_all(runners: dict[str, Runner], records: dict[str, Record], ctx: Conte
         records[name].metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
 
 
+def contender_family(name: str) -> str:
+    """'tilefuse' for 'tilefuse' and its alternatives ('tilefuse_prepass'): one family is never its own peer."""
+    return name.split("_", 1)[0]
+
+
 def _rank(records: dict[str, Record]) -> None:
     timed = {n: r.median_ms for n, r in records.items() if r.status == "ok" and r.median_ms}
     for name, record in records.items():
-        peers = {n: ms for n, ms in timed.items() if n != name}
+        peers = {n: ms for n, ms in timed.items() if contender_family(n) != contender_family(name)}
         if record.median_ms and peers:
             record.best_peer = min(peers, key=lambda n: peers[n])
             record.speedup_vs_best_peer = peers[record.best_peer] / record.median_ms

@@ -93,7 +93,7 @@ def rows(results: Sequence[tuple[str, dict[str, Any]]], limiters: dict[str, str]
         for record in result["records"]:
             by_case.setdefault(record["case"], []).append(record)
         for case_name, case in by_case.items():
-            mine = next((r for r in case if r["contender"].startswith(TILEFUSE)), None)
+            mine = next((r for r in case if r["contender"] == TILEFUSE), None)
             if mine is None or not HEADLINE.get(suite, lambda r: False)(mine):
                 continue
             if mine["status"] != "ok":

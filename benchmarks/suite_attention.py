@@ -74,7 +74,7 @@ def make_case(name: str, p: AttnProblem, backward: bool, variant: str, ctx: Cont
         name=name,
         params=params,
         reference=partial(reference, p, x, backward),
-        contenders=builders(p, x, backward, CONTENDERS),
+        contenders=builders(p, x, backward, (*CONTENDERS, "tilefuse_prepass") if p.rope else CONTENDERS),
         tolerance=TOLERANCE[p.torch_dtype] * (2 if backward else 1),
         work={"flops": p.flops(backward)},
     )

@@ -211,3 +211,17 @@ def test_tilefuse_bench_writes_a_plot(tmp_path: Path) -> None:
     assert cli_main(["bench", "io", "--tiny", "--out", str(tmp_path), "--filter", "^attention"]) == 0
     png = (tmp_path / "io-tiny.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_rope_cases_time_the_prepass_alternative_outside_the_peers() -> None:
+    """RoPE cases add `tilefuse_prepass` (RoPE as its own passes); it is checked like any contender, but neither it
+    nor `tilefuse` counts the other as its best peer."""
+    ctx = _ctx(contenders=frozenset({"tilefuse", "tilefuse_prepass", "eager"}), case_filter="^fwd bf16 d64 N64 rope$")
+    result = bench.run_suite("attention", ctx)
+    check_schema(result)
+    records = {r["contender"]: r for r in result["records"]}
+    assert set(records) == {"tilefuse", "tilefuse_prepass", "eager"}
+    assert all(r["status"] == "ok" for r in records.values())
+    assert records["tilefuse"]["best_peer"] == records["tilefuse_prepass"]["best_peer"] == "eager"
+    plain = bench.run_suite("attention", _ctx(contenders=ctx.contenders, case_filter="^fwd bf16 d64 N64 causal$"))
+    assert {r["contender"] for r in plain["records"]} == {"tilefuse", "eager"}

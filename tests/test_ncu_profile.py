@@ -122,4 +122,4 @@ def test_the_session_profiles_existing_cases() -> None:
     for target in gpu_session.PROFILED:
         _, case, contenders = ncu_profile.parse_target(target, "tilefuse")
         assert case in names, case
-        assert set(contenders) <= {"tilefuse", "flex", "sdpa", "compile", "eager", "liger"}
+        assert set(contenders) <= {"tilefuse", "tilefuse_prepass", "flex", "sdpa", "compile", "eager", "liger"}
