@@ -79,22 +79,23 @@ def fp32_upcast(s: Tensor) -> Tensor:
     return (e / e.sum(-1, keepdim=True)).to(s.dtype)
 
 
-SPELLINGS: dict[str, Probs] = {
-    fn.__name__: fn
-    for fn in (
-        amax_shift,
-        max_values_shift,
-        max_values_detached,
-        torch_max_getitem,
-        positive_dim,
-        unshifted,
-        logsumexp_normalized,
-        log_softmax_exp,
-        times_one_over_sum,
-        times_reciprocal,
-        fp32_upcast,
-    )
-}
+def by_name(*spellings: Probs) -> dict[str, Probs]:
+    return {fn.__name__: fn for fn in spellings}
+
+
+SPELLINGS = by_name(
+    amax_shift,
+    max_values_shift,
+    max_values_detached,
+    torch_max_getitem,
+    positive_dim,
+    unshifted,
+    logsumexp_normalized,
+    log_softmax_exp,
+    times_one_over_sum,
+    times_reciprocal,
+    fp32_upcast,
+)
 
 
 class ManualAttention(nn.Module):
