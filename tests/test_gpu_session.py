@@ -12,6 +12,8 @@ import pytest
 from tilefuse.benchmarks import gpu_session
 from tilefuse.benchmarks.gpu_session import Step
 
+SLEEP = (sys.executable, "-c", "import time; time.sleep(60)")
+
 
 def _small_plan(gpu: str, collect_jobs: int, root: Path = gpu_session.REPO) -> list[Step]:
     bench = ("decode", "--tiny", "--contenders", "tilefuse,sdpa", "--filter", "q1 kv64$", "--repeats", "2")
@@ -21,6 +23,7 @@ def _small_plan(gpu: str, collect_jobs: int, root: Path = gpu_session.REPO) -> l
         Step("slow", "outlives its cap", 2, command=(sys.executable, "-c", "import time; time.sleep(60)"),
              marker="slow.done"),
         Step("failing", "exits 3", 60, command=(sys.executable, "-c", "raise SystemExit(3)"), marker="failing.done"),
+        Step("slow-once", "outlives its cap, not retried", 2, command=SLEEP, marker="slow-once.done", once=True),
     ]  # fmt: skip
 
 
@@ -34,7 +37,8 @@ def test_runs_the_plan_packs_results_and_skips_finished_steps(tmp_path: Path, mo
     monkeypatch.setattr(gpu_session, "plan", _small_plan)
     first = _run(tmp_path, "--budget", "600")
     states = {s["step"]: s["state"] for s in first["steps"]}
-    assert states == {"ok": "done", "bench": "done", "slow": "stopped at its time limit", "failing": "failed (exit 3)"}
+    assert states == {"ok": "done", "bench": "done", "slow": "stopped at its time limit", "failing": "failed (exit 3)",
+                      "slow-once": "stopped at its time limit"}  # fmt: skip
 
     with tarfile.open(tmp_path / "out" / gpu_session.ARCHIVE) as tar:
         names = set(tar.getnames())
@@ -44,9 +48,10 @@ def test_runs_the_plan_packs_results_and_skips_finished_steps(tmp_path: Path, mo
     assert f"{results}/slow.done" not in names and f"{results}/failing.done" not in names
     assert "hello" in (tmp_path / "repo" / results / "logs" / "ok.log").read_text()
 
-    again = _run(tmp_path, "--budget", "600", "--only", "ok,bench,slow")
+    again = _run(tmp_path, "--budget", "600", "--only", "ok,bench,slow,slow-once")
     assert [(s["step"], s["state"]) for s in again["steps"]] == [
-        ("ok", "done earlier"), ("bench", "done earlier"), ("slow", "stopped at its time limit")
+        ("ok", "done earlier"), ("bench", "done earlier"), ("slow", "stopped at its time limit"),
+        ("slow-once", "done earlier"),
     ]  # fmt: skip
 
 
