@@ -205,7 +205,7 @@ def is_mutated(node: fx.Node) -> bool:
     return any(writes(user, alias) for alias in aliases_of(storage_root(node)) for user in alias.users)
 
 
-# Ops each of whose output elements is an input element (converted to the output dtype).
+# Ops each of whose output elements is an element of their first input (converted to the output dtype).
 _SAME_VALUES = (
     aten.to,
     aten._to_copy,
@@ -225,6 +225,12 @@ _SAME_VALUES = (
     aten.permute,
     aten.transpose,
     aten.t,
+    # a selection of elements (in range, or the op raises) of a tensor holding one value holds that value
+    aten.index,
+    aten.index_select,
+    aten.select,
+    aten.slice,
+    aten.gather,
 )
 _FILL_ARG = {aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.scalar_tensor: 0}
 

@@ -89,9 +89,8 @@ def _truthiness(node: fx.Node, op: str, negate: bool) -> MaskFacts:
 
 
 def _is_all_true(node: fx.Node) -> bool:
-    """A constant all-True (or all-ones) tensor, e.g. HF's `new_ones((), dtype=bool)` seed of a mask."""
-    if is_op(node, aten.new_ones, aten.ones, aten.ones_like):
-        return True
+    """A constant all-True (or all-ones) tensor nothing writes, e.g. HF's `new_ones((), dtype=bool)` seed of a mask,
+    or an all-ones attention mask built in the graph and indexed by positions (transformers before 5.2x)."""
     return constant_fill(node) == 1.0
 
 

@@ -6,6 +6,7 @@ insert or drop size-1 axes and slices with static bounds keep an expression affi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .graph import arg, aten, is_op, scalar_value, tensor_val
+from .graph import arg, aten, constant_fill, is_op, scalar_value, tensor_val
 
 INT64_MAX = 2**63 - 1
 CASTS = (aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy, aten.detach)
@@ -102,7 +103,26 @@ def index_expr(node: Any) -> Affine | None:
         return _add_expr(node)
     if is_op(node, aten.mul):
         return _mul_expr(node)
-    return None
+    if is_op(node, aten.cumsum):
+        return _cumsum_expr(node)
+    return _constant_expr(node)
+
+
+def _constant_expr(node: Any) -> Affine | None:
+    """A tensor every element of which holds one value (`ones`, `full`, ...; see graph.constant_fill)."""
+    t, fill = tensor_val(node), constant_fill(node)
+    return Affine((), fill, t.dim()) if t is not None and fill is not None and math.isfinite(fill) else None
+
+
+def _cumsum_expr(node: fx.Node) -> Affine | None:
+    """cumsum of a constant c along an axis is c·(index + 1): an all-ones attention mask built in the graph
+    (`torch.ones(b, n).cumsum(-1) - 1`, BLOOM's unpadded ALiBi positions before transformers 5.2x) is arange."""
+    inner, t = _constant_expr(node.args[0]), tensor_val(node)
+    dim = arg(node, 1, "dim")
+    if inner is None or t is None or not isinstance(dim, int) or inner.rank != t.dim():
+        return None
+    dim = dim + t.dim() if dim < 0 else dim
+    return Affine(((dim, inner.const),), inner.const, t.dim())
 
 
 def _arange_expr(node: fx.Node) -> Affine | None:

@@ -224,15 +224,30 @@ def test_bloom_folded_heads_alibi_becomes_slopes() -> None:
     torch.testing.assert_close(gm(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_bloom_positions_from_mask_cumsum_stay_additive() -> None:
-    """cumsum(mask) - 1 is the key index only when each row's kept keys are contiguous: data the graph lacks."""
+def test_bloom_positions_from_an_all_ones_mask_built_in_the_graph_become_slopes() -> None:
+    """transformers before 5.2x build an all-ones mask when none is passed and take cumsum(mask) - 1 as the ALiBi
+    positions: the cumsum of a constant is an arange, so the bias is proven ALiBi (a mask that is an input, i.e.
+    data, stays additive: test_positions_from_attention_mask_cumsum_stay_additive)."""
     module, inputs = BloomStyle(bloom_from_mask), qkv(13, 13)
     gm, ctx = fuse(module, inputs)
-    site = only_spec(ctx)
-    assert not site.spec.alibi and site.spec.mask == "additive" and site.spec.mask_shape == (B, H, 1, 13)
-    (note,) = site.detail["alibi_kept_additive"]
-    assert "attention_mask.cumsum" in note
+    spec = only_spec(ctx).spec
+    assert (spec.alibi, spec.causal, spec.mask, spec.q_heads, spec.batch) == (True, True, "none", H, B)
+    assert slopes_shape(gm) == (H,)
     torch.testing.assert_close(gm(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_cumsum_of_an_all_ones_mask_that_is_written_stays_additive() -> None:
+    def written(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        mask = torch.ones(B, k.shape[-2])
+        mask[:, :2] = 0  # left padding written into the "constant": positions are data again
+        pos = (mask.cumsum(-1) - 1) * mask
+        bias = alibi_slopes().view(1, H, 1, 1) * pos[:, None, None, :]
+        return (q @ k.transpose(-2, -1) / math.sqrt(D) + bias).softmax(-1) @ v
+
+    inputs = qkv(9, 9)
+    gm, ctx = fuse(written, inputs)
+    assert not only_spec(ctx).spec.alibi
+    torch.testing.assert_close(gm(*inputs), written(*inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_three_d_bmm_alibi_gets_per_batch_head_slopes() -> None:

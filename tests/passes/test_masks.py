@@ -106,3 +106,27 @@ def test_int_mask_compared_with_zero_stays_one_atom() -> None:
     node = mask_node(lambda m: m == 0, torch.ones(2, 1, 1, 7, dtype=torch.long))
     facts = analyze_keep(node, True)
     assert facts.data == [(node, True)] and not facts.constraints
+
+
+def test_an_all_ones_mask_built_in_the_graph_and_indexed_by_position_keeps_everything() -> None:
+    """transformers before 5.2x build `torch.ones(b, n)` when no mask is passed and read it as
+    `mask.bool()[:, None, None, kv_idx]`: every key is kept, so nothing is left as data."""
+
+    def padding(x: Tensor) -> Tensor:
+        kv_idx = torch.arange(7)
+        return torch.ones(2, 7).to(torch.bool)[torch.arange(2)[:, None, None, None], kv_idx[None, None, None, :]]
+
+    node = mask_node(padding, torch.ones(1))
+    assert _classified(node, negated=False) == (PositionalMask(), 0)
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_an_all_ones_mask_that_is_written_is_data(written: bool) -> None:
+    def padding(x: Tensor) -> Tensor:
+        keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        if written:
+            keep[..., :2] = False  # left padding written into the "constant"
+        return keep
+
+    facts = analyze_keep(mask_node(padding, torch.ones(1)))
+    assert len(facts.data) == int(written) and not facts.constraints
