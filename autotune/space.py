@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tilefuse.codegen.norm_kernels import MAX_ROW_BLOCK
 from tilefuse.codegen.plan import TileConfig, TiledPlan, launcher_config
 from tilefuse.costmodel.features import KernelFeatures
 from tilefuse.costmodel.hardware import GPUSpec
@@ -50,12 +51,14 @@ FAMILY_CHOICES: dict[str, dict[str, tuple[int, ...]]] = {
         "num_warps": (2, 4, 8),
         "num_stages": (1, 2, 3),
     },
-    "norm": {"num_warps": (1, 2, 4, 8, 16, 32)},
+    # block_n: the row block (whole row, or chunks of it); the choices that fit the Spec's width are added per Spec.
+    "norm": {"num_warps": (1, 2, 4, 8, 16, 32), "block_n": ()},
     # num_splits: programs of the partial dweight/dbias reduction; multiples of the SM count are added per GPU.
-    "norm_backward": {"num_warps": (1, 2, 4, 8, 16, 32), "num_splits": ()},
+    "norm_backward": {"num_warps": (1, 2, 4, 8, 16, 32), "num_splits": (), "block_n": ()},
     "rope": {"block_m": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
 }
 NORM_BACKWARD_SM_MULTIPLES = (0.5, 1, 2, 4)
+NORM_CHUNKS = (1024, 2048, 4096, 8192)  # chunk columns a norm search tries for rows wider than the chunk
 MAX_THREADS_PER_PROGRAM = 1024
 
 
@@ -128,7 +131,7 @@ def default_config(spec: Spec, kind: str | None = None) -> TileConfig:
         return TileConfig(*attention_default(head_dim, spec.mask != "none", spec.rope is not None))
     config = launcher_config(spec, PLAN_FAMILY[kind])
     if kind == "norm_backward":
-        return TileConfig(num_warps=config.num_warps)
+        return TileConfig(block_n=config.block_n, num_warps=config.num_warps)
     return config
 
 
@@ -194,6 +197,8 @@ def _duplicate_reasons(plan: TiledPlan, config: TileConfig, kind: str) -> list[s
         layout = plan.decode_layout()
         if config.num_splits is not None and layout.work_splits < config.num_splits:
             return [f"num_splits={config.num_splits}: only {layout.work_splits} splits have key blocks"]
+    if kind in ("norm", "norm_backward") and plan.blocks[0] != config.block_n:
+        return [f"block_n={config.block_n} shrinks to the row's block {plan.blocks[0]}"]
     if kind in ("rope", "norm_backward"):
         rows = plan._rows()
         if kind == "rope" and config.block_m > 1 and config.block_m // 2 >= rows:
@@ -238,7 +243,16 @@ def family_choices(spec: Spec, gpu: GPUSpec, kind: str | None = None) -> dict[st
         rows = math.prod(int(d or 1) for d in spec.shape[:-1]) if isinstance(spec, NormSpec) else 1
         splits = {min(rows, max(1, round(gpu.sm_count * m))) for m in NORM_BACKWARD_SM_MULTIPLES}
         grid["num_splits"] = tuple(sorted(splits))
+    if kind in ("norm", "norm_backward") and isinstance(spec, NormSpec):
+        grid["block_n"] = norm_row_blocks(spec.width)
     return grid
+
+
+def norm_row_blocks(width: int) -> tuple[int, ...]:
+    """Row blocks a norm search tries: the NORM_CHUNKS narrower than the row, and the whole row when it fits in
+    `norm_kernels.MAX_ROW_BLOCK` (a wider whole row spills in the backward)."""
+    whole = 1 << (width - 1).bit_length()  # the whole row's power-of-two block
+    return tuple(c for c in NORM_CHUNKS if c < whole) + ((whole,) if whole <= MAX_ROW_BLOCK else ())
 
 
 def _grid(choices: Mapping[str, tuple[int, ...]]) -> Iterable[TileConfig]:

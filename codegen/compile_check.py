@@ -83,6 +83,18 @@ def _norm_bwd() -> Any:
     return _norm_backward_kernel
 
 
+def _norm_fwd_chunked() -> Any:
+    from .norm_kernels import _norm_forward_chunked_kernel
+
+    return _norm_forward_chunked_kernel
+
+
+def _norm_bwd_chunked() -> Any:
+    from .norm_kernels import _norm_backward_chunked_kernel
+
+    return _norm_backward_chunked_kernel
+
+
 def _rope() -> Any:
     from .rope_kernels import _rope_kernel
 
@@ -259,11 +271,7 @@ def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
 
 def default_variants() -> list[KernelVariant]:
     """Representative specs of every family at the launch options their launchers use (bf16, Llama-like sizes)."""
-    from .norm_kernels import default_warps
-
     bf16 = "*bf16"
-    norm_fwd = {n: bf16 for n in ("X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD")}
-    norm_bwd = {n: bf16 for n in ("G", "X", "W", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL")}
     variants = [
         attention_variant(d, masked, rope) for d in (64, 128) for masked in (False, True) for rope in (False, True)
     ]
@@ -273,20 +281,41 @@ def default_variants() -> list[KernelVariant]:
     variants += [attention_variant(256, False, rope) for rope in (False, True)]
     variants += decode_variants()
     variants += attention_bwd_variants()
-    for rms in (True, False):
-        kind = "rms" if rms else "layer"
-        fwd = dict(BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True)
-        variants.append(
-            KernelVariant(f"{kind}_norm_fwd", _norm_fwd, norm_fwd, ("eps", "weight_offset"), fwd, default_warps(4096))
-        )
-        bwd = dict(BLOCK=4096, RMS=rms, HAS_WEIGHT=True)
-        variants.append(
-            KernelVariant(f"{kind}_norm_bwd", _norm_bwd, norm_bwd, ("weight_offset",), bwd, default_warps(4096))
-        )
+    variants += norm_variants()
     rope_ptrs = {"X": bf16, "COS": bf16, "SIN": bf16, "Y": bf16}
     for layout, name in ((0, "rotate_half"), (1, "interleaved")):
         consts = dict(BLOCK_ROWS=16, BLOCK_HALF=64, BLOCK_TAIL=64, LAYOUT=layout, BACKWARD=False, HAS_TAIL=True)
         variants.append(KernelVariant(f"rope_{name}", _rope, rope_ptrs, (), consts, 4))
+    return variants
+
+
+def norm_variants(widths: tuple[int, ...] = (4096, 8192, 16384, 32768)) -> list[KernelVariant]:
+    """bf16 RMSNorm (weight) and LayerNorm (weight, bias) with a residual add, forward and backward (16384 rows over
+    132 programs), at the launcher's defaults for each width: whole rows up to `norm_kernels.MAX_ROW_BLOCK`, the
+    chunked kernels beyond (named `..._chunk<columns>`). Width 4096 keeps the short names (`rms_norm_fwd`)."""
+    from .norm_kernels import default_row_block, default_warps, is_chunked
+
+    fwd_ptrs = {n: "*bf16" for n in ("X", "RES", "W", "B", "Y", "SUM")} | {"MEAN": "*fp32", "RSTD": "*fp32"}
+    bwd_ptrs = {n: "*bf16" for n in ("G", "X", "W", "DX")} | {n: "*fp32" for n in ("MEAN", "RSTD", "DW_PARTIAL",
+                                                                                      "DB_PARTIAL")}  # fmt: skip
+    variants = []
+    for width in widths:
+        block = default_row_block(width)
+        chunked = is_chunked(width, block)
+        size, warps = {"CHUNK" if chunked else "BLOCK": block}, default_warps(block, chunked)
+        suffix = "" if width == 4096 else f"_{width}" + (f"_chunk{block}" if chunked else "")
+        for rms in (True, False):
+            kind = "rms" if rms else "layer"
+            fwd = size | dict(RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True)
+            variants.append(KernelVariant(
+                f"{kind}_norm_fwd{suffix}", _norm_fwd_chunked if chunked else _norm_fwd, fwd_ptrs,
+                ("eps", "weight_offset"), fwd, warps, ints={"width": width},
+            ))  # fmt: skip
+            ints = {"rows": 16384, "width": width, "rows_per_program": 125}
+            variants.append(KernelVariant(
+                f"{kind}_norm_bwd{suffix}", _norm_bwd_chunked if chunked else _norm_bwd, bwd_ptrs,
+                ("weight_offset",), size | dict(RMS=rms, HAS_WEIGHT=True), warps, ints=ints,
+            ))  # fmt: skip
     return variants
 
 

@@ -117,13 +117,14 @@ def norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, weight_offset: float,
     rms: bool,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """(normalized, x + residual or None), at the warps chosen at compile time (autotune registry) or the default."""
+    """(normalized, x + residual or None), at the warps and row block chosen at compile time (autotune registry) or
+    the defaults."""
     from .norm_kernels import norm_forward_triton
 
     try:
         config = _norm_config("norm", x, weight, bias, residual, rms)
-        warps = config.num_warps if config is not None else None
-        y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms, num_warps=warps)
+        knobs = dict(num_warps=config.num_warps, block=config.block_n) if config is not None else {}
+        y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms, **knobs)
         return y, total
     except ValueError as err:
         _fallback("rms_norm" if rms else "layer_norm", err)
@@ -140,7 +141,8 @@ def norm_backward(
     _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms)
     try:
         config = _norm_config("norm_backward", x, weight, None, None, rms)
-        knobs = dict(num_warps=config.num_warps, programs=config.num_splits) if config is not None else {}
+        knobs = {} if config is None else dict(num_warps=config.num_warps, programs=config.num_splits,
+                                               block=config.block_n)  # fmt: skip
         return norm_backward_triton(grad, x, weight, None if rms else mean, rstd, weight_offset, rms, **knobs)
     except ValueError as err:
         _fallback("norm_backward", err)

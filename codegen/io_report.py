@@ -13,7 +13,7 @@ from typing import Any
 
 from ..specs import AttentionSpec, NormSpec, RopeSpec
 from .attention_fwd import default_config
-from .plan import TileConfig, TiledPlan, io_lower_bound_bytes, itemsize
+from .plan import TileConfig, TiledPlan, io_lower_bound_bytes, itemsize, launcher_config
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def site_io(node: str, spec: AttentionSpec | NormSpec | RopeSpec) -> SiteIO:
         fused = plan.hbm_read_bytes + plan.hbm_write_bytes
         bound = io_lower_bound_bytes(spec, plan.sram_bytes)
         return SiteIO(node, "attention", fused, _attention_unfused_bytes(spec), bound)
-    plan = TiledPlan(spec)
+    plan = TiledPlan(spec, launcher_config(spec))  # the norm row block decides whether rows run in chunks
     fused = plan.hbm_read_bytes + plan.hbm_write_bytes
     unfused = _norm_unfused_bytes(spec) if isinstance(spec, NormSpec) else None
     return SiteIO(node, spec.kind, fused, unfused, None)

@@ -16,6 +16,12 @@ from . import emit
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Programs of the backward on CPU (interpreter): few, so each one reduces several rows into its partial sums.
 _CPU_BACKWARD_PROGRAMS = 4
+# Widest row a program holds whole, in registers (the backward also keeps a dweight/dbias accumulator that wide):
+# `tilefuse compile-check` finds the backward spill-free at 8192 columns (32 warps) on sm_80 and sm_90, Triton 3.6
+# and 3.9, and spilling 112-240 bytes at 16384 even with 32 warps. Wider rows run the chunked kernels,
+# DEFAULT_CHUNK columns at a time (spill-free at 16 warps on both arches and Tritons).
+MAX_ROW_BLOCK = 8192
+DEFAULT_CHUNK = 4096
 
 
 @triton.jit
@@ -89,6 +95,127 @@ def _norm_backward_kernel(  # type: ignore[no-untyped-def]
     tl.store(DB_PARTIAL + pid * width + cols, db_acc, mask=col_mask)
 
 
+@triton.jit
+def _add_pair(a0, a1, b0, b1):  # type: ignore[no-untyped-def]
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _norm_forward_chunked_kernel(  # type: ignore[no-untyped-def]
+    X, RES, W, B, Y, SUM, MEAN, RSTD,
+    width, eps, weight_offset,
+    CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """`_norm_forward_kernel` for rows wider than a register block: pass 1 accumulates the statistics chunk by
+    chunk (LayerNorm: each chunk's mean and centered sum of squares, merged into the row's), pass 2 re-reads the
+    row (the stored sum with a residual, so both passes normalize the same rounded values) and writes y."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * width
+    sum_sq = tl.zeros([CHUNK], tl.float32)
+    shift = 0.0  # LayerNorm: statistics are merged relative to the first chunk's mean (see below)
+    mean = 0.0
+    m2 = 0.0
+    for start in range(0, width, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < width
+        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            total = (x + tl.load(RES + base + cols, mask=mask, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+            tl.store(SUM + base + cols, total, mask=mask)
+            x = total.to(tl.float32)
+        if RMS:
+            sum_sq += x * x
+        else:
+            seen = start * 1.0
+            count = tl.minimum(width - start, CHUNK) * 1.0
+            shifted = tl.where(mask, x - shift, 0.0)
+            rough = tl.sum(shifted, axis=0) / count
+            centered = tl.where(mask, shifted - rough, 0.0)
+            # The merge below is first-order in the chunk means' rounding, which scales with their magnitude: the
+            # first chunk's rough mean becomes the frame, so means and merge hold values of the data's spread, not
+            # of its offset (a row far from zero mean keeps its variance).
+            first = tl.where(start == 0, rough, 0.0)
+            shift += first
+            # Corrected two-pass chunk statistics (Chan, Golub, LeVeque), merged into the running ones (Chan et al.)
+            residue, square = tl.reduce((centered, centered * centered), 0, _add_pair)
+            delta = rough - first + residue / count - mean
+            mean += delta * (count / (seen + count))
+            m2 += square - residue * residue / count + delta * delta * (seen * count / (seen + count))
+    if RMS:
+        m2 = tl.sum(sum_sq, axis=0)
+    else:
+        mean += shift
+        tl.store(MEAN + row, mean)
+    rstd = 1.0 / tl.sqrt(m2 / width + eps)
+    tl.store(RSTD + row, rstd)
+    if HAS_RESIDUAL:
+        tl.debug_barrier()  # pass 2 reads the sum other threads of this program stored
+        X = SUM
+    for start in range(0, width, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < width
+        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd
+        if HAS_WEIGHT:
+            y = y * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + base + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_chunk(G, X, W, base, cols, mask, mean, rstd, weight_offset, HAS_WEIGHT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """dy, dy·(w + offset) and x̂ of one chunk of a row, in fp32 (zero past the row's end)."""
+    g = tl.load(G + base + cols, mask=mask, other=0.0).to(tl.float32)
+    gw = g
+    if HAS_WEIGHT:
+        gw = g * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset)
+    xhat = tl.where(mask, (tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+    return g, gw, xhat
+
+
+@triton.jit
+def _norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
+    G, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
+    rows, width, weight_offset, rows_per_program,
+    CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):  # fmt: skip
+    """`_norm_backward_kernel` for rows wider than a register block: per row, pass 1 accumulates the two row dot
+    products chunk by chunk, pass 2 re-reads the row, stores dx and adds the row's dweight/dbias terms into this
+    program's partial rows in global memory (read-modify-write per chunk; the launcher zeroes them, and a program
+    only ever touches its own row, so no atomics)."""
+    pid = tl.program_id(0).to(tl.int64)
+    first = pid * rows_per_program
+    for row in range(first, tl.minimum(first + rows_per_program, rows)):
+        base = row * width
+        rstd = tl.load(RSTD + row)
+        mean = 0.0
+        if not RMS:
+            mean = tl.load(MEAN + row)
+        dot = tl.zeros([CHUNK], tl.float32)
+        gw_sum = tl.zeros([CHUNK], tl.float32)
+        for start in range(0, width, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            _, gw, xhat = _grad_chunk(G, X, W, base, cols, cols < width, mean, rstd, weight_offset, HAS_WEIGHT)
+            dot += gw * xhat
+            gw_sum += gw
+        dot_mean = tl.sum(dot, axis=0) / width
+        gw_mean = tl.sum(gw_sum, axis=0) / width
+        for start in range(0, width, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            mask = cols < width
+            g, gw, xhat = _grad_chunk(G, X, W, base, cols, mask, mean, rstd, weight_offset, HAS_WEIGHT)
+            dx = gw - xhat * dot_mean
+            if not RMS:
+                dx = dx - gw_mean
+            tl.store(DX + base + cols, (dx * rstd).to(DX.dtype.element_ty), mask=mask)
+            partial = pid * width + cols  # a program's own row: each thread re-reads what it stored
+            if HAS_WEIGHT:
+                tl.store(DW_PARTIAL + partial, tl.load(DW_PARTIAL + partial, mask=mask) + g * xhat, mask=mask)
+            tl.store(DB_PARTIAL + partial, tl.load(DB_PARTIAL + partial, mask=mask) + g, mask=mask)
+
+
 def _check_tensor(name: str, t: Tensor, device: torch.device, width: int | None = None) -> None:
     """Guard: supported float dtype, same device as x, and (when given) last dim equal to the norm width."""
     if t.dtype not in SUPPORTED_DTYPES:
@@ -123,20 +250,44 @@ def _block(width: int) -> int:
     return int(triton.next_power_of_2(width))
 
 
-def _warps(requested: int | None, width: int) -> int:
+def default_row_block(width: int) -> int:
+    """The launcher's row block: the whole row (its next power of two) up to MAX_ROW_BLOCK, DEFAULT_CHUNK beyond."""
+    block = _block(width)
+    return block if block <= MAX_ROW_BLOCK else DEFAULT_CHUNK
+
+
+def row_block(width: int, requested: int | None = None) -> int:
+    """Columns a norm program holds at once: the whole row's block when it fits in `requested` (a power of two;
+    None: `default_row_block`), else `requested`, and the row is processed in chunks of that many columns."""
     if requested is None:
-        return default_warps(_block(width))
+        return default_row_block(width)
+    if requested < 1 or requested & (requested - 1):
+        raise ValueError(f"row_block must be a power of two >= 1, got {requested}")
+    return min(requested, _block(width))
+
+
+def is_chunked(width: int, block: int) -> bool:
+    """Whether a row of `width` columns runs the chunked kernels with `block` (from `row_block`) columns per chunk."""
+    return block < _block(width)
+
+
+def _warps(requested: int | None, width: int, block: int) -> int:
+    if requested is None:
+        return default_warps(block, is_chunked(width, block))
     if not 1 <= requested <= 32 or requested & (requested - 1):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {requested}")
     return requested
 
 
-def default_warps(block: int) -> int:
+def default_warps(block: int, chunked: bool = False) -> int:
     """Warps per row program: enough threads that a row's BLOCK elements fit in registers without spilling, and no
     more (at 16 warps the register file caps a thread at 128 registers). `tilefuse compile-check` on Triton 3.6
     and 3.9, sm_80 and sm_90: the backward at BLOCK=4096 spills with 4 warps and (3.6) with 16, not with 8; at
-    8192 it spills ~200 bytes with 16 warps, not with 32 on sm_90. At 16384 it spills even with 32 (a whole row
-    plus the dweight accumulator per thread); the autotuner's warps knob cannot fix that."""
+    8192 it spills ~200 bytes with 16 warps, not with 32 on sm_90. Chunked rows hold no accumulator that wide: a
+    warp per 256 columns of the chunk (16 for 4096: <= 57 registers, and twice the warps in flight of 8 for the
+    backward's one program per SM; 32 at chunk 8192 spill 16 bytes on sm_80)."""
+    if chunked:
+        return max(4, min(32, block // 256))
     if block >= 8192:
         return 32
     if block >= 1024:
@@ -154,9 +305,11 @@ def norm_forward_triton(
     rms: bool,
     *,
     num_warps: int | None = None,
+    block: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """(y, x + residual or None, mean or None (RMSNorm), rstd); mean/rstd are fp32 with shape x.shape[:-1] + (1,).
-    `num_warps` per row program (a power of two <= 32); None: `default_warps` of the row's block."""
+    `block`: columns a row program holds at once (`row_block`; a row wider than that runs in chunks of it);
+    `num_warps` per row program (a power of two <= 32); None: `default_warps` of the block."""
     _check_tensor("x", x, x.device)
     _check_param("weight", weight, x)
     _check_param("bias", bias, x)
@@ -173,12 +326,15 @@ def norm_forward_triton(
     y = torch.empty_like(x2, dtype=_out_dtype(total.dtype if total is not None else x.dtype, weight, bias))
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     mean = None if rms else torch.empty(rows, dtype=torch.float32, device=x.device)
+    block = row_block(width, block)
     if rows > 0:
         res2 = _rows_view(residual) if residual is not None else None
+        kernel, sizes = (_norm_forward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
+            _norm_forward_kernel, dict(BLOCK=block))  # fmt: skip
         emit.launch(
-            _norm_forward_kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset,
-            BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None, num_warps=_warps(num_warps, width),
+            kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset, **sizes,
+            RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            num_warps=_warps(num_warps, width, block),
         )  # fmt: skip
     total_out = total.view(x.shape) if total is not None else None
     mean_out = mean.view(stat_shape) if mean is not None else None
@@ -211,10 +367,11 @@ def norm_backward_triton(
     *,
     num_warps: int | None = None,
     programs: int | None = None,
+    block: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32), parameter grads reduced over all rows.
     `programs` slices the rows (each program writes one partial dweight/dbias row; None: one per SM), `num_warps`
-    as in the forward."""
+    and `block` as in the forward."""
     _check_tensor("x", x, x.device)
     _check_tensor("grad", grad, x.device)
     if grad.shape != x.shape:
@@ -233,11 +390,14 @@ def norm_backward_triton(
     dx = torch.empty_like(x2)
     dw_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
     db_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
+    block = row_block(width, block)
     if rows > 0:
+        kernel, sizes = (_norm_backward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
+            _norm_backward_kernel, dict(BLOCK=block))  # fmt: skip
         emit.launch(
-            _norm_backward_kernel, (programs,),
+            kernel, (programs,),
             g2, x2, weight, mean1, rstd1, dx, dw_partial, db_partial, rows, width, weight_offset, rows_per_program,
-            BLOCK=_block(width), RMS=rms, HAS_WEIGHT=weight is not None, num_warps=_warps(num_warps, width),
+            **sizes, RMS=rms, HAS_WEIGHT=weight is not None, num_warps=_warps(num_warps, width, block),
         )  # fmt: skip
     dweight = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx.view(x.shape), dweight, db_partial.sum(dim=0)

@@ -23,11 +23,10 @@ from typing import Any, NamedTuple
 
 import triton
 
+from tilefuse.codegen import norm_kernels as _norm
 from tilefuse.codegen import plan_backward as bwd
 from tilefuse.codegen.attention_decode import MAX_DECODE_ROWS, SplitLayout, max_decode_rows, split_layout, use_decode
 from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, _pow2_block
-from tilefuse.codegen.norm_kernels import _block as _norm_block
-from tilefuse.codegen.norm_kernels import default_warps as _norm_default_warps
 from tilefuse.codegen.reference import AttnFlags
 from tilefuse.codegen.rope_kernels import DEFAULT_BLOCK_ROWS as _ROPE_BLOCK_ROWS
 from tilefuse.codegen.rope_kernels import DEFAULT_WARPS as _ROPE_WARPS
@@ -64,7 +63,9 @@ class TileConfig:
     Which knobs each kernel family reads (the others are ignored and kept at their defaults by the search spaces):
     attention forward and backward: block_m, block_n, num_warps, num_stages (the backward applies them to both its
     dK/dV and dQ kernel); decode: block_n, num_warps, num_stages, num_splits (its rows are the GQA group's query
-    rows; num_splits None means its heuristic); norm: num_warps (one row per program); norm backward: num_warps and
+    rows; num_splits None means its heuristic); norm: num_warps and block_n as the row block (columns a row program
+    holds at once, a power of two: a wider row runs the chunked kernels, block_n columns per chunk; the TileConfig
+    default 64 chunks any row wider than 64, so plan a norm with `launcher_config`'s); norm backward: the same and
     num_splits as its program count (None: 132, H100's SMs); RoPE: block_m as rows per program, num_warps.
     block_m/block_n are requests for attention: the launcher shrinks them to the problem
     (max(16, min(block, next_pow2(N))))."""
@@ -100,6 +101,7 @@ class TiledPlan:
 
     Norm: one program per row. Reads x (+ residual) (+ weight, + bias, once per row), writes y (+ the sum) and the
     fp32 rstd (+ mean for LayerNorm). Residual, weight and bias are assumed in `spec.dtype`; y in `spec.out_dtype`.
+    A chunked row (`norm_chunked`) reads x again in its second pass (the stored sum, with a residual).
 
     RoPE: grid cdiv(rows, 16). Per row: reads head_dim elements of x and rotary_dim of cos and of sin (cos/sin
     assumed in `spec.dtype`), writes head_dim elements of y.
@@ -157,7 +159,7 @@ class TiledPlan:
                 _pow2_block(MAX_HEAD_DIM, spec.v_head_dim),
             )
         if isinstance(spec, NormSpec):
-            return (_norm_block(spec.width),)
+            return (_norm.row_block(spec.width, self.config.block_n),)
         half, tail = spec.rotary_dim // 2, spec.head_dim - spec.rotary_dim
         return (self.config.block_m, int(triton.next_power_of_2(half)), int(triton.next_power_of_2(max(tail, 1))))
 
@@ -280,9 +282,14 @@ class TiledPlan:
             raise TypeError(f"backward_costs() needs family='attention_backward', got {self.kernel_family!r}")
         return bwd.backward_costs(self._attn(), self._bwd_dims())
 
+    @property
+    def norm_chunked(self) -> bool:
+        """Whether a norm plan's rows run the chunked kernels (wider than the row block `blocks[0]`)."""
+        return isinstance(self.spec, NormSpec) and _norm.is_chunked(self.spec.width, self.blocks[0])
+
     def _norm_bwd(self) -> bwd.NormBwdCosts:
         assert isinstance(self.spec, NormSpec)
-        return bwd.norm_backward_costs(self.spec, self._rows(), self.config.num_splits)
+        return bwd.norm_backward_costs(self.spec, self._rows(), self.config.num_splits, self.norm_chunked)
 
     def _multi_costs(self) -> _DecodeCosts | bwd.BackwardCosts | bwd.NormBwdCosts | None:
         """Costs of the families with their own cost function (decode, both backwards); None for the others."""
@@ -326,7 +333,7 @@ class TiledPlan:
             return self._forward_read()
         if isinstance(spec, NormSpec):
             es, width = itemsize(spec.dtype), spec.width
-            per_row = width * es * (1 + spec.residual + spec.has_weight + spec.has_bias)
+            per_row = width * es * (1 + self.norm_chunked + spec.residual + spec.has_weight + spec.has_bias)
             return per_row * self._rows()
         es = itemsize(spec.dtype)
         return self._rows() * (spec.head_dim * es + 2 * spec.rotary_dim * es)
@@ -409,8 +416,11 @@ class TiledPlan:
                     reasons.append(f"{name}={value} is not a power of two >= 16")
         elif isinstance(spec, RopeSpec) and (cfg.block_m < 1 or cfg.block_m & (cfg.block_m - 1)):
             reasons.append(f"block_m={cfg.block_m} (RoPE rows per program) is not a power of two")
-        elif self.kernel_family == "norm_backward" and cfg.num_splits is not None and cfg.num_splits < 1:
-            reasons.append(f"num_splits={cfg.num_splits} (norm backward programs) < 1")
+        elif isinstance(spec, NormSpec):
+            if cfg.block_n < 1 or cfg.block_n & (cfg.block_n - 1):
+                reasons.append(f"block_n={cfg.block_n} (norm row block) is not a power of two")
+            if self.kernel_family == "norm_backward" and cfg.num_splits is not None and cfg.num_splits < 1:
+                reasons.append(f"num_splits={cfg.num_splits} (norm backward programs) < 1")
         if cfg.num_warps < 1 or cfg.num_warps & (cfg.num_warps - 1):
             reasons.append(f"num_warps={cfg.num_warps} is not a power of two")
         if cfg.num_stages < 1:
@@ -445,7 +455,8 @@ def launcher_config(spec: AttentionSpec | NormSpec | RopeSpec, family: str = "au
 
     kind = TiledPlan(spec, TileConfig(), family).kernel_family
     if isinstance(spec, NormSpec):
-        return TileConfig(num_warps=_norm_default_warps(_norm_block(spec.width)))
+        block = _norm.default_row_block(spec.width)
+        return TileConfig(block_n=block, num_warps=_norm.default_warps(block, _norm.is_chunked(spec.width, block)))
     if isinstance(spec, RopeSpec):
         return TileConfig(block_m=_ROPE_BLOCK_ROWS, num_warps=_ROPE_WARPS)
     head_dim = max(spec.head_dim, spec.v_head_dim)

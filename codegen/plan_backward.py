@@ -178,14 +178,22 @@ class NormBwdCosts(NamedTuple):
     flops: int
 
 
-def norm_backward_costs(spec: NormSpec, rows: int, programs: int | None) -> NormBwdCosts:
+def norm_backward_costs(spec: NormSpec, rows: int, programs: int | None, chunked: bool = False) -> NormBwdCosts:
     """`norm_kernels.norm_backward_triton`: min(rows, programs) programs each reduce cdiv(rows, P) rows. A program
     loads the weight once, then per row dy (in `spec.out_dtype`), x, fp32 rstd (+ mean for LayerNorm), and stores
     dx; at the end it stores one fp32 partial dweight and dbias row each (the torch sum after it is not counted).
+    Chunked rows (`chunked`) read dy, x and the weight in both passes of every row and add each row into the fp32
+    partial dbias (and, with a weight, dweight) row: a read and a write of it per row instead of one final store.
     FLOPs per element: x̂ (2), dW and dB sums (3), g·w (1), the row dot (2), dx (2) [+ 2 LayerNorm centering]."""
     grid = max(1, min(rows, programs or DEFAULT_NORM_BWD_PROGRAMS))
     es, width, layer = _itemsize(spec.dtype), spec.width, spec.norm == "layernorm"
     per_row = width * (_itemsize(spec.out_dtype) + es) + _F32 * (1 + layer)
-    read = rows * per_row + grid * (width * es if spec.has_weight else 0)
+    weight = width * es if spec.has_weight else 0
+    flops = (10 + 2 * layer) * width * rows
+    if chunked:
+        partials = width * _F32 * (1 + spec.has_weight)
+        read = rows * (2 * (per_row + weight) - _F32 * (1 + layer) + partials)
+        return NormBwdCosts((grid,), read, rows * (width * es + partials), flops)
+    read = rows * per_row + grid * weight
     write = rows * width * es + grid * 2 * width * _F32
-    return NormBwdCosts((grid,), read, write, (10 + 2 * layer) * width * rows)
+    return NormBwdCosts((grid,), read, write, flops)

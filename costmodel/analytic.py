@@ -101,18 +101,32 @@ def _attention_work(plan: TiledPlan, spec: AttentionSpec, gpu: GPUSpec, slots: i
 
 def _rowwise_work(plan: TiledPlan, spec: NormSpec | RopeSpec) -> Work:
     """Norm and RoPE: uniform programs that stream their rows once, elementwise work on the CUDA cores. Parameters
-    every row re-reads (norm weight/bias, RoPE cos/sin rows) stay in L2 after their first read."""
+    every row re-reads (norm weight/bias, RoPE cos/sin rows) stay in L2 after their first read, and so do a chunked
+    norm row's second pass and partial rows (`_norm_rereads`)."""
     programs, es = plan.grid[0], itemsize(spec.dtype)
     issued = plan.hbm_read_bytes + plan.hbm_write_bytes
     rows = math.prod(int(d or 1) for d in spec.shape[:-1])
     if isinstance(spec, NormSpec):
-        param_bytes = spec.width * es * (spec.has_weight + spec.has_bias)
-        rereads, sfu = (rows - 1) * param_bytes, float(rows)
+        rereads, sfu = _norm_rereads(plan, spec, rows), float(rows)
     else:
         table_rows = int(spec.shape[-2] or 1) if len(spec.shape) >= 2 else rows
         rereads, sfu = max(0, rows - table_rows) * 2 * spec.rotary_dim * es, 0.0
     return Work(programs, 0.0, sfu, float(plan.flops), issued, issued - rereads, plan.hbm_read_bytes / programs,
                 1.0, 1.0)  # fmt: skip
+
+
+def _norm_rereads(plan: TiledPlan, spec: NormSpec, rows: int) -> int:
+    """Bytes a norm launch re-reads while they are in L2. Forward: the weight and bias every row reads, and a chunked
+    row's second pass over x (or the stored sum). Backward: the weight (once per program; twice per row chunked) and,
+    chunked, each row's second pass over dy and x and the read-modify-writes of the program's partial rows."""
+    es, width = itemsize(spec.dtype), spec.width
+    if plan.kernel_family == "norm":
+        return (rows - 1) * width * es * (spec.has_weight + spec.has_bias) + plan.norm_chunked * rows * width * es
+    weight = width * es * spec.has_weight
+    if not plan.norm_chunked:
+        return (plan.grid[0] - 1) * weight
+    partials = width * 4 * (1 + spec.has_weight)
+    return (2 * rows - 1) * weight + rows * (width * (itemsize(spec.out_dtype) + es) + 2 * partials)
 
 
 def plan_work(plan: TiledPlan, gpu: GPUSpec, slots: int) -> Work:

@@ -17,8 +17,8 @@ TINY_CHOICES: dict[str, dict[str, Sequence[int]]] = {
     "attention": {"block_m": (16, 32), "block_n": (16, 32), "num_warps": (4,), "num_stages": (1, 2)},
     "attention_decode": {"block_n": (32, 64), "num_warps": (4,), "num_stages": (1,), "num_splits": (2, 4)},
     "attention_backward": {"block_m": (16, 32), "block_n": (16,), "num_warps": (4,), "num_stages": (1,)},
-    "norm": {"num_warps": (1, 2)},
-    "norm_backward": {"num_warps": (1,), "num_splits": (2, 4)},
+    "norm": {"num_warps": (1, 2), "block_n": (16, 64)},  # rows whole or in chunks of 16 columns
+    "norm_backward": {"num_warps": (1,), "num_splits": (2, 4), "block_n": (16, 64)},
     "rope": {"block_m": (2, 4), "num_warps": (1,)},
 }  # fmt: skip
 
@@ -61,16 +61,18 @@ def _norm(norm: str, width: int, rows: int, dtype: str, residual: bool) -> NormS
 
 
 def _norms(grid: str, backward: bool) -> list[Spec]:
-    """RMSNorm and LayerNorm: "small" 8 shapes, "full" widths 2048-8192 (Llama, Qwen, Mistral hidden sizes) with
-    1k-16k rows (120 forward shapes with and without a fused residual add, 60 backward)."""
+    """RMSNorm and LayerNorm: "small" 8 shapes, "full" widths 2048-16384 (Llama, Qwen, Mistral hidden sizes; 16384
+    is Llama-3.1-405B's, past `norm_kernels.MAX_ROW_BLOCK`: chunked rows) with 1k-16k rows (144 forward shapes with
+    and without a fused residual add, 72 backward)."""
     residuals = (False,) if backward else (False, True)
     if grid == "tiny":
         return [_norm("rmsnorm", 64, 8, "float32", False), _norm("layernorm", 48, 6, "float32", not backward)]
     if grid == "small":
-        return [_norm(n, w, r, "bfloat16", False) for n in ("rmsnorm", "layernorm") for w in (4096, 8192)
-                for r in (2048, 16384)]  # fmt: skip
+        return [_norm(n, w, r, "bfloat16", False) for n in ("rmsnorm", "layernorm")
+                for w, r in ((4096, 2048), (4096, 16384), (8192, 16384), (16384, 4096))]  # fmt: skip
     return [_norm(n, w, r, t, res) for t in DTYPES for n in ("rmsnorm", "layernorm")
-            for w in (2048, 3584, 4096, 5120, 8192) for r in (1024, 4096, 16384) for res in residuals]  # fmt: skip
+            for w in (2048, 3584, 4096, 5120, 8192, 16384) for r in (1024, 4096, 16384)
+            for res in residuals]  # fmt: skip
 
 
 def _rope(layout: str, rotary_dim: int, head_dim: int, batch: int, heads: int, seq: int, dtype: str) -> RopeSpec:

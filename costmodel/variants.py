@@ -150,15 +150,22 @@ def _norm_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.KernelVarian
     (block,) = plan.blocks
     pointers = {n: _pointer(spec.dtype) for n in ("X", "RES", "W", "B", "SUM")}
     pointers.update(Y=_pointer(spec.out_dtype), MEAN="*fp32", RSTD="*fp32")
-    consts = dict(
-        BLOCK=block, RMS=spec.norm == "rmsnorm", HAS_WEIGHT=spec.has_weight, HAS_BIAS=spec.has_bias,
-        HAS_RESIDUAL=spec.residual,
-    )  # fmt: skip
-    name = f"{spec.norm}_fwd_width{spec.width}_w{plan.config.num_warps}"
+    consts = {_norm_size(plan): block, "RMS": spec.norm == "rmsnorm", "HAS_WEIGHT": spec.has_weight,
+              "HAS_BIAS": spec.has_bias, "HAS_RESIDUAL": spec.residual}  # fmt: skip
+    name = f"{spec.norm}_fwd_width{spec.width}_w{plan.config.num_warps}{_chunk_suffix(plan)}"
+    kernel = compile_check._norm_fwd_chunked if plan.norm_chunked else compile_check._norm_fwd
     return compile_check.KernelVariant(
-        name, compile_check._norm_fwd, pointers, ("eps", "weight_offset"), consts, plan.config.num_warps,
-        ints={"width": spec.width},
-    )  # fmt: skip
+        name, kernel, pointers, ("eps", "weight_offset"), consts, plan.config.num_warps, ints={"width": spec.width}
+    )
+
+
+def _norm_size(plan: TiledPlan) -> str:
+    """The constexpr holding a norm plan's row block: BLOCK (whole rows) or CHUNK (the chunked kernels)."""
+    return "CHUNK" if plan.norm_chunked else "BLOCK"
+
+
+def _chunk_suffix(plan: TiledPlan) -> str:
+    return f"_c{plan.blocks[0]}" if plan.norm_chunked else ""
 
 
 def _rope_variant(plan: TiledPlan, spec: RopeSpec) -> compile_check.KernelVariant:
@@ -182,11 +189,12 @@ def _norm_backward_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.Ker
     rows = math.prod(int(d or 1) for d in spec.shape[:-1])
     pointers = {n: _pointer(spec.dtype) for n in ("G", "X", "W", "DX")}
     pointers |= {n: "*fp32" for n in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")}
-    consts = dict(BLOCK=block, RMS=spec.norm == "rmsnorm", HAS_WEIGHT=spec.has_weight)
+    consts = {_norm_size(plan): block, "RMS": spec.norm == "rmsnorm", "HAS_WEIGHT": spec.has_weight}
     ints = {"rows": rows, "width": spec.width, "rows_per_program": -(-rows // programs)}
-    name = f"{spec.norm}_bwd_width{spec.width}_w{plan.config.num_warps}_p{programs}"
+    name = f"{spec.norm}_bwd_width{spec.width}_w{plan.config.num_warps}_p{programs}{_chunk_suffix(plan)}"
+    kernel = compile_check._norm_bwd_chunked if plan.norm_chunked else compile_check._norm_bwd
     return compile_check.KernelVariant(
-        name, compile_check._norm_bwd, pointers, ("weight_offset",), consts, plan.config.num_warps, ints=ints
+        name, kernel, pointers, ("weight_offset",), consts, plan.config.num_warps, ints=ints
     )
 
 

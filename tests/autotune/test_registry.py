@@ -88,17 +88,17 @@ def test_launchers_get_the_knobs_of_their_family(monkeypatch: pytest.MonkeyPatch
         gpu.attention_backward(inputs.q, inputs, flags, inputs.q, inputs.q[..., 0])
 
     launch_all()  # nothing chosen: every launcher default
-    registry.register(NORM, TileConfig(num_warps=2), "db", "norm")
-    registry.register(NORM, TileConfig(num_warps=8, num_splits=3), "db", "norm_backward")
+    registry.register(NORM, TileConfig(block_n=32, num_warps=2), "db", "norm")
+    registry.register(NORM, TileConfig(block_n=16, num_warps=8, num_splits=3), "db", "norm_backward")
     registry.register(ROPE, TileConfig(block_m=4, num_warps=1), "db", "rope")
     registry.register(DECODE, TileConfig(block_n=32, num_warps=2, num_stages=1, num_splits=4), "db")
     registry.register(DECODE, TileConfig(16, 32, 2, 1), "db", "attention_backward")
     launch_all()
-    assert norm_fwd == [{"num_warps": None}, {"num_warps": 2}]
-    assert norm_bwd == [{}, {"num_warps": 8, "programs": 3}]
+    assert norm_fwd == [{}, {"num_warps": 2, "block": 32}]
+    assert norm_bwd == [{}, {"num_warps": 8, "programs": 3, "block": 16}]
     assert rope == rope_bwd == [{}, {"block_rows": 4, "num_warps": 1}]
     assert decode[1:] == [{"block_n": 32, "num_splits": 4, "num_warps": 2, "num_stages": 1}]
     assert backward == [{}, {"block_m": 16, "block_n": 32, "num_warps": 2, "num_stages": 1}]
     registry.clear()
     gpu.norm(torch.randn(64, 32), w, None, None, 1e-6, 0.0, True)  # another row bucket: the default
-    assert norm_fwd[-1] == {"num_warps": None}
+    assert norm_fwd[-1] == {}

@@ -18,8 +18,16 @@ import torch
 from _sm90 import compile_in_child
 from torch import Tensor
 
+from tilefuse.codegen import emit
 from tilefuse.codegen import reference as ref
-from tilefuse.codegen.norm_kernels import norm_backward_triton, norm_forward_triton
+from tilefuse.codegen.norm_kernels import (
+    DEFAULT_CHUNK,
+    MAX_ROW_BLOCK,
+    is_chunked,
+    norm_backward_triton,
+    norm_forward_triton,
+    row_block,
+)
 from tilefuse.codegen.rope_kernels import rope_backward_triton, rope_forward_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -72,9 +80,22 @@ def _double(t: Tensor | None) -> Tensor | None:
 @pytest.mark.parametrize("variant", NORM_VARIANTS)
 def test_norm_forward_backward(variant: tuple[bool, float, bool, bool, bool], width: int, rows: int,
                                dtype: torch.dtype) -> None:  # fmt: skip
+    _check_norm(variant, rows, width, dtype)
+
+
+# Chunked rows: the kernels for rows wider than MAX_ROW_BLOCK, forced onto a small row through the launchers' block
+# knob (width 200 in chunks of 64, the last one partial; 7 rows over 3 backward programs, the last one short).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", NORM_VARIANTS)
+def test_chunked_norm_forward_backward(variant: tuple[bool, float, bool, bool, bool], dtype: torch.dtype) -> None:
+    _check_norm(variant, 7, 200, dtype, block=64, programs=3)
+
+
+def _check_norm(variant: tuple[bool, float, bool, bool, bool], rows: int, width: int, dtype: torch.dtype,
+                block: int | None = None, programs: int | None = None) -> None:  # fmt: skip
     rms, offset, has_weight, has_bias, has_residual = variant
     x, weight, bias, residual = _norm_inputs(rows, width, dtype, has_weight, has_bias, has_residual)
-    y, total, mean, rstd = norm_forward_triton(x, weight, bias, residual, EPS, offset, rms)
+    y, total, mean, rstd = norm_forward_triton(x, weight, bias, residual, EPS, offset, rms, block=block)
 
     eager_in = x
     if residual is not None:
@@ -91,7 +112,8 @@ def test_norm_forward_backward(variant: tuple[bool, float, bool, bool, bool], wi
         _assert_close(mean, eager_mean, golden_mean, 2)
 
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
-    dx, dweight, dbias = norm_backward_triton(grad, eager_in, weight, mean, rstd, offset, rms)
+    dx, dweight, dbias = norm_backward_triton(grad, eager_in, weight, mean, rstd, offset, rms, block=block,
+                                              programs=programs)  # fmt: skip
     eager = ref.norm_backward(grad, eager_in, weight, eager_mean, eager_rstd, offset, rms)
     golden = ref.norm_backward(grad.double(), eager_in.double(), _double(weight), golden_mean, golden_rstd, offset,
                                rms)  # fmt: skip
@@ -101,6 +123,44 @@ def test_norm_forward_backward(variant: tuple[bool, float, bool, bool, bool], wi
     if dweight is not None:
         assert eager[1] is not None and golden[1] is not None
         _assert_close(dweight, eager[1], golden[1], 3)
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e3, 1e5])
+def test_chunked_layer_norm_statistics_match_whole_row(shift: float) -> None:
+    """Merged per-chunk statistics (Chan et al.) are as accurate as the whole row's two-pass mean and variance, also
+    for rows far from zero mean (a one-pass sum of squares would lose the variance there)."""
+    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(1)) + shift
+    golden_y, golden_mean, golden_rstd = ref.norm_forward(x.double(), None, None, EPS, 0.0, False)
+    whole = norm_forward_triton(x, None, None, None, EPS, 0.0, False)
+    chunked = norm_forward_triton(x, None, None, None, EPS, 0.0, False, block=64)
+    floor = 4 * torch.finfo(torch.float32).eps
+    for ours, base, golden in zip(chunked[::2], whole[::2], (golden_y, golden_rstd), strict=True):
+        assert ours is not None and base is not None
+        assert _max_err(ours, golden) <= 2 * _max_err(base, golden) + floor * (1 + golden.abs().max().item())
+    assert chunked[2] is not None and whole[2] is not None
+    assert _max_err(chunked[2], golden_mean) <= 2 * _max_err(whole[2], golden_mean) + floor * (1 + shift)
+
+
+def test_row_block_threshold_selects_the_chunked_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole rows up to MAX_ROW_BLOCK columns, DEFAULT_CHUNK-column chunks beyond (launch recorded, not run)."""
+    assert (MAX_ROW_BLOCK, DEFAULT_CHUNK) == (8192, 4096)
+    assert [row_block(w) for w in (200, 8192, 8193, 16384, 65536)] == [256, 8192, 4096, 4096, 4096]
+    assert not is_chunked(8192, row_block(8192)) and is_chunked(8193, row_block(8193))
+    assert row_block(200, 64) == 64 and is_chunked(200, 64) and row_block(200, 1024) == 256
+    with pytest.raises(ValueError, match="power of two"):
+        row_block(200, 96)
+    launched: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(emit, "launch", lambda kernel, grid, *args, **kw: launched.append((kernel.__name__, kw)))
+    for width in (8192, 16384):
+        x = torch.ones(1, width)
+        _, _, mean, rstd = norm_forward_triton(x, x[0], None, None, EPS, 0.0, False)
+        norm_backward_triton(x, x, x[0], mean, rstd, 0.0, False)
+    norm_forward_triton(torch.ones(1, 200), None, None, None, EPS, 0.0, True, block=64, num_warps=2)
+    names = [name for name, _ in launched]
+    assert names == ["_norm_forward_kernel", "_norm_backward_kernel", "_norm_forward_chunked_kernel",
+                     "_norm_backward_chunked_kernel", "_norm_forward_chunked_kernel"]  # fmt: skip
+    sizes = [(kw.get("BLOCK"), kw.get("CHUNK"), kw["num_warps"]) for _, kw in launched]
+    assert sizes == [(8192, None, 32), (8192, None, 32), (None, 4096, 16), (None, 4096, 16), (None, 64, 2)]
 
 
 def test_norm_forward_is_deterministic() -> None:

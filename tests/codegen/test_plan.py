@@ -272,8 +272,9 @@ NORM_CASES = {
 }
 
 
+@pytest.mark.parametrize("block", [64, 16])  # every case's row whole, or in chunks of 16 columns (x read twice)
 @pytest.mark.parametrize("case", list(NORM_CASES))
-def test_norm_plan_bytes_match_kernel(case: str) -> None:
+def test_norm_plan_bytes_match_kernel(case: str, block: int) -> None:
     rms, width, shape, dtype, has_w, has_b, has_res, offset = NORM_CASES[case]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(dtype)
@@ -284,19 +285,23 @@ def test_norm_plan_bytes_match_kernel(case: str) -> None:
         norm="rmsnorm" if rms else "layernorm", width=width, shape=shape, dtype=_DTYPE_NAMES[dtype], eps=1e-6,
         has_weight=has_w, has_bias=has_b, weight_offset=offset, residual=has_res, out_dtype=_DTYPE_NAMES[dtype],
     )  # fmt: skip
-    plan = TiledPlan(spec)
+    plan = TiledPlan(spec, TileConfig(block_n=block))
     with count_io() as io:
-        y, *_ = norm_forward_triton(x, weight, bias, residual, 1e-6, offset, rms)
-    assert y.dtype == dtype
+        y, *_ = norm_forward_triton(x, weight, bias, residual, 1e-6, offset, rms, block=block)
+    assert y.dtype == dtype and plan.norm_chunked == (block == 16)
     assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
     assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)
     assert plan.grid == (x.numel() // width,) and plan.flops > 0 and plan.sram_bytes > 0
 
 
+@pytest.mark.parametrize("block", [64, 16])
 @pytest.mark.parametrize("programs", [4, 5])
 @pytest.mark.parametrize("case", list(NORM_CASES))
-def test_norm_backward_plan_bytes_match_kernel(case: str, programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows split over `programs` programs (num_splits); 5 leaves the last program short of rows."""
+def test_norm_backward_plan_bytes_match_kernel(
+    case: str, programs: int, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows split over `programs` programs (num_splits); 5 leaves the last program short of rows (or, with 7 rows,
+    one program without rows); rows whole or in chunks of 16 columns."""
     rms, width, shape, dtype, has_w, _, _, offset = NORM_CASES[case]
     monkeypatch.setattr("tilefuse.codegen.norm_kernels._CPU_BACKWARD_PROGRAMS", programs)
     gen = torch.Generator().manual_seed(0)
@@ -307,9 +312,9 @@ def test_norm_backward_plan_bytes_match_kernel(case: str, programs: int, monkeyp
         norm="rmsnorm" if rms else "layernorm", width=width, shape=shape, dtype=_DTYPE_NAMES[dtype], eps=1e-6,
         has_weight=has_w, weight_offset=offset, out_dtype=_DTYPE_NAMES[dtype],
     )  # fmt: skip
-    plan = TiledPlan(spec, TileConfig(num_splits=programs), family="norm_backward")
+    plan = TiledPlan(spec, TileConfig(block_n=block, num_splits=programs), family="norm_backward")
     with count_io() as io:
-        norm_backward_triton(grad, x, weight, mean, rstd, offset, rms)
+        norm_backward_triton(grad, x, weight, mean, rstd, offset, rms, block=block)
     assert plan.kernel_family == "norm_backward" and plan.grid == (min(programs, x.numel() // width),)
     assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
     assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tilefuse.codegen.plan import TileConfig, TiledPlan
+from tilefuse.codegen.plan import TileConfig, TiledPlan, launcher_config
 from tilefuse.costmodel.analytic import predict, rank
 from tilefuse.costmodel.features import KernelFeatures
 from tilefuse.costmodel.hardware import get_gpu
@@ -24,16 +24,18 @@ def _attention(n: int, causal: bool = False, d: int = 128) -> AttentionSpec:
     )  # fmt: skip
 
 
-def _norm(rows: int, width: int = 4096) -> NormSpec:
-    return NormSpec("rmsnorm", width, (rows, width), "bfloat16", 1e-6, out_dtype="bfloat16")
+def _norm(rows: int, width: int = 4096) -> TiledPlan:
+    """An RMSNorm plan at the launcher's defaults (whole rows up to 8192 columns, chunked beyond)."""
+    spec = NormSpec("rmsnorm", width, (rows, width), "bfloat16", 1e-6, out_dtype="bfloat16")
+    return TiledPlan(spec, launcher_config(spec))
 
 
 @pytest.mark.parametrize("rows", [1024, 8192])
 def test_more_bytes_is_slower(rows: int) -> None:
-    narrow, wide = predict(TiledPlan(_norm(rows, 2048)), H100), predict(TiledPlan(_norm(rows, 8192)), H100)
+    narrow, wide = predict(_norm(rows, 2048), H100), predict(_norm(rows, 8192), H100)
     assert narrow.bound == wide.bound == "memory"
     assert narrow.latency_us < wide.latency_us
-    slow_gpu = predict(TiledPlan(_norm(rows, 8192)), get_gpu("a100-40gb"))
+    slow_gpu = predict(_norm(rows, 8192), get_gpu("a100-40gb"))
     assert slow_gpu.latency_us > wide.latency_us  # same bytes, less bandwidth
 
 
@@ -46,13 +48,26 @@ def test_causal_is_faster_than_full_at_long_sequences() -> None:
 
 
 def test_wave_quantization_step() -> None:
-    probe = predict(TiledPlan(_norm(1)), H100)
+    probe = predict(_norm(1), H100)
     slots = H100.sm_count * probe.programs_per_sm
-    full = predict(TiledPlan(_norm(4 * slots)), H100)
-    over = predict(TiledPlan(_norm(4 * slots + 1)), H100)
-    fewer = predict(TiledPlan(_norm(4 * slots - 1)), H100)
+    full = predict(_norm(4 * slots), H100)
+    over = predict(_norm(4 * slots + 1), H100)
+    fewer = predict(_norm(4 * slots - 1), H100)
     assert (full.waves, over.waves) == (4, 5)
     assert over.latency_us - full.latency_us > 10 * (full.latency_us - fewer.latency_us)
+
+
+@pytest.mark.parametrize("family", ["norm", "norm_backward"])
+def test_chunked_rows_rereads_count_as_l2_hits(family: str) -> None:
+    """A chunked row issues more bytes than a whole one (its second pass; the backward's partial-row updates), but
+    they hit L2: DRAM time does not grow with them (the backward's L2 traffic still may bound it)."""
+    spec = NormSpec("rmsnorm", 8192, (4096, 8192), "bfloat16", 1e-6, has_weight=True, out_dtype="bfloat16")
+    whole, chunked = (TiledPlan(spec, TileConfig(block_n=block, num_warps=16), family) for block in (8192, 4096))
+    assert chunked.norm_chunked and not whole.norm_chunked
+    assert chunked.hbm_read_bytes > whole.hbm_read_bytes
+    fast, slow = predict(whole, H100), predict(chunked, H100)
+    assert slow.memory_us <= 1.1 * fast.memory_us
+    assert fast.latency_us <= slow.latency_us <= (1.1 if family == "norm" else 3.0) * fast.latency_us
 
 
 def test_infeasible_config_ranks_last_with_a_reason() -> None:
