@@ -215,7 +215,9 @@ def problems(ctx: Context) -> list[NormProblem]:
     rows, hiddens = (64, (256,)) if ctx.tiny else (16384, (2048, 4096, 8192))
     rope_shape = (1, 4, 2, 32, 64) if ctx.tiny else (4, 32, 8, 4096, 128)
     ops = ("rmsnorm", "rmsnorm+residual", "layernorm", "layernorm+residual")
-    return [NormProblem(op, (rows, h)) for h in hiddens for op in ops] + [NormProblem("rope", rope_shape)]
+    # Llama-3.1-405B's hidden size: rows wider than norm_kernels.MAX_ROW_BLOCK run the chunked kernels
+    wide = [] if ctx.tiny else [NormProblem(op, (rows // 4, 16384)) for op in ops]
+    return [NormProblem(op, (rows, h)) for h in hiddens for op in ops] + wide + [NormProblem("rope", rope_shape)]
 
 
 def finish(records: list[Record]) -> None:

@@ -252,7 +252,8 @@ _COMPILE_SM90 = textwrap.dedent(
     """
     import json, triton
     from triton.backends.compiler import GPUTarget
-    from tilefuse.codegen.norm_kernels import _norm_backward_kernel, _norm_forward_kernel
+    from tilefuse.codegen.norm_kernels import (
+        _norm_backward_chunked_kernel, _norm_backward_kernel, _norm_forward_chunked_kernel, _norm_forward_kernel)
     from tilefuse.codegen.rope_kernels import _rope_kernel
 
     def build(fn, ptrs, floats, consts):
@@ -271,6 +272,10 @@ _COMPILE_SM90 = textwrap.dedent(
             BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True))
         report[f"norm_backward_rms={rms}"] = build(_norm_backward_kernel, norm_bwd, ["weight_offset"], dict(
             BLOCK=4096, RMS=rms, HAS_WEIGHT=True))
+        report[f"norm_forward_chunked_rms={rms}"] = build(_norm_forward_chunked_kernel, norm_fwd,
+            ["eps", "weight_offset"], dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True))
+        report[f"norm_backward_chunked_rms={rms}"] = build(_norm_backward_chunked_kernel, norm_bwd, ["weight_offset"],
+            dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True))
     for layout in (0, 1):
         report[f"rope_layout={layout}"] = build(_rope_kernel, ["X", "COS", "SIN", "Y"], [], dict(
             BLOCK_ROWS=16, BLOCK_HALF=64, BLOCK_TAIL=64, LAYOUT=layout, BACKWARD=layout == 1, HAS_TAIL=True))
@@ -282,5 +287,5 @@ _COMPILE_SM90 = textwrap.dedent(
 def test_kernels_compile_for_hopper_without_gpu() -> None:
     """sm_90 compile in a child process: the interpreter replaces @triton.jit functions in this one."""
     report = compile_in_child(_COMPILE_SM90)
-    assert len(report) == 6
+    assert len(report) == 10
     assert all({"ptx", "cubin"} <= set(asm) for asm in report.values())
