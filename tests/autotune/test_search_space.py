@@ -124,6 +124,20 @@ def test_norm_backward_programs_follow_the_sm_count(gpu: GPUSpec) -> None:
     assert {c.num_splits for c in build_space(small, gpu, kind="norm_backward").configs} == {4}
 
 
+@pytest.mark.parametrize("kind", ["norm", "norm_backward"])
+def test_norm_row_blocks_are_whole_rows_up_to_the_threshold_and_chunks_beyond(kind: str) -> None:
+    """Row blocks searched: NORM_CHUNKS narrower than the row, plus the whole row up to MAX_ROW_BLOCK (8192); the
+    launcher default is among them."""
+    for width, blocks in ((64, {64}), (4096, {1024, 2048, 4096}), (5000, {1024, 2048, 4096, 8192}),
+                          (16384, {1024, 2048, 4096, 8192})):  # fmt: skip
+        spec = NormSpec("rmsnorm", width, (256, width), "bfloat16", 1e-6)
+        space = build_space(spec, H100, kind=kind)
+        assert {c.block_n for c in space.configs} == blocks
+        assert default_config(spec, kind).block_n == (4096 if width > 8192 else max(blocks))
+        chunked = {c.block_n for c in space.configs if plan_for(spec, c, kind).norm_chunked}
+        assert chunked == {b for b in blocks if b < 1 << (width - 1).bit_length()}
+
+
 def test_decode_tunes_its_split_count_and_never_its_rows() -> None:
     space = build_space(DECODE, H100)
     assert space.kind == "attention_decode" and len({c.block_m for c in space.configs}) == 1

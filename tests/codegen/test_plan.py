@@ -21,7 +21,7 @@ from tilefuse.codegen.attention_decode import attention_decode_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
 from tilefuse.codegen.io_count import count_io
 from tilefuse.codegen.norm_kernels import norm_backward_triton, norm_forward_triton
-from tilefuse.codegen.plan import TileConfig, TiledPlan, io_lower_bound_bytes, kept_pairs
+from tilefuse.codegen.plan import TileConfig, TiledPlan, io_lower_bound_bytes, kept_pairs, launcher_config
 from tilefuse.codegen.rope_kernels import rope_forward_triton
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
@@ -319,6 +319,19 @@ def test_norm_backward_plan_bytes_match_kernel(
     assert _close(plan.hbm_read_bytes, io.read_bytes), (plan.hbm_read_bytes, io.read_bytes)
     assert _close(plan.hbm_write_bytes, io.write_bytes), (plan.hbm_write_bytes, io.write_bytes)
     assert plan.flops > 0
+
+
+@pytest.mark.parametrize(("width", "block", "chunked"), [(8192, 8192, False), (8193, 4096, True), (32768, 4096, True)])
+def test_norm_launcher_config_chunks_rows_past_the_threshold(width: int, block: int, chunked: bool) -> None:
+    """The launcher's row block: the whole row up to 8192 columns (32 warps), 4096-column chunks beyond (16 warps);
+    a chunked forward reads x twice."""
+    spec = NormSpec("rmsnorm", width, (3, width), "bfloat16", 1e-6, has_weight=False, out_dtype="bfloat16")
+    config = launcher_config(spec)
+    assert (config.block_n, config.num_warps) == (block, 16 if chunked else 32)
+    for family in ("norm", "norm_backward"):
+        plan = TiledPlan(spec, config, family)
+        assert plan.blocks == (block,) and plan.norm_chunked == chunked
+    assert TiledPlan(spec, config).hbm_read_bytes == 3 * width * 2 * (2 if chunked else 1)
 
 
 # name: (layout, rotary_dim, head_dim, shape [B, H, N, D], cos shape, dtype)
