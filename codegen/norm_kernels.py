@@ -202,6 +202,9 @@ def _norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
             gw_sum += gw
         dot_mean = tl.sum(dot, axis=0) / width
         gw_mean = tl.sum(gw_sum, axis=0) / width
+        # The partial rows' loads and stores may get different layouts: other threads of this program stored what
+        # a thread reads below for the previous row.
+        tl.debug_barrier()
         for start in range(0, width, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             mask = cols < width
@@ -210,7 +213,7 @@ def _norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
             if not RMS:
                 dx = dx - gw_mean
             tl.store(DX + base + cols, (dx * rstd).to(DX.dtype.element_ty), mask=mask)
-            partial = pid * width + cols  # a program's own row: each thread re-reads what it stored
+            partial = pid * width + cols  # this program's own partial rows
             if HAS_WEIGHT:
                 tl.store(DW_PARTIAL + partial, tl.load(DW_PARTIAL + partial, mask=mask) + g * xhat, mask=mask)
             tl.store(DB_PARTIAL + partial, tl.load(DB_PARTIAL + partial, mask=mask) + g, mask=mask)
