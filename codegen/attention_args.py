@@ -227,14 +227,16 @@ def _zero_broadcast(t: Tensor, dims: int) -> tuple[int, ...]:
 
 
 class BlockList(NamedTuple):
-    """Per (batch, head, outer block): how many inner blocks to visit and which, visited ones first in order.
+    """Per (batch, head, outer block) the inner blocks to visit: first the full tiles (nothing in them is masked, so
+    the kernels run them in their clean loop), then the partial ones (masked loop), each in block order, then the
+    blocks not visited.
 
     Outer/inner are query/key blocks (`mask_block_list`), or key/query blocks with by_key=True. Dims the mask
     broadcasts over have size 1 here, and stride 0 in the strides the kernel gets.
     """
 
     block_index: Tensor  # int32 [Bm, Hm, outer blocks, inner blocks]
-    block_count: Tensor  # int32 [Bm, Hm, outer blocks]
+    block_count: Tensor  # int32 [Bm, Hm, outer blocks, 2]: (full tiles, listed tiles = full + partial), stride 1
 
     def strides(self) -> tuple[int, ...]:
         return (*_zero_broadcast(self.block_index, 3), *_zero_broadcast(self.block_count, 3))
@@ -247,32 +249,54 @@ def block_list_args(tiles: BlockList | None) -> tuple[Tensor | None, Tensor | No
     return (tiles.block_index, tiles.block_count, *tiles.strides())  # type: ignore[return-value]
 
 
-def _kept_tiles(mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, by_key: bool = False) -> Tensor:
-    """bool [Bm, Hm, query blocks, key blocks]: the tile holds a pair the mask keeps. A mask broadcast over rows
-    gives one query block (every query block shares it) unless by_key asks for all of them."""
-    kept = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    kept = kept if kept.dtype == torch.bool else kept != float("-inf")
+def _mask_tiles(
+    mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, by_key: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(kept, whole), bool [Bm, Hm, query blocks, key blocks]: the tile holds a pair the mask keeps / the mask keeps
+    every pair of it and adds nothing (bool True, additive exactly 0, so the kernel may skip the mask there).
+
+    One pass over the mask codes each pair 2 (True, 0), 1 (a finite or NaN additive term) or 0 (False, -inf) and
+    sums the codes per tile. Keys past kv_len code 0; rows past q_len repeat the last real row, so they change
+    neither answer (the kernels store nothing of them). A mask broadcast over rows gives one query block (every
+    query block shares it) unless by_key asks for all of them."""
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if mask.dtype == torch.bool:
+        codes = mask.to(torch.uint8) * 2
+    else:
+        codes = (mask != float("-inf")).to(torch.uint8) + (mask == 0)
     n_mb, n_nb = -(-q_len // block_m), -(-kv_len // block_n)
-    rows = kept.shape[2]
-    kept = kept.expand(*kept.shape[:3], kv_len).to(torch.uint8)
-    kept = torch.nn.functional.pad(kept, (0, n_nb * block_n - kv_len, 0, n_mb * block_m - q_len if rows > 1 else 0))
+    rows = mask.shape[2]
     row_blocks, row_block = (n_mb, block_m) if rows > 1 else (1, 1)
-    tiles = kept.view(*kept.shape[:2], row_blocks, row_block, n_nb, block_n).amax(dim=(3, 5)) > 0
-    return tiles.expand(*tiles.shape[:2], n_mb, n_nb) if by_key else tiles
+    padded = codes.new_zeros(*codes.shape[:2], row_blocks * row_block, n_nb * block_n)
+    padded[:, :, :rows, :kv_len] = codes
+    padded[:, :, rows:, :kv_len] = codes[:, :, -1:]
+    sums = padded.view(*padded.shape[:2], row_blocks, row_block, n_nb, block_n).sum(dim=(3, 5), dtype=torch.int32)
+    kept, whole = sums > 0, sums == 2 * row_block * block_n
+    if by_key:
+        return kept.expand(*kept.shape[:2], n_mb, n_nb), whole.expand(*whole.shape[:2], n_mb, n_nb)
+    return kept, whole
 
 
-def _block_list(tiles: Tensor) -> BlockList:
-    """Count and stable-sorted index (kept blocks first, in order) of the last dim of a bool tile table."""
-    count = tiles.sum(dim=-1, dtype=torch.int32)
-    index = torch.sort((~tiles).to(torch.uint8), dim=-1, stable=True).indices
-    return BlockList(index.to(torch.int32).contiguous(), count)  # the kernels step through a list with stride 1
+def _block_order(rank: Tensor) -> Tensor:
+    """int32 indices that stable-sort the last dim of `rank`, contiguous: the kernels step through a list with
+    stride 1."""
+    return torch.sort(rank, dim=-1, stable=True).indices.to(torch.int32).contiguous()
+
+
+def _block_list(kept: Tensor, full: Tensor) -> BlockList:
+    """The list of bool tile tables over their last dim: full blocks, then the other kept ones, each in order."""
+    index = _block_order(2 - kept.to(torch.uint8) - full.to(torch.uint8))  # full 0, partial 1, not visited 2
+    count = torch.stack((full.sum(dim=-1, dtype=torch.int32), kept.sum(dim=-1, dtype=torch.int32)), dim=-1)
+    return BlockList(index, count.contiguous())
 
 
 def mask_block_list(
     mask: Tensor, q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, by_key: bool = False
 ) -> BlockList:
     """The key blocks each query block must visit: those inside its causal/window range (the same range the
-    kernel computes) holding at least one key the mask keeps. A fully masked tile is never loaded.
+    kernel computes) holding at least one key the mask keeps. A fully masked tile is never loaded. Listed first,
+    and counted apart, are the full tiles: inside kv_len, kept whole by causal/window and by the mask (for every
+    real row), which the kernels run without any mask code (`_full_tiles`).
 
     by_key=True gives the transposed list, per key block the query blocks to visit (the backward's dK/dV loop),
     within the dK/dV kernel's own query range for that key block; either way a tile holding a pair that mask and
@@ -280,10 +304,34 @@ def mask_block_list(
     Costs one read of the mask on the device and no host sync; a mask broadcast over rows (key padding) gives one
     list per (batch, head) that every query block shares (by_key: one per key block, all or none of the queries).
     """
-    tiles = _kept_tiles(mask, q_len, kv_len, block_m, block_n, by_key)
+    kept, whole = _mask_tiles(mask, q_len, kv_len, block_m, block_n, by_key)
     if flags.causal or flags.window > 0:
-        tiles = tiles & _range_tiles(q_len, kv_len, block_m, block_n, flags, mask.device, by_key)
-    return _block_list(tiles.transpose(2, 3) if by_key else tiles)
+        kept = kept & _range_tiles(q_len, kv_len, block_m, block_n, flags, mask.device, by_key)
+    full = whole & _full_tiles(q_len, kv_len, block_m, block_n, flags, mask.device, by_key)
+    return _block_list(kept.transpose(2, 3), full.transpose(2, 3)) if by_key else _block_list(kept, full)
+
+
+def _full_tiles(
+    q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, device: torch.device, by_key: bool = False
+) -> Tensor:
+    """[query blocks or 1, key blocks] bool: tiles inside kv_len whose every pair causal and window keep, the same
+    notion as attention_tiles._unmasked_key_blocks (forward and dQ: rows past q_len do not count, their outputs are
+    not stored) and, by_key, _unmasked_query_blocks (dK/dV sums over a block's rows, so all must be real queries).
+    One row (shared by every query block) when nothing depends on the query block."""
+    starts_n = torch.arange(0, kv_len, block_n, device=device)
+    full = (starts_n + block_n <= kv_len)[None, :]
+    if not (flags.causal or flags.window > 0 or by_key):
+        return full
+    pos_offset = kv_len - q_len if flags.bottom_right else 0
+    starts_m = torch.arange(0, q_len, block_m, device=device)
+    if by_key:
+        full = full & (starts_m + block_m <= q_len)[:, None]
+    if flags.causal:  # the block's last key at or before its first row
+        full = full & (starts_n[None, :] + block_n - 1 <= starts_m[:, None] + pos_offset)
+    if flags.window > 0:  # the block's first key inside the window of its last real row
+        last = torch.clamp(starts_m + block_m, max=q_len) - 1 + pos_offset
+        full = full & (last[:, None] - starts_n[None, :] < flags.window)
+    return full
 
 
 class KeptBlocks(NamedTuple):
@@ -301,11 +349,11 @@ class KeptBlocks(NamedTuple):
 def mask_kept_blocks(mask: Tensor, q_len: int, kv_len: int, block_n: int, group: int) -> KeptBlocks:
     """The key blocks a split-KV decode tile (every query row of one kv head's group) must visit: those where the
     mask keeps some pair of the group's q heads and query rows. On the device, no host sync."""
-    tiles = _kept_tiles(mask, q_len, kv_len, q_len, block_n)[:, :, 0]  # [Bm, Hm, key blocks], one row block
+    tiles = _mask_tiles(mask, q_len, kv_len, q_len, block_n)[0][:, :, 0]  # [Bm, Hm, key blocks], one row block
     if tiles.shape[1] > 1:  # per q head: any over each kv head's group
         tiles = tiles.reshape(tiles.shape[0], -1, group, tiles.shape[2]).any(dim=2)
     prefix = torch.nn.functional.pad(torch.cumsum(tiles, dim=-1, dtype=torch.int32), (1, 0))
-    return KeptBlocks(_block_list(tiles).block_index, prefix)
+    return KeptBlocks(_block_order((~tiles).to(torch.uint8)), prefix)
 
 
 def _range_tiles(

@@ -38,6 +38,7 @@ from .attention_tiles import (
     _dot,
     _dropout_keep,
     _dropout_rows,
+    _listed_blocks,
     _load_kt,
     _load_row_stats,
     _nth_block,
@@ -113,12 +114,20 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
     # RoPEᵀ in the epilogue.
     cos_off = off_b * stride_cb + off_kvh * stride_ch
     sin_off = off_b * stride_sb + off_kvh * stride_sh
+    kv_end = kv_len  # keys whose K/V rows (and RoPE tables) are loaded
+    if SKIP_TILES:
+        # When no q head of the group lists a query block for this key block, load nothing: dK and dV are zero.
+        listed_at = BlockCount + off_b * stride_nb + off_kvh * group * stride_nh + tl.program_id(0) * stride_nm + 1
+        listed = tl.load(listed_at)
+        for g in range(1, group):
+            listed += tl.load(listed_at + g * stride_nh)
+        kv_end = tl.where(listed > 0, kv_len, 0)
     kt = _load_kt(
-        k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
+        k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_end, head_dim,
         stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
     )  # fmt: skip
     vt_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-    vt = tl.load(vt_ptrs, mask=(offs_n[None, :] < kv_len) & (offs_dv[:, None] < head_dim_v), other=0.0)
+    vt = tl.load(vt_ptrs, mask=(offs_n[None, :] < kv_end) & (offs_dv[:, None] < head_dim_v), other=0.0)
 
     # Query-block range of this key block: queries before it (causal) or past its window never see it.
     lo = 0
@@ -146,15 +155,21 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
-        n_masked = i_lo + num_blocks - i_hi
         idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
-        if SKIP_TILES:  # the launcher listed the query blocks of this q head holding a pair the mask keeps
-            idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + tl.program_id(0) * stride_im
-            n_masked = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm)
-        # Unrolled at compile time: phase 0 = query blocks needing no mask (absent under a data mask), 1 = the rest.
-        for phase in tl.static_range(0 if MASK_KIND == 0 and not SKIP_TILES else 1, 2):
-            for block in range(0, c_hi - c_lo if phase == 0 else n_masked):
-                offs_m = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_M + offs_m0
+        if SKIP_TILES:
+            # This q head's list for the key block: full query blocks [0, p_hi) (all rows real) run clean.
+            idx_base, p_hi, n_masked = _listed_blocks(
+                BlockIdx, BlockCount, off_b, off_h, tl.program_id(0), stride_ib, stride_ih, stride_im, stride_nb,
+                stride_nh, stride_nm,
+            )  # fmt: skip
+            p_lo = 0
+        else:
+            p_lo, p_hi, n_masked = c_lo, c_hi, i_lo + num_blocks - i_hi  # phase 0 walks query blocks [p_lo, p_hi)
+        # Unrolled at compile time: phase 0 = query blocks needing no mask (absent under a data mask without a
+        # list), 1 = the rest.
+        for phase in tl.static_range(0 if MASK_KIND == 0 or SKIP_TILES else 1, 2):
+            for block in range(0, p_hi - p_lo if phase == 0 else n_masked):
+                offs_m = _nth_block(block, blk_lo, p_lo, p_hi, idx_base, phase, SKIP_TILES) * BLOCK_M + offs_m0
                 q = tl.load(
                     q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim),
@@ -199,7 +214,7 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
     dk *= sm_scale
     if ROPE_LAYOUT >= 0:
         dk = _rope_grad_tile(
-            dk, Cos + cos_off, Sin + sin_off, offs_n[:, None], offs_d[None, :], offs_n[:, None] < kv_len,
+            dk, Cos + cos_off, Sin + sin_off, offs_n[:, None], offs_d[None, :], offs_n[:, None] < kv_end,
             offs_d[None, :] < head_dim, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim,
             ROPE_LAYOUT, BLOCK_N, BLOCK_D, SWAP_SPAN,
         )  # fmt: skip
@@ -274,25 +289,32 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
         lo = tl.maximum(start_m + pos_offset - window + 1, 0) // BLOCK_N * BLOCK_N
     blk_lo = lo // BLOCK_N
     blk_hi = blk_lo + tl.cdiv(hi - lo, BLOCK_N)
-    c_lo = blk_lo
-    c_hi = blk_lo
-    if MASK_KIND == 0 and not SKIP_TILES:  # unmasked key blocks, as in the forward, when every row is a real query
-        c_lo, c_hi = _unmasked_key_blocks(
-            blk_lo, blk_hi, start_m + pos_offset, start_m + BLOCK_M - 1 + pos_offset, kv_len, window,
-            BLOCK_N, CAUSAL, USE_WINDOW,
-        )  # fmt: skip
-        c_hi = tl.where(start_m + BLOCK_M <= q_len, c_hi, c_lo)
-    n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
     idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
-    if SKIP_TILES:  # the forward's list at this kernel's blocks: key blocks holding a key the mask keeps
-        idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + tl.program_id(0) * stride_im
-        n_masked = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + tl.program_id(0) * stride_nm)
+    if SKIP_TILES:
+        # The forward's list at this kernel's blocks: full key blocks [0, c_hi) run clean (rows past q_len may
+        # see anything there: their dQ is not stored).
+        idx_base, c_hi, n_masked = _listed_blocks(
+            BlockIdx, BlockCount, off_b, off_h, tl.program_id(0), stride_ib, stride_ih, stride_im, stride_nb,
+            stride_nh, stride_nm,
+        )  # fmt: skip
+        c_lo = 0
+    else:
+        c_lo = blk_lo
+        c_hi = blk_lo
+        if MASK_KIND == 0:  # unmasked key blocks, as in the forward, when every row is a real query
+            c_lo, c_hi = _unmasked_key_blocks(
+                blk_lo, blk_hi, start_m + pos_offset, start_m + BLOCK_M - 1 + pos_offset, kv_len, window,
+                BLOCK_N, CAUSAL, USE_WINDOW,
+            )  # fmt: skip
+            c_hi = tl.where(start_m + BLOCK_M <= q_len, c_hi, c_lo)
+        n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_cos_off = off_b * stride_cb + off_kvh * stride_ch
     kv_sin_off = off_b * stride_sb + off_kvh * stride_sh
-    # Unrolled at compile time: phase 0 = key blocks needing no mask (absent under a data mask), 1 = the rest.
-    for phase in tl.static_range(0 if MASK_KIND == 0 and not SKIP_TILES else 1, 2):
+    # Unrolled at compile time: phase 0 = key blocks needing no mask (absent under a data mask without a list),
+    # 1 = the rest.
+    for phase in tl.static_range(0 if MASK_KIND == 0 or SKIP_TILES else 1, 2):
         for block in range(0, c_hi - c_lo if phase == 0 else n_masked):
             offs_n = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
             kt = _load_kt(

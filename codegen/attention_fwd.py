@@ -29,6 +29,7 @@ from .attention_tiles import _dot as _dot
 from .attention_tiles import (
     _dropout_keep,
     _dropout_rows,
+    _listed_blocks,
     _load_kt,
     _nth_block,
     _online_softmax,
@@ -104,29 +105,34 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
     blk_lo = lo // BLOCK_N
     blk_hi = blk_lo + tl.cdiv(hi - lo, BLOCK_N)
-    # Clean blocks [c_lo, c_hi): inside kv_len and kept whole by causal/window for every row of this query block
-    # (last key <= the first row's position; first key inside the last row's window), so their scores skip the
-    # masking. The rest — the diagonal, the window's edge, a partial last block — run masked. Data masks and
-    # listed tiles run masked throughout.
-    c_lo = blk_lo
-    c_hi = blk_lo
-    if MASK_KIND == 0 and not SKIP_TILES:
-        c_lo, c_hi = _unmasked_key_blocks(
-            blk_lo, blk_hi, first_pos, last_pos, kv_len, window, BLOCK_N, CAUSAL, USE_WINDOW
-        )
-    n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
     idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
-    if SKIP_TILES:  # the launcher listed the key blocks this query block visits: mask tiles with a kept key
-        idx_base = BlockIdx + off_b * stride_ib + off_h * stride_ih + start_m * stride_im
-        n_masked = tl.load(BlockCount + off_b * stride_nb + off_h * stride_nh + start_m * stride_nm)
+    if SKIP_TILES:
+        # The launcher's list of this query block: full tiles [0, c_hi) run clean, then n_masked tiles masked.
+        idx_base, c_hi, n_masked = _listed_blocks(
+            BlockIdx, BlockCount, off_b, off_h, start_m, stride_ib, stride_ih, stride_im, stride_nb, stride_nh,
+            stride_nm,
+        )  # fmt: skip
+        c_lo = 0
+    else:
+        # Clean blocks [c_lo, c_hi): inside kv_len and kept whole by causal/window for every row of this query
+        # block (last key <= the first row's position; first key inside the last row's window), so their scores
+        # skip the masking. The rest — the diagonal, the window's edge, a partial last block — run masked. A data
+        # mask without a list runs masked throughout.
+        c_lo = blk_lo
+        c_hi = blk_lo
+        if MASK_KIND == 0:
+            c_lo, c_hi = _unmasked_key_blocks(
+                blk_lo, blk_hi, first_pos, last_pos, kv_len, window, BLOCK_N, CAUSAL, USE_WINDOW
+            )
+        n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
 
     cos_off = off_b * stride_cb + off_kvh * stride_ch
     sin_off = off_b * stride_sb + off_kvh * stride_sh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # Unrolled at compile time: phase 0 = clean blocks (not compiled at all under a data mask), 1 = masked blocks.
-    for phase in tl.static_range(0 if MASK_KIND == 0 and not SKIP_TILES else 1, 2):
+    # Unrolled at compile time: phase 0 = clean blocks (not compiled under a data mask without a list), 1 = masked.
+    for phase in tl.static_range(0 if MASK_KIND == 0 or SKIP_TILES else 1, 2):
         num_blocks = c_hi - c_lo if phase == 0 else n_masked
         for block in range(0, num_blocks):
             offs_n = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0

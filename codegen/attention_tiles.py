@@ -171,17 +171,32 @@ def _unmasked_key_blocks(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
+def _listed_blocks(  # type: ignore[no-untyped-def]
+    BlockIdx, BlockCount, off_b, off_h, outer, stride_ib, stride_ih, stride_im, stride_nb, stride_nh, stride_nm
+):  # fmt: skip
+    """(list, full, partial) of the launcher's block list (attention_args.BlockList) of one (batch, head, outer
+    block): list[0:full] are the tiles nothing masks (the clean loop), the `partial` after them hold a pair the mask
+    keeps (the masked loop); tiles the mask keeps nothing of are not listed."""
+    counts = BlockCount + off_b * stride_nb + off_h * stride_nh + outer * stride_nm
+    full = tl.load(counts)
+    return BlockIdx + off_b * stride_ib + off_h * stride_ih + outer * stride_im, full, tl.load(counts + 1) - full
+
+
+@triton.jit
 def _nth_block(  # type: ignore[no-untyped-def]
     block, blk_lo, c_lo, c_hi, idx_base, PHASE: tl.constexpr, SKIP_TILES: tl.constexpr
 ):  # fmt: skip
     """Tile index of a phase's block-th step: phase 0 walks the unmasked tiles [c_lo, c_hi); phase 1 the masked
-    ones around them, [blk_lo, c_lo) then [c_hi, ...), or with SKIP_TILES the launcher's list at idx_base."""
+    ones around them, [blk_lo, c_lo) then [c_hi, ...). With SKIP_TILES those are positions in the launcher's list at
+    idx_base, whose full tiles are [0, c_hi) (c_lo = 0) and whose partial tiles follow."""
     if PHASE == 0:
         index = c_lo + block
     elif SKIP_TILES:
-        index = tl.load(idx_base + block)
+        index = c_hi + block
     else:
         index = tl.where(block < c_lo - blk_lo, blk_lo + block, c_hi + block - (c_lo - blk_lo))
+    if SKIP_TILES:
+        index = tl.load(idx_base + index)
     return index
 
 

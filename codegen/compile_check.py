@@ -140,9 +140,9 @@ def _prefill_ints(d: int, masked: bool, rope: bool) -> dict[str, int]:
     ints: dict[str, int] = {}
     for t, h, row in (("q", heads, "m"), ("k", kv_heads, "n"), ("v", kv_heads, "n"), ("o", heads, "m")):
         ints |= {f"stride_{t}b": h * n * d, f"stride_{t}h": n * d, f"stride_{t}{row}": d, f"stride_{t}d": 1}
-    if masked:  # a [B, 1, 1, N] key-padding mask and its block list ([B, 1, 1, N / 32] and [B, 1, 1])
+    if masked:  # a [B, 1, 1, N] key-padding mask and its block list ([B, 1, 1, N / 64] and [B, 1, 1, 2])
         ints |= dict(stride_mb=n, stride_mh=0, stride_mm=0, stride_mn=1)
-        ints |= _key_padding_list_ints(n // 128, n // 32, by_key=False)
+        ints |= _key_padding_list_ints(n // 128, n // 64, by_key=False)
     if rope:  # an [N, d] table shared by batch and heads
         ints |= dict(stride_cb=0, stride_ch=0, stride_cn=d, stride_cd=1)
         ints |= dict(stride_sb=0, stride_sh=0, stride_sn=d, stride_sd=1)
@@ -222,12 +222,13 @@ def backward_ints(forward: dict[str, int]) -> dict[str, int]:
 
 
 def _key_padding_list_ints(q_blocks: int, kv_blocks: int, by_key: bool) -> dict[str, int]:
-    """Strides of a [B, 1, 1, N] key-padding mask's block list: [B, 1, 1, key blocks] shared by every query block,
-    or by key ([B, 1, key blocks, query blocks], one list per key block)."""
+    """Strides of a [B, 1, 1, N] key-padding mask's block list: [B, 1, 1, key blocks] shared by every query block
+    (counts [B, 1, 1, 2]), or by key ([B, 1, key blocks, query blocks], one list per key block; counts
+    [B, 1, key blocks, 2])."""
     if by_key:
-        return dict(stride_ib=kv_blocks * q_blocks, stride_ih=0, stride_im=q_blocks, stride_nb=kv_blocks,
-                    stride_nh=0, stride_nm=1)  # fmt: skip
-    return dict(stride_ib=kv_blocks, stride_ih=0, stride_im=0, stride_nb=1, stride_nh=0, stride_nm=0)
+        return dict(stride_ib=kv_blocks * q_blocks, stride_ih=0, stride_im=q_blocks, stride_nb=2 * kv_blocks,
+                    stride_nh=0, stride_nm=2)  # fmt: skip
+    return dict(stride_ib=kv_blocks, stride_ih=0, stride_im=0, stride_nb=2, stride_nh=0, stride_nm=0)
 
 
 def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:

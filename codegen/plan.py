@@ -11,8 +11,10 @@ even when several programs (or several tiles of one program) read the same addre
 block and every query head of a GQA group, a broadcast key-padding mask re-read per query row, the norm weight
 re-read per row, cos/sin re-read per head. Caches are ignored: this is the traffic a kernel issues, an upper bound
 of what DRAM sees. With a mask tensor the attention kernels (forward, decode and both backward kernels) skip the
-tiles the mask keeps nothing of (data the plan cannot see) and read a block list instead; the plan counts the list as
-if no tile is skipped, again an upper bound. The attention backward family's cost terms live in `plan_backward.py`.
+tiles the mask keeps nothing of (data the plan cannot see) and read a block list instead, and the forward and backward
+kernels run the tiles the mask keeps whole without loading its tile; the plan counts the list as if no tile is
+skipped and every visited tile loads the mask, again an upper bound (exact when the mask neither empties nor fills a
+tile). The attention backward family's cost terms live in `plan_backward.py`.
 """
 
 from __future__ import annotations
@@ -312,8 +314,8 @@ class TiledPlan:
             rows, keys = self._rows_in_block(m), self._keys_visited(m)
             per_head += rows * (spec.head_dim * es + rope) + keys * ((spec.head_dim + spec.v_head_dim) * es + rope)
             per_head += rows * keys * mask_es + once
-            if mask_es:  # the launcher's block list: a count, then the index of every visited key block
-                per_head += _BLOCK_LIST_BYTES * (1 + len(self.key_blocks_per_program(m)))
+            if mask_es:  # the launcher's block list: two counts (full, listed), the index of every visited key block
+                per_head += _BLOCK_LIST_BYTES * (2 + len(self.key_blocks_per_program(m)))
         return per_head * self.grid[1]
 
     def _mask_bytes(self) -> int:

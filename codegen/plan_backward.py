@@ -13,9 +13,10 @@ Three kernels, one TileConfig: the launcher applies given block_m/block_n to bot
   every visible key block K (+ RoPE), V and the mask tile; RoPEᵀ epilogue loads cos/sin again; stores dQ.
 
 The byte convention is plan.py's: every element a program loads or stores counts, masked-off lanes do not. With a
-mask tensor both kernels read a block list (a count per program and q head, an int32 index per visited tile) and skip
-the tiles the mask keeps no pair of; the plan counts as if none is skipped (an upper bound, exact for masks that
-empty no tile).
+mask tensor both kernels read a block list (counts per program and q head, an int32 index per visited tile), skip
+the tiles the mask keeps no pair of and load no mask tile where the mask keeps every pair (and the dK/dV kernel no K/V
+tile of a key block no query visits); the plan counts as if none is skipped and every visited tile loads the mask
+(an upper bound, exact for masks that neither empty nor fill a tile).
 FLOPs: per (query row, key) pair of the visited blocks, dK/dV does S = QKᵀ, dP = dO·Vᵀ, dV += Pᵀ·dO and
 dK += dSᵀ·Q (2·(2D + 2Dv)), dQ does S, dP and dQ += dS·K (2·(2D + Dv)).
 """
@@ -105,8 +106,9 @@ def _dkdv(spec: AttentionSpec, dims: BwdDims) -> tuple[int, int, int]:
         keys = _span(start_n, dims.block_n, dims.kv_len)
         read += keys * (k_row + epilogue) + group * (_F32 if spec.alibi else 0)
         write += keys * (spec.head_dim + spec.v_head_dim) * dims.es
-        if dims.mask_es:  # per q head of the group its by-key list: a count and an index per query block
-            read += group * _LIST_BYTES * (1 + len(_query_blocks(spec, dims, start_n)))
+        if dims.mask_es:  # per q head of the group its by-key list: the listed count (read first, to know whether
+            # any query visits the key block: K/V are loaded only then), both counts, an index per query block
+            read += group * _LIST_BYTES * (3 + len(_query_blocks(spec, dims, start_n)))
         for start_m in _query_blocks(spec, dims, start_n):
             rows = _span(start_m, dims.block_m, dims.q_len)
             read += group * (rows * q_row + rows * keys * dims.mask_es + (_RNG_BYTES if spec.dropout_p > 0 else 0))
@@ -124,8 +126,8 @@ def _dq(spec: AttentionSpec, dims: BwdDims) -> tuple[int, int, int]:
     for start_m in range(0, dims.q_len, dims.block_m):
         rows = _span(start_m, dims.block_m, dims.q_len)
         read += rows * (q_row + epilogue) + once
-        if dims.mask_es:  # the forward's list: a count and an index per key block
-            read += _LIST_BYTES * (1 + len(_key_blocks(spec, dims, start_m)))
+        if dims.mask_es:  # the forward's list: two counts (full, listed) and an index per key block
+            read += _LIST_BYTES * (2 + len(_key_blocks(spec, dims, start_m)))
         write += rows * spec.head_dim * dims.es
         for start_n in _key_blocks(spec, dims, start_m):
             keys = _span(start_n, dims.block_n, dims.kv_len)

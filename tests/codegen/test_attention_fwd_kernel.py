@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
-import itertools
 import textwrap
 
 import pytest
@@ -66,9 +65,9 @@ def _as_fp64(inputs: ref.AttnInputs) -> ref.AttnInputs:
     return ref.AttnInputs(*(t.double() if t is not None and t.is_floating_point() else t for t in inputs))
 
 
-def _check_against_golden(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor]:
+def _check_against_golden(inputs: ref.AttnInputs, flags: ref.AttnFlags, **blocks: int) -> tuple[Tensor, Tensor]:
     """ours within 2x the eager same-dtype error of the fp64 golden, plus a rounding floor; finite."""
-    out, lse = attention_forward_triton(inputs, flags)
+    out, lse = attention_forward_triton(inputs, flags, **blocks)
     golden = ref.attention_forward(_as_fp64(inputs), flags)
     eager = ref.attention_forward(inputs, flags)
     floor = 4 * torch.finfo(inputs.q.dtype).eps
@@ -279,42 +278,3 @@ def test_compiles_for_hopper_without_gpu() -> None:
     assert {"ttgir", "ptx", "cubin"} <= set(report["asm"])
     assert report["wgmma"], "the two tl.dot products should lower to Hopper wgmma"
     assert report["shared"] <= 228 * 1024
-
-
-_BLOCK_LIST_FLAGS = [
-    ref.AttnFlags(1.0),
-    ref.AttnFlags(1.0, causal=True, bottom_right=True),
-    ref.AttnFlags(1.0, causal=True, window=9),
-]
-
-
-@pytest.mark.parametrize("flags", _BLOCK_LIST_FLAGS, ids=["none", "causal_br", "window"])
-@pytest.mark.parametrize("shape", [(2, 1, 1, 70), (1, 3, 50, 70), (2, 1, 50, 1)], ids=str)
-def test_mask_block_list_visits_the_tiles_with_a_kept_key(shape: tuple[int, ...], flags: ref.AttnFlags) -> None:
-    """Brute force: a tile is visited iff it lies in the kernel's causal/window block range and the mask keeps one
-    of its pairs; so every tile holding a pair that mask and causal/window both keep is visited."""
-    from tilefuse.codegen.attention_args import mask_block_list
-
-    q_len, kv_len, bm, bn = 50, 70, 16, 16
-    offset = kv_len - q_len if flags.bottom_right else 0
-    gen = torch.Generator().manual_seed(3)
-    mask = torch.rand(shape, generator=gen) > 0.93  # sparse: many tiles keep nothing
-    additive = torch.zeros(shape).masked_fill(~mask, float("-inf"))
-    full = mask.expand(2, 3, q_len, kv_len)
-    keep = ref.keep_mask(q_len, kv_len, flags.causal, flags.bottom_right, flags.window, mask.device)
-    exact = full & keep if keep is not None else full
-    for m in (mask, additive):
-        tiles = mask_block_list(m, q_len, kv_len, bm, bn, flags)
-        for b, h, mb in itertools.product(range(2), range(3), range(-(-q_len // bm))):
-            lo, hi = 0, kv_len
-            if flags.causal:
-                hi = min(kv_len, min(mb * bm + bm, q_len) + offset)
-            if flags.window:
-                lo = max(mb * bm + offset - flags.window + 1, 0) // bn * bn
-            blocks = [nb for nb in range(-(-kv_len // bn)) if lo <= nb * bn < hi]
-            rows = slice(mb * bm, (mb + 1) * bm)
-            want = [nb for nb in blocks if full[b, h, rows, nb * bn : (nb + 1) * bn].any()]
-            needed = [nb for nb in blocks if exact[b, h, rows, nb * bn : (nb + 1) * bn].any()]
-            ib, ih, im = (min(i, n - 1) for i, n in zip((b, h, mb), tiles.block_index.shape[:3], strict=True))
-            got = tiles.block_index[ib, ih, im, : int(tiles.block_count[ib, ih, im])].tolist()
-            assert got == want and set(needed) <= set(got), (b, h, mb)

@@ -1,7 +1,7 @@
-"""Mask block lists in the attention backward and split-KV decode kernels: the lists cover every tile holding a kept
-pair, the kernels load only those tiles (bytes counted per tensor under the interpreter), and the numerics stay
-those of the reference for masks that broadcast (stride 0) over batch, heads, rows or keys, fully masked rows
-included."""
+"""Mask block lists in the attention backward and split-KV decode kernels: the decode lists cover every tile holding
+a kept pair (test_attention_full_tiles.py checks the forward and backward lists), the kernels load only those tiles
+(bytes counted per tensor under the interpreter), and the numerics stay those of the reference for masks that
+broadcast (stride 0) over batch, heads, rows or keys, fully masked rows included."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from test_attention_bwd_kernel import _grad_out
 from test_attention_decode import _check_against_golden as check_decode
 
 from tilefuse.codegen import reference as ref
-from tilefuse.codegen.attention_args import mask_block_list, mask_kept_blocks
+from tilefuse.codegen.attention_args import mask_kept_blocks
 from tilefuse.codegen.attention_bwd import attention_backward_triton
 from tilefuse.codegen.attention_decode import attention_decode_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
@@ -91,33 +91,6 @@ def _bytes_read(tensors: dict[str, Tensor]) -> Iterator[dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------------------------ the lists
-BY_KEY_FLAGS = [*FLAGS.values(), ref.AttnFlags(1.0, causal=True, window=9), ref.AttnFlags(1.0, window=7)]
-
-
-@pytest.mark.parametrize("flags", BY_KEY_FLAGS, ids=["plain", "causal_br", "causal_window", "window"])
-@pytest.mark.parametrize("shape", [(2, 1, 1, 70), (1, 3, 50, 70), (2, 1, 50, 1), (50, 70)], ids=str)
-def test_by_key_list_visits_the_tiles_with_a_kept_pair(shape: tuple[int, ...], flags: ref.AttnFlags) -> None:
-    """Brute force: per (batch, head, key block) the query blocks of the dK/dV kernel's range for that key block
-    where the mask keeps a pair, in order, so every tile holding a pair that mask and causal/window keep."""
-    q_len, kv_len, bm, bn = 50, 70, 16, 32
-    offset = kv_len - q_len if flags.bottom_right else 0
-    mask = torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.9
-    tiles = mask_block_list(mask, q_len, kv_len, bm, bn, flags, by_key=True)
-    assert tiles.block_index.stride(-1) == 1  # the kernel steps through a list with stride 1
-    full = mask.expand(2, 3, q_len, kv_len)
-    keep = ref.keep_mask(q_len, kv_len, flags.causal, flags.bottom_right, flags.window, mask.device)
-    exact = full & keep if keep is not None else full
-    for b, h, nb in itertools.product(range(2), range(3), range(-(-kv_len // bn))):
-        lo = max(nb * bn - offset, 0) // bm * bm if flags.causal else 0
-        hi = min(q_len, min(nb * bn + bn, kv_len) - 1 + flags.window - offset) if flags.window else q_len
-        keys = slice(nb * bn, (nb + 1) * bn)
-        blocks = [mb for mb in range(-(-q_len // bm)) if lo <= mb * bm < hi]
-        want = [mb for mb in blocks if full[b, h, mb * bm : (mb + 1) * bm, keys].any()]
-        needed = [mb for mb in range(-(-q_len // bm)) if exact[b, h, mb * bm : (mb + 1) * bm, keys].any()]
-        at = tuple(min(i, n - 1) for i, n in zip((b, h, nb), tiles.block_index.shape[:3], strict=True))
-        assert tiles.block_index[at][: int(tiles.block_count[at])].tolist() == want and set(needed) <= set(want)
-
-
 @pytest.mark.parametrize("shape", [(2, 1, 1, 70), (1, 4, 3, 70), (2, 4, 3, 1), (3, 70)], ids=str)
 def test_kept_blocks_reduce_over_the_group(shape: tuple[int, ...]) -> None:
     """Per (batch, kv head): the key blocks where some q head of the group keeps a key in some row, and prefix
@@ -152,8 +125,8 @@ def test_decode_with_skipped_tiles_matches_golden(mask: str, flags: str) -> None
 
 def test_backward_loads_half_the_tiles_when_padding_kills_half_the_keys() -> None:
     """Every (query block, key block) tile of the padded half is skipped by both kernels: dQ loads no K/V tile
-    there, dK/dV no Q/dO tile (it still loads its own K/V tile once), so Q, K and V each lose exactly those tiles'
-    bytes; the gradients still match the golden."""
+    there, dK/dV no Q/dO tile, and a dK/dV program whose key block no query visits not even its own K/V tile (it
+    stores zeros). So Q loses exactly those tiles' bytes, K and V halve; the gradients still match the golden."""
     n, d, block = 64, 16, 16
     inputs, flags = _inputs(n, n, d, kv_heads=1), ref.AttnFlags(0.25)
     grad_out = _grad_out(inputs)
@@ -167,10 +140,26 @@ def test_backward_loads_half_the_tiles_when_padding_kills_half_the_keys() -> Non
 
     every, half = read(_key_padding(n, n)), read(_key_padding(n, n // 2))
     skipped_tiles = BATCH * GROUP * (n // block) * (n // block // 2)
+    dead_key_blocks = BATCH * (n // block // 2)
     for name in "qkv":
-        assert every[name] - half[name] == skipped_tiles * block * d * 4, name
-    assert half["k"] < 0.6 * every["k"] and half["v"] < 0.6 * every["v"]  # dK/dV's own K/V tiles stay
+        own = dead_key_blocks * block * d * 4 if name != "q" else 0
+        assert every[name] - half[name] == skipped_tiles * block * d * 4 + own, name
+    assert every["k"] == 2 * half["k"] and every["v"] == 2 * half["v"]
     check_backward(inputs._replace(mask=_key_padding(n, n // 2)), flags, block_m=block, block_n=block)
+
+
+def test_dkdv_loads_its_key_block_when_one_head_of_the_group_visits_it() -> None:
+    """Per q head of a GQA group, different key blocks: a dK/dV program must load its K/V tile when any head of the
+    group lists a query block for it (heads 0 and 1 share kv head 0 and keep keys 0-15 and 32-47 only; heads 2 and
+    3 keep nothing), and its dK/dV stay zero only where no head does."""
+    n = 48
+    mask = torch.zeros(1, KV_HEADS * GROUP, n, n, dtype=torch.bool)
+    mask[:, 0, :, :16] = True
+    mask[:, 1, :, 32:] = True
+    inputs = _inputs(n, n)._replace(mask=mask)
+    _, dk, dv = check_backward(inputs, ref.AttnFlags(0.25), block_m=16, block_n=16)
+    assert (dv[:, 0, :16] != 0).all() and (dv[:, 0, 32:] != 0).all()
+    assert (dk[:, 0, 16:32] == 0).all() and (dv[:, 0, 16:32] == 0).all() and (dv[:, 1] == 0).all()
 
 
 def test_decode_loads_half_the_keys_when_padding_kills_half() -> None:

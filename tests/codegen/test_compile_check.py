@@ -33,10 +33,11 @@ def test_every_kernel_compiles_without_spills() -> None:
             assert 0 < r["registers"] <= 255, (arch, r)
             assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[arch], (arch, r)  # Triton only refuses it at launch
         by_name = {r["name"]: r for r in results}
-        # The attention forward's two tile loops: the one without mask code is the shorter.
-        clean, masked = by_name["attention_fwd_d128"]["loop_instructions"]
-        assert 0 < clean < masked, (arch, clean, masked)
-        assert len(by_name["attention_fwd_d128_mask"]["loop_instructions"]) == 1  # a data mask: masked loop only
+        # The attention forward's two tile loops: the one without mask code is the shorter; with a data mask, the
+        # listed full tiles run a clean loop too, and only the other loop loads the mask.
+        for name in ("attention_fwd_d128", "attention_fwd_d128_mask"):
+            clean, masked = by_name[name]["loop_instructions"]
+            assert 0 < clean < masked, (arch, name, clean, masked)
 
 
 SASS = """

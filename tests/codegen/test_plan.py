@@ -61,8 +61,10 @@ def _attention_case(
     v = torch.randn(b, hkv, nk, dv, generator=gen).to(dtype)
     mask = None
     if mask_kind == "key_padding":
-        # no 16-key tile is fully masked: the kernel would skip it, which the plan does not predict
+        # no 16-key tile is fully masked (the kernels would skip it) nor fully kept (they would not load its mask
+        # tile): the plan predicts neither
         mask = torch.arange(nk)[None, None, None, :] < torch.tensor([nk, nk - 2])[:, None, None, None]
+        mask &= torch.arange(nk) % 16 != 7
     elif mask_kind == "additive":
         mask = torch.randn(1, hq, nq, nk, generator=gen).to(dtype)
     flags = ref.AttnFlags(scale=d**-0.5, **flag_kw)
@@ -169,6 +171,7 @@ def test_fully_masked_key_tiles_are_not_loaded() -> None:
     exactly the skipped K/V/mask tiles and their index entries."""
     spec, inputs, flags = _attention_case(ATTN_CASES["key_padding"])
     padded = torch.arange(35)[None, None, None, :] < torch.tensor([35, 3])[:, None, None, None]
+    padded &= torch.arange(35) % 16 != 7  # no tile fully kept (test_full_tiles_load_no_mask_tile)
     plan = TiledPlan(spec, TileConfig(16, 16))
     with count_io() as io:
         out, _ = attention_forward_triton(inputs._replace(mask=padded), flags, block_m=16, block_n=16)
@@ -181,6 +184,25 @@ def test_fully_masked_key_tiles_are_not_loaded() -> None:
     index_bytes = programs * 2 * 4  # two int32 index entries fewer per program
     expected = plan.hbm_read_bytes - kv_bytes - mask_bytes - index_bytes
     assert io.read_bytes == expected, (io.read_bytes, expected)
+
+
+def test_full_tiles_load_no_mask_tile() -> None:
+    """Batch 0 keeps every key, batch 1 all but the last two: key blocks 0-15 and 16-31 are full in both (the
+    partial 32-34 block still loads its mask), so the count falls below the plan by exactly those tiles' mask bytes
+    (bool: one byte per pair), forward and backward (the dK/dV kernel takes only query blocks of real rows as
+    full: not the one-row block at 16)."""
+    spec, inputs, flags = _attention_case(ATTN_CASES["key_padding"])
+    kept = torch.arange(35)[None, None, None, :] < torch.tensor([35, 33])[:, None, None, None]
+    inputs = inputs._replace(mask=kept)
+    full_pairs = 2 * 2 * 17 * 32  # batches x heads x rows x keys of the full tiles
+    with count_io() as io:
+        out, lse = attention_forward_triton(inputs, flags, block_m=16, block_n=16)
+    assert io.read_bytes == TiledPlan(spec, TileConfig(16, 16)).hbm_read_bytes - full_pairs
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    with count_io() as io:
+        attention_backward_triton(grad, inputs, flags, out, lse, block_m=16, block_n=16)
+    plan = TiledPlan(spec, TileConfig(16, 16), family="attention_backward")
+    assert io.read_bytes == plan.hbm_read_bytes - full_pairs - 2 * 2 * 16 * 32  # the dQ and the dK/dV kernel
 
 
 # name: (case as in ATTN_CASES, extras, num_splits (None: the launcher's heuristic), block_n)
