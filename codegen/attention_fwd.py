@@ -215,11 +215,13 @@ def default_config(
     nor the sm_80 build spills and shared memory fits both: 128x64 tiles with 8 warps up to D=128 (3 stages
     without RoPE; RoPE's partner tiles and cos/sin take the third stage's shared memory), 64x64 at D=256 and
     32x16 for RoPE at D=256 (larger tiles spill on sm_80). Dropout's Philox state costs about a mask tile (RoPE
-    with dropout: 32x32, which neither Triton 3.6 nor 3.9 spills on sm_80). The autotuner replaces these per shape.
+    with dropout: 32x32, which neither Triton 3.6 nor 3.9 spills on sm_80; RoPE with a data mask: 128x32: since
+    the mask's clean loop was added 128x64 spills 8 bytes on sm_80 with Triton 3.6). The autotuner replaces
+    these per shape.
     """
     if has_rope:
         if head_dim <= 128:
-            return (32, 32, 8, 2) if has_dropout else (128, 64, 8, 2)
+            return (32, 32, 8, 2) if has_dropout else (128, 32 if has_mask else 64, 8, 2)
         return 32, 16, 8, 2
     if head_dim <= 128:
         return 128, 64, 8, 2 if has_dropout else 3
