@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .reference import ROPE_INTERLEAVED, ROPE_NONE, ROPE_ROTATE_HALF, AttnFlags, AttnInputs
 
+_LOG2E_F32 = 1.4426950408889634  # the literal the kernels multiply an additive mask by (rounded to fp32 there)
+
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -255,15 +257,19 @@ def _mask_tiles(
     """(kept, whole), bool [Bm, Hm, query blocks, key blocks]: the tile holds a pair the mask keeps / the mask keeps
     every pair of it and adds nothing (bool True, additive exactly 0, so the kernel may skip the mask there).
 
-    One pass over the mask codes each pair 2 (True, 0), 1 (a finite or NaN additive term) or 0 (False, -inf) and
-    sums the codes per tile. Keys past kv_len code 0; rows past q_len repeat the last real row, so they change
+    One pass over the mask codes each pair 2 (True, 0), 1 (a finite or NaN additive term) or 0 (False, or a term
+    the kernels' fp32 `mask * log2(e)` turns into -inf: -inf, and the finfo.min fill of fp32/bf16 masks HF uses)
+    and sums the codes per tile. Keys past kv_len code 0; rows past q_len repeat the last real row, so they change
     neither answer (the kernels store nothing of them). A mask broadcast over rows gives one query block (every
     query block shares it) unless by_key asks for all of them."""
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     if mask.dtype == torch.bool:
         codes = mask.to(torch.uint8) * 2
     else:
-        codes = (mask != float("-inf")).to(torch.uint8) + (mask == 0)
+        # the kernels add mask.to(fp32) * log2(e) (an fp32 constant): mirror it so that a tile of finfo.min is not
+        # loaded, since every score it would add to is -inf there anyway
+        in_log2 = mask.to(torch.float32) * torch.tensor(_LOG2E_F32, dtype=torch.float32, device=mask.device)
+        codes = (in_log2 != float("-inf")).to(torch.uint8) + (mask == 0)
     n_mb, n_nb = -(-q_len // block_m), -(-kv_len // block_n)
     rows = mask.shape[2]
     row_blocks, row_block = (n_mb, block_m) if rows > 1 else (1, 1)

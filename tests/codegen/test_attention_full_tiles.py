@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -46,12 +47,13 @@ def _blocky(shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:
 
 
 def _additive(kept: Tensor, free: Tensor, seed: int) -> Tensor:
-    """0 (some -0.0) where free, a nonzero bias or finfo.min where kept only, -inf or finfo.min where dropped."""
+    """0 (some -0.0) where free, a nonzero bias where kept only, -inf or finfo.min (which the kernels' fp32
+    `mask * log2(e)` turns into -inf) where dropped."""
     gen = torch.Generator().manual_seed(seed)
     draw = torch.rand(kept.shape, generator=gen)
     low = torch.finfo(torch.float32).min
     mask = torch.where(draw > 0.5, torch.full_like(draw, float("-inf")), torch.full_like(draw, low))
-    mask = torch.where(kept, torch.where(draw > 0.2, draw - 0.5, torch.full_like(draw, low)), mask)
+    mask = torch.where(kept, draw - 0.5, mask)
     return torch.where(free, torch.where(draw > 0.5, 0.0, -0.0), mask)
 
 
@@ -60,7 +62,11 @@ def _pair_tables(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per (b, h, row, key): the mask keeps the pair, the mask keeps it with nothing added, causal/window keep it."""
     mask = mask.expand(BATCH, heads, q_len, kv_len)
-    kept, free = (mask, mask) if mask.dtype == torch.bool else (mask != float("-inf"), mask == 0)
+    if mask.dtype == torch.bool:
+        kept, free = mask, mask
+    else:  # the kernels add mask · log2(e) in fp32: a term that makes -inf (finfo.min included) drops the pair
+        log2e = torch.tensor(math.log2(math.e), dtype=torch.float32)
+        kept, free = mask.to(torch.float32) * log2e != float("-inf"), mask == 0
     keep = ref.keep_mask(q_len, kv_len, flags.causal, flags.bottom_right, flags.window, mask.device)
     return kept, free, torch.ones(q_len, kv_len, dtype=torch.bool) if keep is None else keep
 
@@ -163,8 +169,11 @@ def test_a_causal_buffer_and_key_padding_leave_only_the_edges_partial() -> None:
     tiles = mask_block_list(padding, n, n, block, block, ref.AttnFlags(1.0))
     assert tiles.block_index.shape[2] == 1  # one list shared by every query block
     assert _listed(tiles, (0, 0, 0)) == ([0, 1, 2, 3], []) and _listed(tiles, (1, 0, 0)) == ([0, 1], [2])
-    hf = torch.zeros(BATCH, 1, 1, n).masked_fill(~padding, torch.finfo(torch.float32).min)  # kept, not added to
-    assert _listed(mask_block_list(hf, n, n, block, block, ref.AttnFlags(1.0)), (1, 0, 0)) == ([0, 1], [2, 3])
+    # HF's finfo.min padding: the kernels' fp32 finfo.min · log2(e) is -inf, so an all-padding tile is not visited
+    hf = torch.zeros(BATCH, 1, 1, n).masked_fill(~padding, torch.finfo(torch.float32).min)
+    assert _listed(mask_block_list(hf, n, n, block, block, ref.AttnFlags(1.0)), (1, 0, 0)) == ([0, 1], [2])
+    fp16 = hf.half().masked_fill(~padding, torch.finfo(torch.float16).min)  # finfo.min · log2(e) stays finite
+    assert _listed(mask_block_list(fp16, n, n, block, block, ref.AttnFlags(1.0)), (1, 0, 0)) == ([0, 1], [2, 3])
 
 
 # ------------------------------------------------------------------------------------------- the kernels
