@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,11 @@ from .backend import TilefuseBackend
 from .options import Options
 from .pipeline import run_pipeline
 from .report import FusionReport
+
+log = logging.getLogger("tilefuse")
+
+# Dynamo cache entries explain() allows per code object (each model explained through shared code adds one).
+EXPLAIN_RECOMPILE_LIMIT = 256
 
 
 def _check_inputs(model: Any, example_inputs: Sequence[Any]) -> tuple[Any, ...]:
@@ -25,13 +31,27 @@ def explain(model: Any, example_inputs: Sequence[Any], *, training: bool = False
     """Compile `model` with tilefuse (inner compiler eager unless given), run it once, return the report.
 
     The run is an inference run (grad disabled) unless `training=True`; some graphs differ between the two.
+
+    Models that share code (every HF model runs through the same wrapper `forward`) each add a Dynamo cache entry
+    for it; past `torch._dynamo.config.recompile_limit` (8) Dynamo would run the next one eagerly and hand tilefuse
+    nothing, so the limit is raised for the call. A run in which no graph reaches tilefuse says so in the report's
+    `fallbacks` and in a warning instead of returning an empty report silently.
     """
     inputs = _check_inputs(model, example_inputs)
     options.setdefault("inner", "eager")
     backend = TilefuseBackend(Options.from_any(None, **options))
-    with torch.set_grad_enabled(training):
+    limit = max(torch._dynamo.config.recompile_limit, EXPLAIN_RECOMPILE_LIMIT)
+    with torch.set_grad_enabled(training), torch._dynamo.config.patch(recompile_limit=limit):
         torch.compile(model, backend=backend)(*inputs)
-    return backend.report
+    report = backend.report
+    if report.graphs == 0 and not report.fallbacks:
+        note = (
+            "no graph reached tilefuse: Dynamo captured nothing or ran the model eagerly (see its warnings, e.g. a "
+            "recompile limit; torch._dynamo.reset() clears its caches)"
+        )
+        log.warning("tilefuse.explain: %s", note)
+        report.fallbacks.append(note)
+    return report
 
 
 def export(

@@ -163,3 +163,38 @@ def test_dynamo_restart_signals_are_not_fallbacks(monkeypatch: pytest.MonkeyPatc
     assert len(calls) >= 2  # Dynamo re-traced and called the backend again
     assert backend.report.counters["fallback"] == 0 and not backend.report.fallbacks
     assert any(s.kind == "attention" and s.status == "fused" for s in backend.report.sites)
+
+
+class _SharedForward(torch.nn.Module):
+    """Every instance runs the same `forward` code, as every HF preset runs through one wrapper."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.inner(q)
+
+
+class _Attend(torch.nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return (q @ q.transpose(-2, -1) * 0.25).softmax(-1) @ q
+
+
+def test_explain_many_models_through_shared_code_past_dynamos_recompile_limit() -> None:
+    """Each model adds a Dynamo cache entry for the shared forward; the default limit (8) would make the 9th and
+    later run eagerly with an empty report."""
+    q = torch.randn(1, 2, 8, 4)
+    models = [
+        _SharedForward(type(f"Attend{i}", (_Attend,), {})()) for i in range(torch._dynamo.config.recompile_limit + 3)
+    ]
+    for model in models:
+        report = tilefuse.explain(model, (q,))
+        assert report.summary()["attention"] == {"fused": 1, "declined": 0}, report.fallbacks
+
+
+def test_explain_says_when_no_graph_reached_tilefuse(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="tilefuse"):
+        report = tilefuse.explain(lambda x: x, (torch.ones(2),))
+    assert report.graphs == 0 and "no graph reached tilefuse" in report.fallbacks[0]
+    assert "no graph reached tilefuse" in caplog.text
