@@ -73,14 +73,16 @@ class TilefuseBackend:
             start = time.perf_counter()
             fused, ctx = run_pipeline(fused, self.options)
             timings["passes"] += time.perf_counter() - start
-            self.report.extend(ctx.sites, ctx.counters)
             start = time.perf_counter()
             _choose_tile_configs(ctx.sites, self.options, _needs_backward(example_inputs))
             timings["autotune_lookup"] += time.perf_counter() - start
-            log.info("tilefuse: %s", self.report.summary())
             start = time.perf_counter()
             compiled = inner_compile(fused, example_inputs, self.options)
             timings["inner_compile"] += time.perf_counter() - start
+            # Recorded only now: a restart signal from the inner compile (Dynamo calls again) or a fallback to the
+            # unfused graph must not leave sites in the report that no compiled graph holds.
+            self.report.extend(ctx.sites, ctx.counters)
+            log.info("tilefuse: %s", self.report.summary())
             return compiled
         except CaptureDeclined as declined:
             log.warning("tilefuse: %s", declined)

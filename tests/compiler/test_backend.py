@@ -165,6 +165,36 @@ def test_dynamo_restart_signals_are_not_fallbacks(monkeypatch: pytest.MonkeyPatc
     assert any(s.kind == "attention" and s.status == "fused" for s in backend.report.sites)
 
 
+@pytest.mark.parametrize("failure", ["restart", "error"])
+def test_sites_are_reported_only_for_the_graph_that_is_compiled(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """A restart raised by the inner compile (AOTAutograd asking Dynamo to re-trace, seen with HF Phi/GPT-J/ViT)
+    used to leave the first attempt's sites in the report, so every site counted twice; an inner-compile error that
+    falls back to the unfused graph must not report its sites as fused."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    from tilefuse.compiler import backend as backend_module
+
+    real_inner = backend_module.inner_compile
+    calls = []
+
+    def inner_failing_once(gm: fx.GraphModule, example_inputs: Any, options: Options) -> Any:
+        calls.append(gm)
+        if len(calls) == 1:
+            raise TensorifyScalarRestartAnalysis if failure == "restart" else RuntimeError("inner compiler broke")
+        return real_inner(gm, example_inputs, options)
+
+    monkeypatch.setattr(backend_module, "inner_compile", inner_failing_once)
+    model, inputs = load_model("demo")
+    backend = tilefuse.TilefuseBackend(Options(inner="eager"))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend)(*inputs), model(*inputs))
+    report = backend.report
+    if failure == "restart":
+        assert report.graphs == 1 and report.summary()["attention"] == {"fused": 2, "declined": 0}
+    else:  # the unfused graph was compiled: nothing fused to report, and the fallback says why
+        assert report.graphs == 0 and not report.sites and "inner compiler broke" in report.fallbacks[0]
+
+
 class _SharedForward(torch.nn.Module):
     """Every instance runs the same `forward` code, as every HF preset runs through one wrapper."""
 
