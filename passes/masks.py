@@ -186,6 +186,8 @@ def classify(
     lowers: list[tuple[int, Constraint]] = []
     other: list[Constraint] = []
     for c in constraints:
+        if c.cq == 0 and c.ck == 0 and _holds(c):
+            continue  # true at every position (HF's packed-sequence test on one sequence): keeps everything
         bound = _distance_bound(c)
         if bound is None:
             other.append(c)
@@ -199,6 +201,11 @@ def classify(
         other += [c for _, c in lowers]
     facts = PositionalMask(offset is not None, "bottom_right" if offset else "top_left", window)
     return facts, [(c.node, c.negated) for c in other if c.node is not None]
+
+
+def _holds(c: Constraint) -> bool:
+    """Whether a constraint without q or k terms (c <op> 0) is true."""
+    return {"le": c.c <= 0, "lt": c.c < 0, "ge": c.c >= 0, "gt": c.c > 0, "eq": c.c == 0, "ne": c.c != 0}[c.op]
 
 
 def _distance_bound(c: Constraint) -> tuple[str, int] | None:

@@ -105,7 +105,70 @@ def index_expr(node: Any) -> Affine | None:
         return _mul_expr(node)
     if is_op(node, aten.cumsum):
         return _cumsum_expr(node)
+    if is_op(node, aten.index):
+        return _index_expr(node)
+    if is_op(node, aten.diff):
+        return _diff_expr(node)
+    if is_op(node, *_COMPARISONS):
+        return _constant_comparison(node)
     return _constant_expr(node)
+
+
+_COMPARISONS = {aten.eq: "eq", aten.ne: "ne", aten.lt: "lt", aten.le: "le", aten.gt: "gt", aten.ge: "ge"}
+_TRUTH = {
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+}
+
+
+def _constant_comparison(node: fx.Node) -> Affine | None:
+    """A comparison of two constants is a constant (1 true, 0 false): HF's packed-sequence test of position ids
+    that are one arange (`(diff(pos) != 1).cumsum(-1)`) is all 0."""
+    lhs, rhs, t = index_expr(node.args[0]), index_expr(node.args[1]), tensor_val(node)
+    if lhs is None or rhs is None or t is None or lhs.coef or rhs.coef:
+        return None
+    name = next(n for packet, n in _COMPARISONS.items() if is_op(node, packet))
+    return Affine((), float(_TRUTH[name](lhs.const, rhs.const)), t.dim())
+
+
+def _index_expr(node: fx.Node) -> Affine | None:
+    """x[i0, i1, ...] with an index tensor for every axis of x (transformers' mask functions read positions as
+    `position_ids[batch_idx, q_idx]`): x's expression with each axis' index replaced by its index tensor's.
+    Index tensors must be affine and never negative (a negative index wraps around)."""
+    source, t = index_expr(node.args[0]), tensor_val(node)
+    indices: Any = node.args[1]
+    if source is None or t is None or not isinstance(indices, (list, tuple)) or len(indices) != source.rank:
+        return None
+    out = Affine((), source.const, t.dim())
+    for axis, index in enumerate(indices):
+        expr = index_expr(index) if index is not None else None
+        if expr is None or expr.rank > t.dim() or expr.const < 0 or any(c < 0 for _, c in expr.coef):
+            return None
+        out = out.combine(expr.shifted(t.dim()).scaled(source.coef_of(axis)), 1.0)
+    return out
+
+
+def _diff_expr(node: fx.Node) -> Affine | None:
+    """diff(x, n=1) along an axis where x steps by c is c; with `prepend` it must be the value x would have one
+    step before index 0 (HF: `diff(pos, prepend=pos[:, :1] - 1)`)."""
+    source, t = index_expr(node.args[0]), tensor_val(node)
+    n, dim = arg(node, 1, "n", 1), arg(node, 2, "dim", -1)
+    prepend, append = arg(node, 3, "prepend"), arg(node, 4, "append")
+    if source is None or t is None or n != 1 or append is not None or not isinstance(dim, int):
+        return None
+    dim = dim + source.rank if dim < 0 else dim
+    step = source.coef_of(dim)
+    if prepend is not None:
+        before = index_expr(prepend)
+        if before is None or before.rank != source.rank or before.const != source.const - step:
+            return None
+        if any(before.coef_of(a) != source.coef_of(a) for a in range(source.rank) if a != dim):
+            return None
+    return Affine((), step, t.dim())
 
 
 def _constant_expr(node: Any) -> Affine | None:
@@ -117,9 +180,9 @@ def _constant_expr(node: Any) -> Affine | None:
 def _cumsum_expr(node: fx.Node) -> Affine | None:
     """cumsum of a constant c along an axis is c·(index + 1): an all-ones attention mask built in the graph
     (`torch.ones(b, n).cumsum(-1) - 1`, BLOOM's unpadded ALiBi positions before transformers 5.2x) is arange."""
-    inner, t = _constant_expr(node.args[0]), tensor_val(node)
+    inner, t = index_expr(node.args[0]), tensor_val(node)
     dim = arg(node, 1, "dim")
-    if inner is None or t is None or not isinstance(dim, int) or inner.rank != t.dim():
+    if inner is None or inner.coef or t is None or not isinstance(dim, int) or inner.rank != t.dim():
         return None
     dim = dim + t.dim() if dim < 0 else dim
     return Affine(((dim, inner.const),), inner.const, t.dim())

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 # GPT-J applies RoPE in [B, N, H, D] layout before the head permute; it is absorbed through the permute.
 ROTARY = {"hf:llama", "hf:mistral", "hf:qwen2", "hf:gemma", "hf:gemma2", "hf:phi", "hf:gptj"}
 NO_SDPA = {"hf:gptj", "hf:gemma2", "hf:bloom"}  # transformers 5.23 has no SDPA path for these
+ENCODERS = {"hf:bert", "hf:vit"}  # bert's inputs carry padding
 DECODERS = sorted(name for name in HF_PRESETS if name != "hf:vit")
 CASES = [
     f"{name}@{impl}" for name in DECODERS for impl in ("eager", "sdpa") if not (impl == "sdpa" and name in NO_SDPA)
@@ -48,6 +49,8 @@ def test_every_site_fused(case: str) -> None:
     attention_specs = [s.spec for s in report.by_kind("attention")]
     if name in ROTARY:
         assert all(spec is not None and spec.rope is not None for spec in attention_specs), attention_specs
+    if name not in ENCODERS:  # no padding in the inputs: the causal mask is proven, no data mask is left
+        assert all(spec.causal and spec.mask == "none" for spec in attention_specs), attention_specs
     json_ready = report.to_dict()
     assert json_ready["summary"] == summary
 

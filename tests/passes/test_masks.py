@@ -130,3 +130,49 @@ def test_an_all_ones_mask_that_is_written_is_data(written: bool) -> None:
 
     facts = analyze_keep(mask_node(padding, torch.ones(1)))
     assert len(facts.data) == int(written) and not facts.constraints
+
+
+def _hf_positions_mask(prepend_step: int = 1, packed_positions: bool = False) -> Callable[[Tensor], Tensor]:
+    """transformers 5.2x under torch.compile: causal as `pos[b, kv] <= pos[b, q]` read through index tensors, and
+    the packed-sequence overlay `seq[b, q] == seq[b, kv]` with seq = (diff(pos, prepend=pos[:, :1] - 1) != 1)
+    .cumsum(-1), all 0 when the positions are one arange."""
+
+    def mask(x: Tensor) -> Tensor:
+        b, n = 2, 7
+        pos = torch.arange(n)[None].expand(b, n)
+        if packed_positions:
+            pos = torch.cat([torch.arange(3), torch.arange(n - 3)])[None].expand(b, n)  # two sequences
+        b_idx = torch.arange(b)[:, None, None, None]
+        q_idx, kv_idx = torch.arange(n)[None, None, :, None], torch.arange(n)[None, None, None, :]
+        seq = (torch.diff(pos, prepend=pos[:, :1] - prepend_step, dim=-1) != 1).cumsum(-1)
+        return (pos[b_idx, kv_idx] <= pos[b_idx, q_idx]) & (seq[b_idx, q_idx] == seq[b_idx, kv_idx])
+
+    return mask
+
+
+def test_hf_mask_functions_over_indexed_positions_are_causal() -> None:
+    node = mask_node(_hf_positions_mask(), torch.ones(1))
+    assert _classified(node, negated=False) == (PositionalMask(causal=True), 0)
+
+
+@pytest.mark.parametrize("case", ["prepend_not_one_step_before", "two_packed_sequences"])
+def test_hf_packed_sequence_overlay_that_is_not_constant_stays_data(case: str) -> None:
+    fn = _hf_positions_mask(prepend_step=0) if case == "prepend_not_one_step_before" else None
+    fn = fn or _hf_positions_mask(packed_positions=True)
+    node = mask_node(fn, torch.ones(1))
+    facts = analyze_keep(node)
+    positional, leftover = classify(facts.constraints, 7, 7)
+    assert len(facts.data) + len(leftover) >= 1  # the overlay is kept as data
+    assert positional.causal == (case == "prepend_not_one_step_before")  # positions of two sequences are data too
+
+
+def test_positions_read_through_negative_indices_are_not_affine() -> None:
+    """x[-1 - i] wraps around: an index tensor that can be negative is not taken as a position."""
+
+    def mask(x: Tensor) -> Tensor:
+        pos = torch.arange(7)
+        return pos[torch.arange(-7, 0)][None, :] <= pos[:, None]
+
+    facts = analyze_keep(mask_node(mask, torch.ones(1)))
+    positional, leftover = classify(facts.constraints, 7, 7)
+    assert not positional.causal and len(facts.data) + len(leftover) == 1
