@@ -64,5 +64,5 @@ def export(
     program = torch.export.export(model, inputs)
     _, ctx = run_pipeline(program.graph_module, Options.from_any(None, **options))
     report = FusionReport()
-    report.extend(ctx.sites, ctx.counters)
+    report.extend(ctx.sites, ctx.counters, ctx.advice)
     return program, report

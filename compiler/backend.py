@@ -81,7 +81,7 @@ class TilefuseBackend:
             timings["inner_compile"] += time.perf_counter() - start
             # Recorded only now: a restart signal from the inner compile (Dynamo calls again) or a fallback to the
             # unfused graph must not leave sites in the report that no compiled graph holds.
-            self.report.extend(ctx.sites, ctx.counters)
+            self.report.extend(ctx.sites, ctx.counters, ctx.advice)
             log.info("tilefuse: %s", self.report.summary())
             return compiled
         except CaptureDeclined as declined:

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 import torch.fx as fx
 
 from ..specs import Spec
+from .advice import Advice, advise
 
 SiteKind = Literal["attention", "rmsnorm", "layernorm", "rope"]
 FUSION_KINDS: tuple[str, ...] = ("attention", "rmsnorm", "layernorm", "rope", "residual")
@@ -49,6 +50,13 @@ class PassContext:
     training: bool = False
     sites: list[Site] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
+    advice: list[Advice] = field(default_factory=list)
+
+    def advise(self, key: str, problem: str, fix: str) -> None:
+        """A fixable reason fusion fell off: warned once per process (passes.advice), kept for this report."""
+        found = advise(key, problem, fix)
+        if all(a.key != key for a in self.advice):
+            self.advice.append(found)
 
     def fused(self, kind: SiteKind, node: fx.Node, spec: Spec, **detail: Any) -> None:
         self.sites.append(Site(kind, "fused", node.name, spec=spec, detail=detail))
