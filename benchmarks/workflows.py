@@ -68,7 +68,7 @@ def _max_diff(a: Any, b: Any) -> float:
 
 def _grad_diff(model_a: nn.Module, model_b: nn.Module) -> float:
     worst = 0.0
-    for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=True):
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         if pa.grad is None and pb.grad is None:
             continue
         if (pa.grad is None) != (pb.grad is None):
@@ -83,7 +83,7 @@ def _twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _train_step(model: nn.Module, inputs: tuple[Any, ...]) -> Tensor:
+def _train_step(model: Callable[..., Any], inputs: tuple[Any, ...]) -> Tensor:
     out = model(*inputs)
     loss = out.float().pow(2).mean()
     loss.backward()
@@ -130,7 +130,8 @@ def _inference_row(model: nn.Module, inputs: tuple[Any, ...], **options: Any) ->
 
 def hf_llama_checkpointing() -> Row:
     model, inputs = load_model("hf:llama", batch=2, seq=16)
-    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_model: Any = model.model
+    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return _training_row(model.train(), inputs)
 
 
@@ -156,7 +157,7 @@ def utils_checkpoint() -> Row:
 
 
 def dynamic_shapes() -> Row:
-    rows = []
+    rows: list[Row] = []
     for name in ("demo", "hf:llama"):
         model, _ = load_model(name, batch=2, seq=16)
         torch._dynamo.reset()
@@ -205,7 +206,8 @@ class _NanoGPTAttention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = att.masked_fill(self.bias[:, :, :n, :n] == 0, float("-inf"))
+        bias: Any = self.bias
+        att = att.masked_fill(bias[:, :, :n, :n] == 0, float("-inf"))
         return (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
 
 
@@ -218,7 +220,8 @@ def causal_buffer() -> Row:
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
         diff = _max_diff(compiled(x), model(x))
-        model.bias.fill_(1.0)  # the user changes the buffer: the compiled model must honour it
+        buffer: Any = model.bias
+        buffer.fill_(1.0)  # the user changes the buffer: the compiled model must honour it
         diff_after = _max_diff(compiled(x), model(x))
     specs = [s.spec for s in backend.report.sites if s.kind == "attention" and s.spec is not None]
     proven = bool(specs) and all(getattr(s, "causal", False) and getattr(s, "mask", "none") == "none" for s in specs)
@@ -274,7 +277,8 @@ _LLAMA_LIKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":
 
 def deepseek_v3() -> Row:
     model, inputs = _hf_tiny(
-        "DeepseekV3Config", "DeepseekV3ForCausalLM", **{**_LLAMA_LIKE, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4,
+        "DeepseekV3Config", "DeepseekV3ForCausalLM", **{**_LLAMA_LIKE, "num_key_value_heads": 4},
+        moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rope_interleave=True,
     )  # fmt: skip
