@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .autotune.registry import launch_config
 from .codegen import custom_ops as _custom_ops  # registers torch.ops.tilefuse
+from .codegen.attention_args import check_attention_mask
 from .codegen.plan import TileConfig
 
 _ops = torch.ops.tilefuse
@@ -97,8 +98,16 @@ def attention(
 ) -> Tensor:
     """softmax(scale·(RoPE(q)·RoPE(k)ᵀ) [softcap] [+ ALiBi] [+ mask]) · v on [B, H, N, D] tensors (GQA allowed).
 
-    attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Nq, Nk]. window: keys with
-    0 <= pos(q) - k < window are kept. Fully masked rows give zeros. `config` fixes the forward kernel's tile
+    Any strides are accepted for every tensor argument. scale: any finite float (default 1/sqrt(D); 0 gives
+    uniform attention over the kept keys). softcap: cap·tanh(scores/cap) with a finite cap > 0, or None.
+    attn_mask: bool (True = attend) or a floating additive mask, broadcastable to [B, Hq, Nq, Nk] (an integer mask
+    is a TypeError, as in F.scaled_dot_product_attention). Positions: query i sits at pos(i) = i + Nk - Nq with
+    align="bottom_right", at i with "top_left"; causal keeps keys j <= pos(i). window keeps keys j with
+    pos(i) - j < window, i.e. the `window` most recent positions up to pos(i); it limits only how far back a query
+    looks, so combine it with causal=True for Mistral's sliding window (HF's `kv_idx > q_idx - sliding_window` and
+    causal); without causal, later keys stay visible (FlashAttention's window_size=(window - 1, -1)). HF's
+    bidirectional sliding window |i - j| <= w is not this: pass it as attn_mask. Fully masked rows give zeros.
+    `config` fixes the forward kernel's tile
     configuration (block_m, block_n: powers of two >= 16; num_warps; num_stages) instead of the tuned or default
     one; it applies where the Triton kernels run (CUDA, or CPU under TRITON_INTERPRET=1).
     dropout_p drops each probability with that chance after the softmax (scaling the kept ones by 1/(1-p)); the
@@ -110,16 +119,11 @@ def attention(
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
     _same_device(q=q, k=k, v=v, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if window is not None and window <= 0:
-        raise ValueError(f"window must be a positive number of keys, got {window}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
+    check_attention_mask(attn_mask, q.shape[:3], k.shape[2])
+    scale = _check_scalars(scale, window, softcap, dropout_p, q.shape[-1])
     if align not in ("top_left", "bottom_right"):
         raise ValueError(f"align={align!r}; allowed: 'top_left', 'bottom_right'")
     cos, sin, layout, dim = _rope_args(rope, rope_layout, rotary_dim, q.shape[-1])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     _check_config(config)
     rng = dropout_rng(q.device) if dropout_p > 0 else None
     with launch_config(config):
@@ -128,6 +132,23 @@ def attention(
             softcap or 0.0, layout, dim, float(dropout_p), rng,
         )  # fmt: skip
     return out
+
+
+def _check_scalars(
+    scale: float | None, window: int | None, softcap: float | None, dropout_p: float, head_dim: int
+) -> float:
+    """The scale to use (given, or 1/sqrt(head_dim) when None: never `scale or default`, 0.0 is a scale), after
+    checking every scalar argument of attention."""
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale}")
+    if not 0.0 <= dropout_p < 1.0:  # also refuses NaN
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ValueError(f"window must be a positive int number of keys or None, got {window!r}")
+    if softcap is not None and not (0.0 < softcap < math.inf):  # inf would give inf·tanh(0) = NaN, not "no cap"
+        raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
+    return scale
 
 
 def _check_config(config: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -81,19 +82,43 @@ def _check_extras(inputs: AttnInputs, flags: AttnFlags) -> None:
     for name, t in (("mask", inputs.mask), ("alibi_slopes", inputs.alibi_slopes)):
         if t is not None and t.device != q.device:
             raise ValueError(f"devices differ: q on {q.device}, {name} on {t.device}")
-    mask = inputs.mask
-    if mask is not None:
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise ValueError(f"mask dtype must be bool or floating, got {mask.dtype}")
-        try:
-            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], inputs.k.shape[2]))
-        except RuntimeError as err:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to [B, Hq, Nq, Nk]") from err
+    check_attention_mask(inputs.mask, q.shape[:3], inputs.k.shape[2])
     slopes = inputs.alibi_slopes
     if slopes is not None and tuple(slopes.shape) not in ((q.shape[1],), (q.shape[0], q.shape[1])):
         raise ValueError(f"alibi_slopes shape {tuple(slopes.shape)} must be [Hq] or [B, Hq]")
     if flags.window < 0 or flags.softcap < 0:
         raise ValueError(f"window ({flags.window}) and softcap ({flags.softcap}) must be >= 0")
+
+
+def mask_dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why an attention mask of `dtype` is refused, or None when it is allowed: bool (True = attend) or a floating
+    dtype (added to the scores). An integer 0/1 mask is ambiguous (a keep mask or a +0/+1 bias?), so, as in
+    F.scaled_dot_product_attention, it is refused rather than guessed; the passes decline such a site with this."""
+    if dtype == torch.bool or dtype.is_floating_point:
+        return None
+    return f"attention mask dtype {dtype} is not allowed: use bool (True = attend) or a floating dtype (added)"
+
+
+def check_attention_mask(mask: Tensor | None, q_shape: Sequence[int], kv_len: int) -> None:
+    """Raise TypeError for a mask dtype `mask_dtype_problem` refuses, ValueError for a mask that does not broadcast
+    to [B, Hq, Nq, Nk] without growing it (a mask with more batches or heads than q would change the output's shape).
+
+    q_shape is (B, Hq, Nq). Shared by tilefuse.ops.attention and the op's CPU and CUDA implementations."""
+    if mask is None:
+        return
+    problem = mask_dtype_problem(mask.dtype)
+    if problem is not None:
+        raise TypeError(problem)
+    target = (*q_shape, kv_len)
+    try:
+        fits = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, target)) == tuple(target)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"attention mask shape {tuple(mask.shape)} does not broadcast to [B, Hq, Nq, Nk] = {tuple(target)}; "
+            "each of its dims must be 1 or that size"
+        )
 
 
 def _broadcast_strides(t: Tensor | None, shape: tuple[int, ...]) -> tuple[Tensor | None, tuple[int, ...]]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference as ref
+from .attention_args import check_attention_mask
 
 
 def _sdpa_mask(
@@ -37,6 +38,7 @@ def _runs_reference(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> bool:
 def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     """reference.attention_forward through SDPA's fused CPU kernel; softcap, ALiBi and dropout run the reference."""
     q, k, v, mask, _, cos, sin = inputs[:7]
+    check_attention_mask(mask, q.shape[:3], k.shape[2])
     if _runs_reference(inputs, flags):
         return ref.attention_forward(inputs, flags)
     qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
@@ -65,6 +67,7 @@ def attention_with_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Te
     CPU tensors without softcap, ALiBi or dropout take torch's flash CPU kernel, which returns both at once.
     """
     q, k, v = inputs[:3]
+    check_attention_mask(inputs.mask, q.shape[:3], k.shape[2])
     if q.numel() == 0 or k.shape[-2] == 0:  # the flash CPU kernel divides by zero on empty inputs
         out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=torch.result_type(q, v))
         return out, q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
@@ -90,7 +93,7 @@ def _flash_cpu(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Te
     group = q.shape[1] // k.shape[1]
     kx, vx = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (kr, v))
     width = max(head_dim, v_dim)  # the kernel wants one head dim; zero features change neither QKᵀ nor PV
-    qp, kp, vp = (F.pad(t.to(dtype), (0, width - t.shape[-1])) for t in (qr, kx, vx))
+    qp, kp, vp = (_unit_last_stride(F.pad(t.to(dtype), (0, width - t.shape[-1]))) for t in (qr, kx, vx))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qp, kp, vp, 0.0, is_causal, attn_mask=attn_mask, scale=flags.scale
     )
@@ -99,6 +102,12 @@ def _flash_cpu(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Te
         alive = (attn_mask > float("-inf")).any(dim=-1)
         lse = lse.masked_fill(~alive.expand(lse.shape), float("-inf"))
     return out[..., :v_dim].to(torch.result_type(q, v)), lse
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """t with stride 1 along its last dim (a copy only when it has another): the flash CPU kernel reads q, k and v
+    rows as if their features were adjacent, and gives a wrong answer for a transposed or permuted operand."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def attention_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:

@@ -236,6 +236,11 @@ def _check_param(name: str, t: Tensor | None, x: Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({x.shape[-1]},)")
 
 
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    """A weight or bias with unit stride (a copy only when it has another): the kernels index it by column."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _rows_view(t: Tensor) -> Tensor:
     """Contiguous [rows, width] view (copies only when the layout is not already row-major)."""
     return t.contiguous().view(-1, t.shape[-1])
@@ -320,7 +325,7 @@ def norm_forward_triton(
         _check_tensor("residual", residual, x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual has shape {tuple(residual.shape)} but x has shape {tuple(x.shape)}")
-    x2 = _rows_view(x)
+    x2, weight, bias = _rows_view(x), _unit_stride(weight), _unit_stride(bias)
     rows, width = x2.shape
     stat_shape = (*x.shape[:-1], 1)
     total = None
@@ -382,7 +387,7 @@ def norm_backward_triton(
     _check_param("weight", weight, x)
     if not rms and mean is None:
         raise ValueError("mean is required for LayerNorm (rms=False)")
-    x2, g2 = _rows_view(x), _rows_view(grad)
+    x2, g2, weight = _rows_view(x), _rows_view(grad), _unit_stride(weight)
     rows, width = x2.shape
     rstd1 = _row_stat("rstd", rstd, rows, x.device)
     mean1 = _row_stat("mean", mean, rows, x.device) if mean is not None and not rms else None
