@@ -16,9 +16,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph import arg, aten, constant_fill, is_op, ndim, scalar_value
+from .buffer_masks import band_of
+from .graph import arg, aten, constant_fill, is_op, ndim, scalar_value, static_shape
 from .positions import CASTS as _CASTS
-from .positions import index_expr, is_full_slice
+from .positions import (
+    SHAPE_VIEWS,
+    index_expr,
+    is_full_slice,
+    non_unit_axes,
+    same_size,
+    shape_of,
+    slice_dim,
+    slice_start,
+)
 
 __all__ = ["index_expr", "is_full_slice"]  # re-exported: the attention matcher reads them from here
 
@@ -71,12 +81,74 @@ def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
         return analyze_keep(conj[0]).merge(analyze_keep(conj[1]))
     if is_op(node, *_CASTS, aten.expand) or (is_op(node, aten.slice) and is_full_slice(node)):
         return analyze_keep(node.args[0], negate)
+    if is_op(node, aten.slice):
+        return _sliced(node, negate)
+    if is_op(node, *SHAPE_VIEWS):
+        return _viewed(node, negate)
+    selected = _selected_truthiness(node, negate)
+    if selected is not None:
+        return selected
     if is_op(node, aten.unsqueeze) and ndim(node) >= 2 and _unsqueeze_is_leading(node):
         return analyze_keep(node.args[0], negate)
     tri = _triangle(node)
     if tri is not None:
         return MaskFacts(constraints=[_maybe_negate(tri, negate)])
-    return MaskFacts(data=[(node, negate)])
+    return _from_value(node, negate)
+
+
+def _from_value(node: fx.Node, negate: bool) -> MaskFacts:
+    """A module buffer whose value is a band (a registered `tril(ones)`, proven and guarded by buffer_masks)."""
+    band = band_of(node)
+    if band is None:
+        return MaskFacts(data=[(node, negate)])
+    bounds = [(-band.upper, "le")] if band.upper is not None else []
+    bounds += [(-band.lower, "ge")] if band.lower is not None else []
+    constraints = [Constraint(-1.0, 1.0, float(c), op, node) for c, op in bounds]
+    if negate and len(constraints) != 1:  # the negation of a band (or of everything) is no conjunction
+        return MaskFacts(data=[(node, negate)])
+    return MaskFacts(constraints=_pin_unit_axes([_maybe_negate(c, negate) for c in constraints], node))
+
+
+def _sliced(node: fx.Node, negate: bool) -> MaskFacts:
+    """x[start::step] along one axis of a positional mask: index i of the slice reads index i·step + start of x,
+    so each constraint of x is shifted (and scaled) along that axis. Data atoms are kept whole as the slice."""
+    rank, dim, start, step = ndim(node), slice_dim(node), slice_start(node), arg(node, 4, "step", 1)
+    inner = analyze_keep(node.args[0], negate)
+    if inner.data or dim is None or start is None or not isinstance(step, int) or step < 1:
+        return MaskFacts(data=[(node, negate)])
+    shifted = []
+    for c in inner.constraints:
+        cq, ck, const = c.cq, c.ck, c.c
+        if dim == rank - 2:
+            cq, const = cq * step, const + cq * start
+        elif dim == rank - 1:
+            ck, const = ck * step, const + ck * start
+        shifted.append(Constraint(cq, ck, const, c.op, node, negate))
+    return MaskFacts(constraints=_pin_unit_axes(shifted, node))
+
+
+def _viewed(node: fx.Node, negate: bool) -> MaskFacts:
+    """A view that keeps the query and key axes last and only adds or drops leading size-1 axes keeps every
+    position's value (T5 under SDPA views its causal mask to [1, 1, Nq, Nk]). Data atoms are kept as the view."""
+    src, out = shape_of(node.args[0]), shape_of(node)
+    inner = analyze_keep(node.args[0], negate)
+    if src is None or out is None or len(src) < 2 or len(out) < 2 or inner.data:
+        return MaskFacts(data=[(node, negate)])
+    lead_src, lead_out = src[:-2], out[:-2]
+    same_lead = [lead_src[a] for a in non_unit_axes(lead_src)] == [lead_out[a] for a in non_unit_axes(lead_out)]
+    if not (same_lead and same_size(src[-2], out[-2]) and same_size(src[-1], out[-1])):
+        return MaskFacts(data=[(node, negate)])
+    return inner
+
+
+def _pin_unit_axes(constraints: list[Constraint], node: fx.Node) -> list[Constraint]:
+    """A mask of size 1 along the query (or key) axis is broadcast there: every position reads its index 0, so the
+    position drops out of the constraint."""
+    shape = static_shape(node)
+    pin_q, pin_k = len(shape) >= 2 and shape[-2] == 1, len(shape) >= 1 and shape[-1] == 1
+    return [
+        Constraint(0.0 if pin_q else c.cq, 0.0 if pin_k else c.ck, c.c, c.op, c.node, c.negated) for c in constraints
+    ]
 
 
 def _truthiness(node: fx.Node, op: str, negate: bool) -> MaskFacts:
@@ -86,6 +158,17 @@ def _truthiness(node: fx.Node, op: str, negate: bool) -> MaskFacts:
         if inner.constraints:
             return inner
     return MaskFacts(data=[(node, negate)])
+
+
+def _selected_truthiness(node: fx.Node, negate: bool) -> MaskFacts | None:
+    """where(pred, a, b) of constants, one zero and one not, read by truthiness: pred, or not pred (MPT casts HF's
+    additive mask `where(keep, 0, min)` to bool and masks where it is True)."""
+    if not is_op(node, aten.where) or len(node.args) != 3:
+        return None
+    a, b = constant_fill(node.args[1]), constant_fill(node.args[2])
+    if a is None or b is None or (a != 0) == (b != 0):
+        return None
+    return analyze_keep(node.args[0], negate ^ (a == 0))
 
 
 def _is_all_true(node: fx.Node) -> bool:

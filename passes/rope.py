@@ -18,6 +18,7 @@ from .base import Decline, PassContext, PassResult
 from .graph import aten, dtype_of, insert_call, replace_with, static_shape
 from .match_common import dtype_name, erase_dead, node_order, same_value
 from .rope_match import RopeMatch, match_rope, rope_anchor
+from .rope_split import deinterleave, doubled
 
 LAYOUT_CODES = {"rotate_half": ROPE_ROTATE_HALF, "interleaved": ROPE_INTERLEAVED}
 
@@ -67,8 +68,11 @@ def _rewrite(graph: fx.Graph, m: RopeMatch, tables: _Tables) -> tuple[fx.Node, R
     else:
         assert m.cos is not None and m.sin is not None
         cos, sin = _shared(graph, (m.cos, m.sin), m.output, tables)
+        if m.half_tables:
+            cos, sin = _doubled_tables(graph, (cos, sin), tables)
     with graph.inserting_before(m.output):
-        args = (m.x, cos, sin, LAYOUT_CODES[m.layout], m.rotary_dim)
+        x = deinterleave(graph, m.x, m.rotary_dim) if m.deinterleave else m.x
+        args = (x, cos, sin, LAYOUT_CODES[m.layout], m.rotary_dim)
         new_node = insert_call(graph, torch.ops.tilefuse.rope.default, args)
     shape = static_shape(m.x)
     spec = RopeSpec(
@@ -98,6 +102,22 @@ def _shared(
             return earlier
     tables[output] = cos_sin
     return cos_sin
+
+
+def _doubled_tables(graph: fx.Graph, half: tuple[fx.Node, fx.Node], tables: _Tables) -> tuple[fx.Node, fx.Node]:
+    """Rotate-half tables `cat(t, t)` of per-pair tables, placed right after them and built once per pair of
+    tables, so that the sites on Q and K name the same nodes."""
+    found = tables.get(half[0])
+    if found is not None and found[1].args[0][0] is half[1]:  # type: ignore[index]
+        return found
+    order = node_order(graph)
+    point = max(half, key=order.__getitem__).next
+    while point.op == "placeholder":
+        point = point.next
+    with graph.inserting_before(point):
+        found = (doubled(graph, half[0]), doubled(graph, half[1]))
+    tables[half[0]] = found
+    return found
 
 
 def _tables_from_freqs(graph: fx.Graph, freqs: fx.Node) -> tuple[fx.Node, fx.Node]:

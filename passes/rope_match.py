@@ -1,8 +1,9 @@
-"""Recognize rotary embeddings, `x·cos + rot(x)·sin`, in three spellings and describe each as a RopeMatch.
+"""Recognize rotary embeddings, `x·cos + rot(x)·sin`, in four spellings and describe each as a RopeMatch.
 
 rot is rotate-half (`cat(-x2, x1)`, Llama/NeoX), rotate-every-two (`stack(-x_odd, x_even).flatten(-2)`,
-GPT-J) or a complex multiply by `freqs_cis` (Meta Llama). Partial rotary (`cat(rope(x[..., :r]), x[..., r:])`)
-becomes one site over the whole x. Matchers raise `Decline` with a reason.
+GPT-J) or a complex multiply by `freqs_cis` (Meta Llama); or the rotation is written on two views of x with
+per-pair tables, `cat(a·cos - b·sin, b·cos + a·sin)` (GPT-OSS, DeepSeek-V3; rope_split.py). Partial rotary
+(`cat(rope(x[..., :r]), x[..., r:])`) becomes one site over the whole x. Matchers raise `Decline` with a reason.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .graph import (
     tensor_val,
 )
 from .match_common import is_last_dim, node_order, op_name, operand, other_operand, same_value
+from .rope_split import match_split_rotation, split_rotation_anchor
 
 _MAX_INDEX = 2**63 - 1
 
@@ -46,6 +48,8 @@ class RopeMatch:
     source: str
     freqs: fx.Node | None = None
     nodes: set[fx.Node] = field(default_factory=set)
+    half_tables: bool = False  # cos/sin hold one angle per pair: doubled, cat(t, t), for the op
+    deinterleave: bool = False  # the op rotates x de-interleaved (even features, then odd ones)
 
 
 # ---------------------------------------------------------------------------------------- last-dim views
@@ -61,9 +65,13 @@ def last_dim_view(node: Any) -> tuple[fx.Node, int, int, int] | None:
     """
     if is_op(node, aten.slice):
         return _slice_view(node)
+    if is_op(node, aten.alias) and _last_size(operand(node)) is not None:  # x[..., :d] traces as alias(x)
+        return operand(node), 0, _last_size(operand(node)) or 0, 1
     is_piece = isinstance(node, fx.Node) and node.target is operator.getitem
     if is_piece and is_op(operand(node), aten.chunk, aten.split):
         return _chunk_view(operand(node), operand(node, 1))
+    if is_piece and is_op(operand(node), aten.unbind):
+        return _unbound_pair_view(operand(node), operand(node, 1))
     if is_op(node, aten.select) and is_op(operand(node), aten.unflatten):
         return _pair_view(node)
     return None
@@ -72,6 +80,8 @@ def last_dim_view(node: Any) -> tuple[fx.Node, int, int, int] | None:
 def view_nodes(node: fx.Node) -> set[fx.Node]:
     """The nodes of a `last_dim_view`: the view, plus the chunk/split/unflatten it reads from."""
     parent = operand(node)
+    if is_op(parent, aten.unbind):
+        return {node, parent, operand(parent)}
     return {node, parent} if is_op(parent, aten.chunk, aten.split, aten.unflatten) else {node}
 
 
@@ -106,6 +116,17 @@ def _pair_view(node: fx.Node) -> tuple[fx.Node, int, int, int] | None:
     return base, k, size, 2
 
 
+def _unbound_pair_view(unbind: fx.Node, k: Any) -> tuple[fx.Node, int, int, int] | None:
+    """x.view(..., -1, 2).unbind(-1)[k] is x[..., k::2] (SAM's `rotate_pairwise`)."""
+    pairs = operand(unbind)
+    if not is_op(pairs, aten.view, aten.reshape, aten.unflatten, aten._unsafe_view) or k not in (0, 1):
+        return None
+    base, size = operand(pairs), _last_size(operand(pairs))
+    if size is None or size % 2 or static_shape(pairs) != (*static_shape(base)[:-1], size // 2, 2):
+        return None
+    return (base, k, size, 2) if is_last_dim(pairs, arg(unbind, 1, "dim", 0)) else None
+
+
 def _negated(node: Any) -> Any:
     """y for `-y` or `y * -1`, else None."""
     if is_op(node, aten.neg):
@@ -119,7 +140,7 @@ def _negated(node: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ anchors
 def rope_anchor(node: fx.Node) -> bool:
     """A candidate site: a cat/stack of (-a, b) on the last axis, or a view_as_complex (complex spelling)."""
-    if is_op(node, aten.view_as_complex):
+    if is_op(node, aten.view_as_complex) or split_rotation_anchor(node):
         return True
     if not is_op(node, aten.cat, aten.stack) or len(operand(node)) != 2:
         return False
@@ -128,8 +149,12 @@ def rope_anchor(node: fx.Node) -> bool:
 
 def match_rope(anchor: fx.Node) -> RopeMatch:
     """Describe the RoPE anchored at `anchor` (see `rope_anchor`); raises Decline when it cannot be fused."""
-    m = _match_complex(anchor) if is_op(anchor, aten.view_as_complex) else _match_rotation(anchor)
-    _extend_partial(m)
+    if is_op(anchor, aten.view_as_complex):
+        m = _match_complex(anchor)
+    else:
+        m = _match_split(anchor) if split_rotation_anchor(anchor) else _match_rotation(anchor)
+    if not m.deinterleave:  # a partial site would de-interleave features it does not rotate
+        _extend_partial(m)
     _check_region(m)
     return m
 
@@ -189,7 +214,7 @@ def _check_tables(m: RopeMatch, tables: dict[str, Any]) -> None:
         t = tensor_val(table)
         if x_val is None or t is None:
             raise Decline(f"{name} is not a tensor")
-        width = x_val.shape[-1] // 2 if m.freqs is not None else x_val.shape[-1]
+        width = x_val.shape[-1] // 2 if m.freqs is not None or m.half_tables else x_val.shape[-1]
         if t.shape[-1] != width:
             raise Decline(f"{name} has last dim {t.shape[-1]}; expected last dim {width}")
         target = (*x_val.shape[:-1], width)
@@ -199,6 +224,16 @@ def _check_tables(m: RopeMatch, tables: dict[str, Any]) -> None:
             grown = True
         if grown:
             raise Decline(f"{name} of shape {list(t.shape)} does not broadcast to x of {list(x_val.shape)}")
+
+
+def _match_split(anchor: fx.Node) -> RopeMatch:
+    """`cat(a·cos - b·sin, b·cos + a·sin)`: rotate-half RoPE of x (halves) or of x de-interleaved (pairs)."""
+    _, _, cos, sin, x, pairing, nodes = match_split_rotation(anchor)
+    source = "split_halves" if pairing == "halves" else "split_pairs"
+    m = RopeMatch(x, cos, sin, "rotate_half", _last_size(x) or 0, anchor, source, half_tables=True)
+    m.deinterleave, m.nodes = pairing == "pairs", nodes
+    _check_tables(m, {"cos": cos, "sin": sin})
+    return m
 
 
 # ------------------------------------------------------------------------------------------ complex form
