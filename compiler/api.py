@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
+from ..passes.fastpath import module_advice
 from .backend import TilefuseBackend
 from .options import Options
 from .pipeline import run_pipeline
+from .region_breaks import region_break_advice
 from .report import FusionReport
 
 log = logging.getLogger("tilefuse")
@@ -40,10 +42,13 @@ def explain(model: Any, example_inputs: Sequence[Any], *, training: bool = False
     inputs = _check_inputs(model, example_inputs)
     options.setdefault("inner", "eager")
     backend = TilefuseBackend(Options.from_any(None, **options))
+    backend.report.advice.extend(module_advice(model))  # what no graph can tell (fast paths)
     limit = max(torch._dynamo.config.recompile_limit, EXPLAIN_RECOMPILE_LIMIT)
     with torch.set_grad_enabled(training), torch._dynamo.config.patch(recompile_limit=limit):
         torch.compile(model, backend=backend)(*inputs)
     report = backend.report
+    for advice in region_break_advice():  # a region that broke after the last graph reached the backend
+        report.add_advice(advice)
     if report.graphs == 0 and not report.fallbacks:
         note = (
             "no graph reached tilefuse: Dynamo captured nothing or ran the model eagerly (see its warnings, e.g. a "

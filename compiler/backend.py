@@ -15,15 +15,20 @@ import torch
 import torch.fx as fx
 from torch._dynamo.exc import RestartAnalysis
 
+from ..passes.fastpath import module_advice
 from .capture import CaptureDeclined, dynamo_graph_to_aten
+from .hop_bodies import prepare_bodies_for_autograd
 from .options import Options
 from .pipeline import run_pipeline
+from .region_breaks import region_break_advice
 from .report import FusionReport
+from .value_guards import guard_module_values, mark_module_values
 
 log = logging.getLogger("tilefuse")
 
 # Sites seen by every `backend="tilefuse"` compile in this process (explain() and tilefuse.compile keep their own).
 GLOBAL_REPORT = FusionReport()
+REPORT_ATTRIBUTE = "tilefuse_report"  # what tilefuse.compile's result carries its FusionReport as
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Callable[..., Any]:
@@ -59,16 +64,21 @@ class TilefuseBackend:
         self.options = options or Options()
         self.report = report if report is not None else FusionReport()
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, values: bool = True) -> Callable[..., Any]:
+        """Compile Dynamo's graph; `values=False` proves nothing from module values (see compiler/value_guards)."""
         logging.getLogger("tilefuse").setLevel(self.options.log_level.upper())
         if self.options.dump_kernels is not None:
             from ..codegen import emit
 
             emit.set_dump_dir(self.options.dump_kernels)
+        for advice in region_break_advice():  # regions Dynamo ran eagerly before this graph: told with the fix
+            self.report.add_advice(advice)
         timings = self.report.timings_s
         try:
             start = time.perf_counter()
             fused = dynamo_graph_to_aten(gm, example_inputs)
+            if values:
+                mark_module_values(fused, gm, example_inputs)
             timings["capture"] += time.perf_counter() - start
             start = time.perf_counter()
             fused, ctx = run_pipeline(fused, self.options)
@@ -77,7 +87,9 @@ class TilefuseBackend:
             _choose_tile_configs(ctx.sites, self.options, _needs_backward(example_inputs))
             timings["autotune_lookup"] += time.perf_counter() - start
             start = time.perf_counter()
+            prepare_bodies_for_autograd(fused)
             compiled = inner_compile(fused, example_inputs, self.options)
+            compiled = guard_module_values(compiled, fused, gm, example_inputs, self._without_value_proofs)
             timings["inner_compile"] += time.perf_counter() - start
             # Recorded only now: a restart signal from the inner compile (Dynamo calls again) or a fallback to the
             # unfused graph must not leave sites in the report that no compiled graph holds.
@@ -99,6 +111,10 @@ class TilefuseBackend:
             self.report.counters["fallback"] += 1
             return inner_compile(gm, example_inputs, self.options)
 
+    def _without_value_proofs(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """The graph compiled again with masks read from module values as data (a fresh report: no new sites)."""
+        return TilefuseBackend(self.options)(gm, example_inputs, values=False)
+
 
 def tilefuse_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | Options | None = None, **kwargs: Any
@@ -109,7 +125,14 @@ def tilefuse_backend(
 
 
 def compile(model: Any, *, fullgraph: bool = False, dynamic: bool | None = None, **options: Any) -> Any:
-    """`torch.compile(model, backend="tilefuse")` with tilefuse options as keywords."""
+    """`torch.compile(model, backend="tilefuse")` with tilefuse options as keywords.
+
+    The result (a module for a module, a function for a function) carries `tilefuse_report`: the FusionReport of
+    every graph it compiles, filled as they compile (on the first call, and on each recompile), advice included.
+    """
     backend = TilefuseBackend(Options.from_any(None, **options))
+    backend.report.advice.extend(module_advice(model))  # what no graph can tell (fast paths)
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    # object.__setattr__: a compiled module forwards attribute writes to the user's module, which must stay as it was.
+    object.__setattr__(compiled, REPORT_ATTRIBUTE, backend.report)
     return compiled

@@ -19,6 +19,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.split_module import split_module
 
+from ..passes.fastpath import FAST_PATH_DECOMPOSITIONS
+from .hop_bodies import drop_empty_context_fns, retraceable_hops
+
 
 class CaptureDeclined(Exception):
     """The graph cannot be retraced without changing what it computes; the caller compiles it unfused."""
@@ -139,7 +142,7 @@ def fakeify(fake_mode: FakeTensorMode, inputs: Sequence[Any]) -> list[Any]:
 
 def _retrace(gm: fx.GraphModule, fakes: Sequence[Any]) -> fx.GraphModule:
     _check_retraceable(gm)
-    return make_fx(gm, tracing_mode="real", pre_dispatch=True)(*fakes)
+    return make_fx(gm, tracing_mode="real", pre_dispatch=True, decomposition_table=FAST_PATH_DECOMPOSITIONS)(*fakes)
 
 
 def dynamo_graph_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
@@ -149,11 +152,21 @@ def dynamo_graph_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> f
     retraced (its forward would run under no_grad and its backward be lost), so the stretches between such calls
     are retraced one by one and joined back around the calls, which stay as Dynamo wrote them for AOTAutograd to
     differentiate: the passes see one graph, and the calls are opaque nodes in it.
+
+    Calls of higher-order ops with a body (activation checkpointing, `invoke_subgraph`) stay calls, their bodies
+    retraced to ATen too (compiler/hop_bodies.py), for the pipeline to rewrite inside them.
     """
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = fakeify(fake_mode, example_inputs)
+    with retraceable_hops(gm):
+        traced = _retrace_split(gm, fake_mode, fakes)
+    drop_empty_context_fns(traced)
+    return traced
+
+
+def _retrace_split(gm: fx.GraphModule, fake_mode: FakeTensorMode, fakes: Sequence[Any]) -> fx.GraphModule:
     split = _split_at_autograd_functions(gm)
     with fake_mode:
         if split is None:
@@ -174,4 +187,4 @@ def capture(fn: Callable[..., Any] | torch.nn.Module, example_inputs: Sequence[A
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
         fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-        return make_fx(fn, tracing_mode="real", pre_dispatch=True)(*fakes)
+        return make_fx(fn, tracing_mode="real", pre_dispatch=True, decomposition_table=FAST_PATH_DECOMPOSITIONS)(*fakes)

@@ -34,17 +34,19 @@ class PassManager:
         self.passes = list(passes)
         self.check = check
 
-    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext, where: str | None = None) -> PassResult:
+        """Run every pass on `gm`; `where` names the graph in errors and logs (e.g. a checkpoint body)."""
         done: list[str] = []
         modified = False
+        place = f" in {where}" if where else ""
         for graph_pass in self.passes:
             try:
                 result = graph_pass(gm, ctx)
                 if self.check:
                     check_graph(result.graph_module)
             except Exception as err:
-                raise PassError(f"pass {graph_pass.name} failed after {done}: {err}") from err
+                raise PassError(f"pass {graph_pass.name} failed{place} after {done}: {err}") from err
             gm, modified = result.graph_module, modified or result.modified
             done.append(graph_pass.name)
-            log.debug("pass %s: modified=%s", graph_pass.name, result.modified)
+            log.debug("pass %s%s: modified=%s", graph_pass.name, place, result.modified)
         return PassResult(gm, modified)
