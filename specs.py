@@ -50,7 +50,14 @@ class AttentionSpec:
 
     Causal and window masks are keyed on positions: with `align="bottom_right"` query i sits at position
     i + (kv_len - q_len), with `"top_left"` at position i. A key j is kept when j <= pos(i) (causal) and
-    pos(i) - j < window (window, when set). Fully masked rows produce zeros.
+    pos(i) - j < window (window, when set). The window bounds only how far back a query looks: with causal it is
+    Mistral's / HF's sliding window (`kv_idx > q_idx - window`); without causal, later keys stay visible
+    (FlashAttention's window_size=(window - 1, -1)); a symmetric window is a data mask, not this field. Fully
+    masked rows produce zeros.
+
+    `scale` may be any float, 0 and negative included. `softcap` is None (off) or > 0. A field named in
+    `dynamic_scalars` ("scale", "softcap") is a run-time value (computed from symbolic sizes): the op receives it
+    on each call, and the Spec holds the value seen at capture, an example for the cost model only.
     """
 
     batch: Dim
@@ -73,6 +80,7 @@ class AttentionSpec:
     dropout_p: float = 0.0
     rope: RopeSpec | None = None
     source: str = "matmul"  # how the model spelled it: matmul chain or an SDPA variant
+    dynamic_scalars: tuple[str, ...] = ()
 
     kind: Literal["attention"] = "attention"
 
@@ -85,7 +93,8 @@ class NormSpec:
     """RMSNorm or LayerNorm over the trailing `width` features, optionally after a fused residual add.
 
     `weight_offset` is 1.0 for Gemma's `x * (1 + weight)` form. With `residual` the op computes
-    s = x + residual, returns (norm(s), s). `compute_dtype` is the dtype statistics are taken in.
+    s = x + residual, returns (norm(s), s). `compute_dtype` is the dtype statistics are taken in. With "eps" in
+    `dynamic_scalars` eps is a run-time value and `eps` holds the value seen at capture (see AttentionSpec).
     """
 
     norm: Literal["rmsnorm", "layernorm"]
@@ -99,6 +108,7 @@ class NormSpec:
     residual: bool = False
     compute_dtype: str = "float32"
     out_dtype: str = "float32"
+    dynamic_scalars: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:

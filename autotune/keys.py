@@ -20,8 +20,8 @@ from .space import KERNEL_FAMILIES, family, kernel_family, spec_families
 DYNAMIC = "dyn"
 # Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
 _IGNORED = {
-    "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape"),
-    "norm": ("eps", "weight_offset", "compute_dtype"),
+    "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape", "dynamic_scalars"),
+    "norm": ("eps", "weight_offset", "compute_dtype", "dynamic_scalars"),
     "rope": ("source",),
 }
 # Spec fields one kernel family never reads: sites that differ only there share its tuned config (the norm backward

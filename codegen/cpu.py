@@ -32,7 +32,10 @@ def _sdpa_mask(
 
 
 def _runs_reference(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> bool:
-    return flags.softcap > 0 or inputs.alibi_slopes is not None or flags.dropout_p > 0
+    # torch's CPU flash kernel returns NaN for causal attention with a scale <= 0 (its causal block skipping
+    # assumes a positive scale), so those sites take the reference too.
+    causal_nonpositive = flags.causal and flags.scale <= 0
+    return flags.softcap > 0 or inputs.alibi_slopes is not None or flags.dropout_p > 0 or causal_nonpositive
 
 
 def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:

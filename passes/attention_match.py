@@ -18,6 +18,8 @@ from .canonicalize_softmax import without_row_shift
 from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
 from .head_fold import merged_heads, split_heads, unfolded_source
 from .masks import is_full_slice, is_very_negative
+from .match_common import same_value
+from .scalars import ScalarArg, ScalarProduct, fixed_scalar, scalar_arg, tensor_scalar_decline
 
 CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy)
 SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
@@ -33,8 +35,8 @@ class AttentionMatch:
     q: fx.Node
     k: fx.Node
     v: fx.Node
-    scale: float | None = None  # None: SDPA's default 1/sqrt(head_dim)
-    softcap: float | None = None
+    scale: ScalarProduct | None = None  # None: SDPA's default 1/sqrt(head_dim)
+    softcap: ScalarArg | None = None  # > 0 when constant; a run-time softcap is passed through abs()
     additive: list[fx.Node] = field(default_factory=list)
     keeps: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (cond, negated): keep = cond ^ negated
     causal: bool = False
@@ -58,10 +60,12 @@ def skip_casts(node: Any) -> Any:
 
 
 def _dropout_p(node: fx.Node) -> float:
-    """The dropout probability in effect: p in training mode, 0 in eval mode (where dropout is the identity)."""
-    p = float(arg(node, 1, "p", 0.0))
-    train = arg(node, 2, "train", False)
-    return p if train else 0.0
+    """The dropout probability in effect: p in training mode, 0 in eval mode (where dropout is the identity).
+
+    p is read only in training mode: converting a run-time p to a float specializes it."""
+    if not arg(node, 2, "train", False):
+        return 0.0
+    return fixed_scalar(arg(node, 1, "p", 0.0), "dropout p")
 
 
 # ---------------------------------------------------------------------------------------- probabilities → V
@@ -121,12 +125,14 @@ def _peel_scores(node: Any, match: AttentionMatch) -> None:
 
 def _peel_baddbmm(node: fx.Node, ops: list[tuple[str, Any]]) -> fx.Node:
     kwargs: dict[str, Any] = dict(node.kwargs)
-    beta, alpha = float(kwargs.get("beta", 1)), float(kwargs.get("alpha", 1))
+    beta, alpha = scalar_arg(kwargs.get("beta", 1)), scalar_arg(kwargs.get("alpha", 1))
     if beta != 1.0:
         raise Decline(f"baddbmm with beta={beta} is not an additive bias")
     ops.append(("add", node.args[0]))
+    if alpha is None:
+        raise Decline(f"baddbmm alpha {kwargs.get('alpha')} is not a scalar")
     if alpha != 1.0:
-        ops.append(("scale", alpha))
+        ops.append(("scale", (alpha, 1)))
     return node
 
 
@@ -161,30 +167,39 @@ def _peel_mul(node: fx.Node, ops: list[tuple[str, Any]]) -> Any:
         ops.append(("softcap", cap))
         return inner
     for x, c in ((a, b), (b, a)) if is_op(node, aten.mul) else ((a, b),):
-        value = scalar_value(c)
+        value = scalar_arg(c)
         if value is not None:
-            ops.append(("scale", 1.0 / value if is_op(node, aten.div) else value))
+            ops.append(("scale", (value, -1 if is_op(node, aten.div) else 1)))
             return x
-    if tensor_val(b) is not None or tensor_val(a) is not None:
-        raise Decline("attention scores are scaled by a tensor-valued factor")
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node) and tensor_val(a) is not None and tensor_val(b) is not None:
+        factor = b if _leads_to_scores(a) else a
+        if ndim(factor) == 0:
+            raise tensor_scalar_decline("attention scale", factor)
+        raise Decline(f"attention scores are multiplied by the tensor {factor.name}")
     return None
 
 
-def _softcap_input(node: fx.Node) -> tuple[Any, float] | None:
-    """mul(tanh(x / c), c) -> (x, c)."""
+def _softcap_input(node: fx.Node) -> tuple[Any, ScalarArg] | None:
+    """mul(tanh(x / c), c) -> (x, c); c may be a run-time scalar (the same node on both sides)."""
     if not is_op(node, aten.mul):
         return None
     tanh: Any = node.args[0]
-    cap = scalar_value(node.args[1])
+    cap = scalar_arg(node.args[1])
     if not is_op(tanh, aten.tanh) or cap is None:
         return None
     inner: Any = tanh.args[0]
-    if is_op(inner, aten.div) and scalar_value(inner.args[1]) == cap:
+    if is_op(inner, aten.div) and _same_scalar(scalar_arg(inner.args[1]), cap):
         return inner.args[0], cap
     divisor = scalar_value(inner.args[1]) if is_op(inner, aten.mul) else None
-    if divisor is not None and abs(divisor * cap - 1.0) < 1e-6:
+    if divisor is not None and isinstance(cap, float) and abs(divisor * cap - 1.0) < 1e-6:
         return inner.args[0], cap
     return None
+
+
+def _same_scalar(a: ScalarArg | None, b: ScalarArg) -> bool:
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a is b or (isinstance(a, fx.Node) and isinstance(b, fx.Node) and same_value(a, b))
+    return a == b
 
 
 def _peel_add(node: fx.Node, ops: list[tuple[str, Any]]) -> Any:
@@ -233,7 +248,7 @@ def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatc
 
     Ops inside a head fold (before the scores are viewed per head) act on [B*H, Nq, Nk] scores.
     """
-    scale, seen_softcap, seen_mask = 1.0, False, False
+    scale, seen_softcap, seen_mask = ScalarProduct(), False, False
     folded = any(kind == "fold" for kind, _ in inner_to_outer)
     for kind, value in inner_to_outer:
         if kind == "fold":
@@ -241,11 +256,11 @@ def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatc
         elif kind == "scale":
             if seen_softcap or seen_mask:
                 raise Decline("scores are scaled after softcap or masking")
-            scale *= value
+            scale = scale.times(*value)
         elif kind == "softcap":
             if seen_mask or seen_softcap:
                 raise Decline("softcap applied after masking")
-            match.softcap, seen_softcap = value, True
+            match.softcap, seen_softcap = _softcap_value(value), True
         elif kind == "add":
             (match.folded_additive if folded else match.additive).append(value)
             seen_mask = True
@@ -257,6 +272,16 @@ def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatc
     match.scale = scale
 
 
+def _softcap_value(cap: ScalarArg) -> ScalarArg:
+    """c·tanh(x/c) is even in c, so a negative cap is its absolute value; a cap of 0 gives 0·tanh(±inf) scores
+    (NaN where a score is 0) and declines."""
+    if isinstance(cap, fx.Node):
+        return cap
+    if cap == 0.0:
+        raise Decline("softcap of 0 (tanh(scores / 0) * 0 is 0 or NaN): not a softcap")
+    return abs(cap)
+
+
 # -------------------------------------------------------------------------------------------- Q, K and V
 def _match_qk(contraction: fx.Node, match: AttentionMatch) -> None:
     a, b = contraction.args[1:3] if is_op(contraction, aten.baddbmm) else contraction.args[:2]
@@ -266,7 +291,9 @@ def _match_qk(contraction: fx.Node, match: AttentionMatch) -> None:
     if k_scaled is None:
         raise Decline("second operand of Q·Kᵀ is not a transposed key tensor")
     k, k_scale = _strip_scale(k_scaled)  # a scale may sit on either side of the transpose
-    match.scale = (match.scale or 1.0) * q_scale * kt_scale * k_scale
+    # A scale of 0 is a scale (uniform attention): never `or`-defaulted.
+    outer = match.scale if match.scale is not None else ScalarProduct()
+    match.scale = outer.mul(q_scale).mul(kt_scale).mul(k_scale)
     v = match.output.args[1]
     match.q, match.k, match.v = skip_casts(q), k, skip_casts(v)
     rank = _unfold_qkv(match) if match.heads_folded is not None else ndim(contraction)
@@ -290,18 +317,16 @@ def _unfold_qkv(match: AttentionMatch) -> int:
     return 4
 
 
-def _strip_scale(node: Any) -> tuple[Any, float]:
-    scale = 1.0
+def _strip_scale(node: Any) -> tuple[Any, ScalarProduct]:
+    """(x, s) for Q or K written as x · s or x / s, s constant or a run-time scalar."""
+    scale = ScalarProduct()
     while True:
         node = skip_casts(node)
-        if is_op(node, aten.mul) and scalar_value(node.args[1]) is not None:
-            scale *= scalar_value(node.args[1]) or 0.0
-            node = node.args[0]
-        elif is_op(node, aten.div) and scalar_value(node.args[1]):
-            scale /= scalar_value(node.args[1]) or 1.0
-            node = node.args[0]
-        else:
+        factor = scalar_arg(node.args[1]) if is_op(node, aten.mul, aten.div) else None
+        if factor is None:
             return node, scale
+        scale = scale.times(factor, -1 if is_op(node, aten.div) else 1)
+        node = node.args[0]
 
 
 def _untranspose(node: Any) -> fx.Node | None:

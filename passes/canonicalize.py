@@ -31,7 +31,8 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         return None
     if is_op(node, aten.to) and node.target in (aten.to.dtype,) and len(node.args) == 2 and not node.kwargs:
         return source
-    if is_op(node, aten.dropout) and (not arg(node, 2, "train", False) or float(arg(node, 1, "p", 0.0)) == 0.0):
+    # A run-time p (dynamic=True) is left to the attention pass, which specializes it only where it fuses.
+    if is_op(node, aten.dropout) and (not arg(node, 2, "train", False) or scalar_value(arg(node, 1, "p", 0.0)) == 0.0):
         return source
     if is_op(node, aten.mul) and scalar_value(node.args[1]) == 1.0 and not isinstance(node.args[1], fx.Node):
         return source if _float_copy_removable(source, node) else None

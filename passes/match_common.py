@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .base import Decline
 from .graph import aten, dtype_of, is_op, ndim, tensor_val
 
 # Ops that only change the dtype of their first argument (shape, device and values otherwise kept).
@@ -67,6 +68,17 @@ def is_last_dim(node: fx.Node, dim: Any) -> bool:
     """True when `dim` names the last axis of `node`'s value (as -1 or as ndim - 1)."""
     rank = ndim(node)
     return isinstance(dim, int) and rank > 0 and dim in (-1, rank - 1)
+
+
+def fixed_size(size: Any, what: str) -> int:
+    """A size a kernel needs fixed (head dim, head count, norm width) as an int. A symbolic size is specialized:
+    converting it adds a guard, so Dynamo recompiles when it changes instead of the site being declined."""
+    if isinstance(size, int):
+        return size
+    try:
+        return int(size)
+    except Exception as err:  # an unbacked (data-dependent) size has no value to specialize to
+        raise Decline(f"{what} {size} is data-dependent: {type(err).__name__}") from err
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

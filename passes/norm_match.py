@@ -26,11 +26,11 @@ from .graph import (
     scalar_value,
     single_user,
     static_dim,
-    static_shape,
     tensor_val,
 )
 from .match_common import (
     cast_source,
+    fixed_size,
     is_last_dim,
     node_order,
     op_name,
@@ -39,6 +39,7 @@ from .match_common import (
     same_value,
     strip_widening_casts,
 )
+from .scalars import ScalarArg, scalar_arg, scalar_hint, tensor_scalar_decline
 
 NormKind = Literal["rmsnorm", "layernorm"]
 
@@ -50,12 +51,21 @@ class NormMatch:
     kind: NormKind
     x: fx.Node  # the value statistics are taken over, as the graph has it
     outputs: list[fx.Node]  # nodes whose uses the fused op takes over
-    eps: float
+    eps_arg: ScalarArg  # a constant, or the node computing eps at run time (dynamic=True)
     width: int
     weight: fx.Node | None = None
     bias: fx.Node | None = None
     weight_offset: float = 0.0
     region: set[fx.Node] = field(default_factory=set)  # every node the fused op makes redundant
+
+    @property
+    def eps(self) -> float:
+        """eps as the Spec records it: the value, or its value at capture when it is a run-time scalar."""
+        return scalar_hint(self.eps_arg)
+
+    @property
+    def dynamic_scalars(self) -> tuple[str, ...]:
+        return ("eps",) if isinstance(self.eps_arg, fx.Node) else ()
 
 
 # ------------------------------------------------------------------------------------------------ anchors
@@ -142,12 +152,10 @@ def _var_correction(node: fx.Node) -> float:
     return 1.0 if arg(node, 2, "unbiased", True) else 0.0
 
 
-def _statistics(anchor: fx.Node) -> tuple[fx.Node, float, set[fx.Node]]:
+def _statistics(anchor: fx.Node) -> tuple[fx.Node, ScalarArg, set[fx.Node]]:
     """(x, eps, nodes) of the `variance (+ eps)` under the inverse root `anchor`."""
     variance, eps_operand = _split_eps(operand(anchor))
-    eps = scalar_value(eps_operand)
-    if eps is None:
-        raise Decline("eps is a tensor, not a constant")
+    eps = _eps_arg(eps_operand)
     _check_reduction(variance)
     nodes: set[fx.Node] = {anchor, variance, operand(anchor)}
     if is_op(variance, aten.var):
@@ -270,11 +278,21 @@ def match_norm(node: fx.Node, kind: NormKind) -> NormMatch:
     return _match_manual(node, kind)
 
 
+def _eps_arg(eps: Any) -> ScalarArg:
+    """eps as the op takes it: a constant, or a run-time scalar (a float attribute under dynamic=True)."""
+    value = scalar_arg(eps)
+    if value is None:
+        raise tensor_scalar_decline("norm eps", eps)
+    scalar_hint(value)  # a run-time eps without an example value declines here
+    return value
+
+
 def _width(x: fx.Node) -> int:
-    shape = static_shape(x)
-    if not shape or shape[-1] is None:
-        raise Decline("the normalized width is dynamic or unknown")
-    return shape[-1]
+    """The normalized width; a symbolic one is specialized (the kernels are built per width)."""
+    value = tensor_val(x)
+    if value is None or value.dim() == 0:
+        raise Decline("the norm input has no shape")
+    return fixed_size(value.shape[-1], "normalized width")
 
 
 def _match_manual(anchor: fx.Node, kind: NormKind) -> NormMatch:
@@ -299,17 +317,14 @@ def _checked_region(x: fx.Node, output: fx.Node, nodes: set[fx.Node]) -> set[fx.
     return region
 
 
-def _op_eps(node: fx.Node, x: fx.Node) -> float:
+def _op_eps(node: fx.Node, x: fx.Node) -> ScalarArg:
     """eps of a norm op; rms_norm's None means machine epsilon of its compute dtype (fp32 for half types)."""
     index, default = (3, None) if is_op(node, aten.rms_norm) else (4, 1e-5)
     eps = arg(node, index, "eps", default)
     dtype = dtype_of(x)
     if eps is None and dtype is not None:
         return float(torch.finfo(compute_dtype(dtype)).eps)
-    value = scalar_value(eps)
-    if value is None:
-        raise Decline("eps is a tensor, not a constant")
-    return value
+    return _eps_arg(eps)
 
 
 def _match_norm_op(node: fx.Node, kind: NormKind) -> NormMatch:
@@ -320,7 +335,7 @@ def _match_norm_op(node: fx.Node, kind: NormKind) -> NormMatch:
     if len(shape) != 1:
         raise Decline(f"normalizes over the last {len(shape)} dims; only the last dim is supported")
     width = _width(x)
-    if static_dim(shape[0]) != width:
+    if fixed_size(shape[0], "normalized_shape") != width:
         raise Decline(f"normalized_shape {list(shape)} does not match the last dim {width}")
     m = NormMatch(kind, x, [node], _op_eps(node, x), width, weight=arg(node, 2, "weight"), region={node})
     if kind == "layernorm":

@@ -18,6 +18,7 @@ from .base import Decline, PassContext, PassResult
 from .graph import aten, dtype_of, getitem, insert_call, replace_with, static_shape, tensor_val
 from .match_common import cast_source, dtype_name, erase_dead, node_order, operand, strip_widening_casts
 from .norm_match import NormKind, NormMatch, match_norm, norm_anchor_kind
+from .scalars import ScalarArg, ScalarDecline
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ def _fuse_site(gm: fx.GraphModule, anchor: fx.Node, kind: NormKind, ctx: PassCon
         match = match_norm(anchor, kind)
     except Decline as decline:
         ctx.declined(kind, anchor, decline.reason, decline.spec)
+        if isinstance(decline, ScalarDecline):
+            ctx.advise(decline.key, f"{kind} {anchor.name} not fused: {decline.reason}", decline.fix)
         return None
     if not match.outputs:  # a native_layer_norm whose normalized output is unused: nothing to replace
         return None
@@ -70,6 +73,7 @@ class _Plan:
     bias: fx.Node | None
     residual: tuple[fx.Node, fx.Node] | None = None  # (a, b) of the fused add
     residual_uses: list[tuple[fx.Node, fx.Node]] | None = None  # (user, node it reads) to redirect to the sum
+    eps: ScalarArg | None = None  # a node computing a run-time eps: the op must come after it too
 
 
 def _out_dtype(*inputs: fx.Node | None) -> torch.dtype | None:
@@ -88,15 +92,15 @@ def _strip(node: fx.Node | None) -> fx.Node | None:
 
 def _choose_inputs(m: NormMatch) -> _Plan:
     """Skip upcasts of x/weight/bias (the op computes in fp32 anyway) unless that would narrow the output."""
-    stripped = _Plan(strip_widening_casts(m.x), _strip(m.weight), _strip(m.bias))
+    stripped = _Plan(strip_widening_casts(m.x), _strip(m.weight), _strip(m.bias), eps=m.eps_arg)
     if _out_dtype(stripped.x, stripped.weight, stripped.bias) == dtype_of(m.outputs[0]):
         return stripped
-    return _Plan(m.x, m.weight, m.bias)
+    return _Plan(m.x, m.weight, m.bias, eps=m.eps_arg)
 
 
 def _insert_point(plan: _Plan, order: dict[fx.Node, int]) -> fx.Node:
     """The node right after the last input of the fused op: the earliest place it can go."""
-    inputs = [plan.x, plan.weight, plan.bias, *(plan.residual or ())]
+    inputs = [plan.x, plan.weight, plan.bias, plan.eps, *(plan.residual or ())]
     last = max((n for n in inputs if isinstance(n, fx.Node)), key=order.__getitem__)
     return last.next
 
@@ -160,8 +164,8 @@ def _op(m: NormMatch, plan: _Plan) -> torch._ops.OpOverload:
 def _op_args(m: NormMatch, plan: _Plan) -> tuple[object, ...]:
     inputs = plan.residual or (plan.x,)
     if m.kind == "rmsnorm":
-        return (*inputs, plan.weight, m.eps, m.weight_offset)
-    return (*inputs, plan.weight, plan.bias, m.eps)
+        return (*inputs, plan.weight, m.eps_arg, m.weight_offset)
+    return (*inputs, plan.weight, plan.bias, m.eps_arg)
 
 
 def _spec(m: NormMatch, plan: _Plan) -> NormSpec:
@@ -178,4 +182,5 @@ def _spec(m: NormMatch, plan: _Plan) -> NormSpec:
         residual=plan.residual is not None,
         compute_dtype=dtype_name(compute_dtype(x_dtype) if x_dtype is not None else None),
         out_dtype=dtype_name(_out_dtype(plan.x, plan.weight, plan.bias)),
+        dynamic_scalars=m.dynamic_scalars,
     )

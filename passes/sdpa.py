@@ -16,6 +16,7 @@ from .attention_match import AttentionMatch, skip_casts, walk_kv
 from .base import Decline
 from .graph import arg, aten, ndim
 from .masks import is_bool
+from .scalars import ScalarProduct, fixed_scalar, scalar_arg
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,17 @@ def _output_of(node: fx.Node, tuple_output: bool) -> fx.Node:
     return firsts[0]
 
 
+def _scale(node: fx.Node, sig: SdpaSignature) -> ScalarProduct | None:
+    """SDPA's scale: None for its default 1/sqrt(head_dim); 0.0 and negative scales are kept as given."""
+    given = _get(node, sig.scale, None)
+    if given is None:
+        return None
+    scale = scalar_arg(given)
+    if scale is None:
+        raise Decline(f"SDPA scale {given} is neither a number nor a run-time scalar")
+    return ScalarProduct().times(scale)
+
+
 def match_sdpa_site(node: fx.Node) -> AttentionMatch:
     """Match one SDPA call; raises Decline with a reason."""
     sig = sdpa_signature(node)
@@ -81,7 +93,8 @@ def match_sdpa_site(node: fx.Node) -> AttentionMatch:
         raise Decline(f"{node.target} is not an SDPA variant")
     if ndim(node.args[0]) != 4:
         raise Decline(f"SDPA on rank-{ndim(node.args[0])} tensors (only [B, H, N, D] is fused)")
-    dropout_p = float(_get(node, sig.dropout, 0.0))  # SDPA applies any p > 0: it is training-mode dropout
+    # SDPA applies any p > 0: it is training-mode dropout
+    dropout_p = fixed_scalar(_get(node, sig.dropout, 0.0), "SDPA dropout_p")
     if isinstance(_get(node, sig.dropout_mask, None), fx.Node):
         raise Decline(f"{node.target} is given an explicit dropout mask")
     q, k, v = node.args[:3]
@@ -93,7 +106,7 @@ def match_sdpa_site(node: fx.Node) -> AttentionMatch:
         raise Decline(f"K and V are repeated differently (groups {k_group} and {v_group})")
     match = AttentionMatch(
         anchor=node, output=_output_of(node, sig.tuple_output), q=skip_casts(q), k=k, v=v,
-        scale=_get(node, sig.scale, None), causal=bool(_get(node, sig.causal, False)), gqa_group=k_group,
+        scale=_scale(node, sig), causal=bool(_get(node, sig.causal, False)), gqa_group=k_group,
         source=str(getattr(node.target, "overloadpacket", node.target)).split(".")[-1],
         enable_gqa=bool(_get(node, sig.gqa, False)), dropout_p=dropout_p,
     )  # fmt: skip
