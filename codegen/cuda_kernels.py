@@ -33,12 +33,12 @@ def _attention_backward_cuda(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
     cos: Tensor | None, sin: Tensor | None, out: Tensor, lse: Tensor, scale: float, causal: bool,
     bottom_right: bool, window: int, softcap: float, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
-    rng: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    rng: Tensor | None = None, input_grads: list[bool] | None = None,
+) -> ops.AttnGradOutputs:  # fmt: skip
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
     flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    dq, dk, dv = gpu.attention_backward(grad_out, inputs, flags, out, lse)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    grads = gpu.attention_grads(grad_out, inputs, flags, out, lse, ops.extra_grads_wanted(input_grads))
+    return ops.attention_grad_outputs(grads, q)
 
 
 def _rope_cuda(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:

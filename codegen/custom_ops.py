@@ -12,13 +12,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.types import Number
 
 from . import cpu
 from . import reference as ref
+from .attention_args import check_attention_mask, mask_dtype_problem
 
 # Attention dropout's rng is int64 [seed, offset] drawn uniformly from [0, RNG_HIGH): below 2^31, so a kernel can
 # take either as int32 or int64, and offset + counter never overflows int64.
 RNG_HIGH = 2**31 - 1
+
+# tilefuse::attention_backward's outputs: dq, dk, dv, dmask, dalibi_slopes, dcos, dsin.
+AttnGradOutputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -26,7 +31,17 @@ def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
+# Scalar arguments (attention scale and softcap, norm eps) are `Number` (schema `Scalar`), not `float`: a compiled
+# graph may pass a value computed from symbolic sizes, which a `float` argument would specialize (one recompile
+# per value); the implementations convert it to a Python float first.
+
 # ------------------------------------------------------------------------------------------------ attention
+
+
+def _flags(scale: Number, causal: bool, bottom_right: bool, window: int, softcap: Number, rope_layout: int,
+           rotary_dim: int, dropout_p: float) -> ref.AttnFlags:  # fmt: skip
+    return ref.AttnFlags(float(scale), causal, bottom_right, window, float(softcap), rope_layout, rotary_dim,
+                         dropout_p)  # fmt: skip
 
 
 @torch.library.custom_op("tilefuse::attention", mutates_args=())
@@ -38,11 +53,11 @@ def attention(
     alibi_slopes: Tensor | None,
     cos: Tensor | None,
     sin: Tensor | None,
-    scale: float,
+    scale: Number,
     causal: bool,
     bottom_right: bool,
     window: int,
-    softcap: float,
+    softcap: Number,
     rope_layout: int,
     rotary_dim: int,
     dropout_p: float = 0.0,
@@ -56,12 +71,19 @@ def attention(
     probabilities.
     """
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
-    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
+    flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
     return _contiguous(*cpu.attention_with_lse(inputs, flags))  # type: ignore[return-value]
 
 
 @attention.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    mask = args[0]
+    if mask is not None:  # a bad mask fails the compile (then the graph runs unfused), not the run
+        problem = mask_dtype_problem(mask.dtype)
+        if problem is not None:
+            raise TypeError(problem)
+        if all(isinstance(n, int) for n in (*q.shape, *k.shape, *mask.shape)):  # symbolic sizes: checked at run time
+            check_attention_mask(mask, q.shape[:3], k.shape[2])
     out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.result_type(q, v))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -78,28 +100,60 @@ def attention_backward(
     sin: Tensor | None,
     out: Tensor,
     lse: Tensor,
-    scale: float,
+    scale: Number,
     causal: bool,
     bottom_right: bool,
     window: int,
-    softcap: float,
+    softcap: Number,
     rope_layout: int,
     rotary_dim: int,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of tilefuse::attention, given its (out, lse); the CPU reference recomputes P instead."""
+    input_grads: list[bool] | None = None,
+) -> AttnGradOutputs:
+    """(dq, dk, dv, dmask, dalibi_slopes, dcos, dsin) of tilefuse::attention, given its (out, lse).
+
+    `input_grads` flags which of (mask, alibi_slopes, cos, sin) want a gradient (None: none); each of the last
+    four is an empty tensor unless it is flagged and present. The CPU reference recomputes P instead of reading
+    (out, lse).
+    """
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
-    flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    grads = ref.attention_backward(grad_out, inputs, flags)
-    return _contiguous(*grads)  # type: ignore[return-value]
+    flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
+    wanted = extra_grads_wanted(input_grads)
+    return attention_grad_outputs(ref.attention_grads(grad_out, inputs, flags, wanted), q)
+
+
+def extra_grads_wanted(input_grads: list[bool] | None) -> tuple[bool, bool, bool, bool]:
+    """attention_backward's `input_grads` as the reference's `wanted` flags (mask, alibi_slopes, cos, sin)."""
+    if input_grads is None:
+        return ref.NO_EXTRA_GRADS
+    if len(input_grads) != 4:
+        raise ValueError(f"input_grads flags (mask, alibi_slopes, cos, sin): 4 bools, got {input_grads}")
+    return (bool(input_grads[0]), bool(input_grads[1]), bool(input_grads[2]), bool(input_grads[3]))
+
+
+def attention_grad_outputs(grads: ref.AttnGrads, q: Tensor) -> AttnGradOutputs:
+    """The backward op's seven contiguous outputs; an empty tensor (one each: outputs may not alias) stands for a
+    gradient not computed."""
+    dq, dk, dv, *extras = ((g if g is not None else q.new_empty((0,))).contiguous() for g in grads)
+    d_mask, d_slopes, d_cos, d_sin = extras
+    return dq, dk, dv, d_mask, d_slopes, d_cos, d_sin
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: Any
-) -> tuple[Tensor, Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
+    cos: Tensor | None, sin: Tensor | None, out: Tensor, lse: Tensor, scale: Number, causal: bool,
+    bottom_right: bool, window: int, softcap: Number, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
+    rng: Tensor | None = None, input_grads: list[bool] | None = None,
+) -> AttnGradOutputs:  # fmt: skip
+    rotary = cos is not None and sin is not None and rope_layout != ref.ROPE_NONE
+    float_mask = mask if mask is not None and mask.dtype != torch.bool else None
+    extras = (float_mask, alibi_slopes, cos if rotary else None, sin if rotary else None)
+    wanted = extra_grads_wanted(input_grads)
+    fakes = [t.new_empty(t.shape) if t is not None and want else None for t, want in zip(extras, wanted, strict=True)]
+    grads = ref.AttnGrads(q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *fakes)
+    return attention_grad_outputs(grads, q)
 
 
 def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -112,8 +166,11 @@ def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Te
 
 def _attention_grad(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     q, k, v, mask, alibi, cos, sin, out, lse, rng = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng)
-    return (dq, dk, dv) + (None,) * 13
+    wanted = tuple(ctx.needs_input_grad[3:7])  # mask, alibi_slopes, cos, sin: asked for only when they need it
+    input_grads = list(wanted) if any(wanted) else None
+    grads = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng, input_grads)
+    extras = tuple(g if want else None for g, want in zip(grads[3:], wanted, strict=True))
+    return (*grads[:3], *extras) + (None,) * 9  # scale ... dropout_p, rng take no gradient
 
 
 attention.register_autograd(_attention_grad, setup_context=_attention_setup)
@@ -146,13 +203,20 @@ def _rope_backward_fake(
 
 def _rope_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     x, cos, sin, layout, rotary_dim = inputs
-    ctx.save_for_backward(cos, sin)
+    tables_need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    ctx.save_for_backward(cos, sin, x if tables_need_grad else None)  # x only for learned cos/sin
     ctx.layout, ctx.rotary_dim, ctx.x_dtype = layout, rotary_dim, x.dtype
 
 
 def _rope_grad(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    cos, sin = ctx.saved_tensors
-    return rope_backward(grad, cos, sin, ctx.layout, ctx.rotary_dim, ctx.x_dtype), None, None, None, None
+    cos, sin, x = ctx.saved_tensors
+    need_x, need_cos, need_sin = ctx.needs_input_grad[:3]
+    dx = rope_backward(grad, cos, sin, ctx.layout, ctx.rotary_dim, ctx.x_dtype) if need_x else None
+    if x is None:
+        return dx, None, None, None, None
+    # Learned tables are rare: their gradient stays unfused torch ops in the traced backward.
+    d_cos, d_sin = ref.rope_table_grads(grad, x, ctx.layout, ctx.rotary_dim, cos.shape, sin.shape)
+    return dx, d_cos.to(cos.dtype) if need_cos else None, d_sin.to(sin.dtype) if need_sin else None, None, None
 
 
 rope.register_autograd(_rope_grad, setup_context=_rope_setup)
@@ -161,41 +225,41 @@ rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
 @torch.library.custom_op("tilefuse::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float) -> Tensor:
     """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32."""
-    return cpu.norm(x, weight, None, eps, weight_offset, rms=True).contiguous()
+    return cpu.norm(x, weight, None, float(eps), weight_offset, rms=True).contiguous()
 
 
 @torch.library.custom_op("tilefuse::layer_norm", mutates_args=())
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number) -> Tensor:
     """(x - mean) · rsqrt(var + eps) · weight + bias over the last axis, statistics in fp32."""
-    return cpu.norm(x, weight, bias, eps, 0.0, rms=False).contiguous()
+    return cpu.norm(x, weight, bias, float(eps), 0.0, rms=False).contiguous()
 
 
 @torch.library.custom_op("tilefuse::add_rms_norm", mutates_args=())
 def add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float
 ) -> tuple[Tensor, Tensor]:
     """s = x + residual; returns (rms_norm(s), s)."""
     total = (x + residual).contiguous()
-    return cpu.norm(total, weight, None, eps, weight_offset, rms=True).contiguous(), total
+    return cpu.norm(total, weight, None, float(eps), weight_offset, rms=True).contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::add_layer_norm", mutates_args=())
 def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number
 ) -> tuple[Tensor, Tensor]:
     """s = x + residual; returns (layer_norm(s), s)."""
     total = (x + residual).contiguous()
-    return cpu.norm(total, weight, bias, eps, 0.0, rms=False).contiguous(), total
+    return cpu.norm(total, weight, bias, float(eps), 0.0, rms=False).contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::norm_backward", mutates_args=())
 def norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); statistics are recomputed from x. dweight is empty when there is no weight."""
-    _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms)
+    _, mean, rstd = ref.norm_forward(x, weight, None, float(eps), weight_offset, rms)
     dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms)
     empty = x.new_empty((0,))
     return _contiguous(dx, dweight if dweight is not None else empty, dbias.to(x.dtype))  # type: ignore[return-value]
@@ -210,18 +274,18 @@ def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
 
 
 @rms_norm.register_fake
-def _rms_norm_fake(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
+def _rms_norm_fake(x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float) -> Tensor:
     return _norm_out_fake(x, weight)
 
 
 @layer_norm.register_fake
-def _layer_norm_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def _layer_norm_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number) -> Tensor:
     return _norm_out_fake(x, weight, bias)
 
 
 @add_rms_norm.register_fake
 def _add_rms_norm_fake(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float
 ) -> tuple[Tensor, Tensor]:
     total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
     return _norm_out_fake(total, weight), total
@@ -229,7 +293,7 @@ def _add_rms_norm_fake(
 
 @add_layer_norm.register_fake
 def _add_layer_norm_fake(
-    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number
 ) -> tuple[Tensor, Tensor]:
     total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
     return _norm_out_fake(total, weight, bias), total
@@ -237,7 +301,7 @@ def _add_layer_norm_fake(
 
 @norm_backward.register_fake
 def _norm_backward_fake(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
     return x.new_empty(x.shape), dweight, x.new_empty(x.shape[-1:])

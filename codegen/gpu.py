@@ -9,6 +9,7 @@ one dict lookup, skipped when nothing was chosen; the launcher's defaults otherw
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,6 +98,27 @@ def attention_backward(
     except ValueError as err:
         _fallback("attention_backward", err)
         return ref.attention_backward(grad_out, inputs, flags)
+
+
+def attention_grads(
+    grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor, wanted: Sequence[bool]
+) -> ref.AttnGrads:
+    """attention_backward, plus the gradients of (mask, alibi_slopes, cos, sin) flagged in `wanted`.
+
+    The Triton backward computes no bias or RoPE-table gradients yet, so a site that needs one runs the reference
+    backward (told once per process).
+    """
+    if not any(wanted):
+        return ref.AttnGrads(*attention_backward(grad_out, inputs, flags, out, lse))
+    names = [name for name, want in zip(("mask", "alibi_slopes", "cos", "sin"), wanted, strict=True) if want]
+    if not _TOLD_REFERENCE_GRADS.intersection(names):
+        log.info("tilefuse::attention_backward runs the reference implementation where %s requires grad: the "
+                 "Triton backward computes only dq, dk, dv", " and ".join(names))  # fmt: skip
+        _TOLD_REFERENCE_GRADS.update(names)
+    return ref.attention_grads(grad_out, inputs, flags, wanted)
+
+
+_TOLD_REFERENCE_GRADS: set[str] = set()
 
 
 def _norm_config(kind: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,

@@ -7,6 +7,7 @@ are computed in fp32 (fp64 stays fp64); results are cast back to the op's output
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -80,11 +81,24 @@ def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_di
     return torch.cat((dx.to(x_dtype), grad[..., rotary_dim:].to(x_dtype)), dim=-1)
 
 
+def rope_table_grads(
+    grad: Tensor, x: Tensor, layout: int, rotary_dim: int, cos_shape: torch.Size, sin_shape: torch.Size
+) -> tuple[Tensor, Tensor]:
+    """(dcos, dsin) of y = x·cos + R(x)·sin: dy·x and dy·R(x) on the rotated features (compute dtype), summed
+    over the dims each table was broadcast along."""
+    ct = compute_dtype(torch.promote_types(grad.dtype, x.dtype))
+    g, xr = grad[..., :rotary_dim].to(ct), x[..., :rotary_dim].to(ct)
+    return (g * xr).sum_to_size(cos_shape), (g * _rotate(xr, layout)).sum_to_size(sin_shape)
+
+
 # ------------------------------------------------------------------------------------------------ attention
 def keep_mask(
     q_len: int, kv_len: int, causal: bool, bottom_right: bool, window: int, device: torch.device
 ) -> Tensor | None:
-    """Boolean [q_len, kv_len] mask of kept (query, key) pairs for causal/window, or None when neither is set."""
+    """Boolean [q_len, kv_len] mask of kept (query, key) pairs for causal/window, or None when neither is set.
+
+    With pos(i) = i (+ kv_len - q_len when bottom_right): causal keeps j <= pos(i); window keeps pos(i) - j < window
+    and, on its own, every later key (see AttentionSpec); the kernels' block ranges follow the same rule."""
     if not causal and window <= 0:
         return None
     offset = kv_len - q_len if bottom_right else 0
@@ -96,6 +110,12 @@ def keep_mask(
     if window > 0:
         keep &= (q_pos - k_pos) < window
     return keep
+
+
+def alibi_distance(q_len: int, kv_len: int, bottom_right: bool, device: torch.device) -> Tensor:
+    """[q_len, kv_len] k - q (q shifted by kv_len - q_len when bottom-right aligned): ALiBi adds slope times this."""
+    offset = kv_len - q_len if bottom_right else 0
+    return torch.arange(kv_len, device=device) - (torch.arange(q_len, device=device).unsqueeze(-1) + offset)
 
 
 def _expand_kv(t: Tensor, group: int) -> Tensor:
@@ -123,11 +143,9 @@ def masked_scores(
         tanh_scores = torch.tanh(scores / softcap)
         scores = tanh_scores * softcap
     q_len, kv_len = scores.shape[-2], scores.shape[-1]
-    offset = kv_len - q_len if bottom_right else 0
     if alibi_slopes is not None:
-        rel = torch.arange(kv_len, device=q.device) - (torch.arange(q_len, device=q.device).unsqueeze(-1) + offset)
         slopes = alibi_slopes.to(ct).reshape(*alibi_slopes.shape, 1, 1)
-        scores = scores + slopes * rel.to(ct)
+        scores = scores + slopes * alibi_distance(q_len, kv_len, bottom_right, q.device).to(ct)
     keep = keep_mask(q_len, kv_len, causal, bottom_right, window, q.device)
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -213,20 +231,66 @@ def _reduce_group(t: Tensor, group: int) -> Tensor:
     return t if group == 1 else t.unflatten(1, (-1, group)).sum(dim=2)
 
 
-def attention_backward(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ, dK, dV by the FlashAttention-2 formulas: dS = P ∘ (dP - rowsum(dO ∘ O)).
+class AttnGrads(NamedTuple):
+    """Gradients of one attention call's tensor inputs; None for an input that is absent or was not asked for."""
 
-    With dropout (keep mask M, r = 1/(1-p)) O = (P∘M·r)V, so dV uses the dropped P, dP = (dO·Vᵀ)∘M·r, and
-    rowsum(P∘dP) = rowsum(dO∘O) still: delta needs no mask.
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None = None
+    alibi_slopes: Tensor | None = None
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+
+
+# Which of (mask, alibi_slopes, cos, sin) want a gradient: the common case asks for none.
+NO_EXTRA_GRADS = (False, False, False, False)
+
+
+def attention_backward(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV by the FlashAttention-2 formulas (see attention_grads)."""
+    dq, dk, dv = attention_grads(grad_out, inputs, flags)[:3]
+    return dq, dk, dv
+
+
+def attention_grads(
+    grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags, wanted: Sequence[bool] = NO_EXTRA_GRADS
+) -> AttnGrads:
+    """dQ, dK, dV, and the gradients of (mask, alibi_slopes, cos, sin) flagged in `wanted` where present.
+
+    dS = P ∘ (dP - rowsum(dO ∘ O)) is the gradient of the biased scores (0 where masked); a float mask's and the
+    ALiBi slopes' gradients are dS reduced over their broadcast dims (slopes weighted by k - q), and softcap's
+    derivative applies after them, since both are added after the cap. With dropout (keep mask M,
+    r = 1/(1-p)) O = (P∘M·r)V, so dV uses the dropped P, dP = (dO·Vᵀ)∘M·r, and rowsum(P∘dP) = rowsum(dO∘O)
+    still: delta needs no mask.
     """
     q, k, v, mask, alibi_slopes, cos, sin = inputs[:7]
     scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim = flags[:7]
     qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, tanh_scores = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
-    ct = probs.dtype
+    dv, d_biased = _probs_grads(grad_out, probs, v, inputs, flags)
+    ds = d_biased if tanh_scores is None else d_biased * (1 - tanh_scores * tanh_scores)
     group = q.shape[1] // k.shape[1]
-    do = grad_out.to(ct)
-    v_full = _expand_kv(v, group).to(ct)
+    dqr = torch.matmul(ds, _expand_kv(kr, group).to(ds.dtype)) * scale
+    dkr = _reduce_group(torch.matmul(ds.transpose(-1, -2), qr.to(ds.dtype)), group) * scale
+    rotary = cos is not None and sin is not None and rope_layout != ROPE_NONE
+    if rotary:
+        dq = rope_backward(dqr, cos, sin, rope_layout, rotary_dim, q.dtype)  # type: ignore[arg-type]
+        dk = rope_backward(dkr, cos, sin, rope_layout, rotary_dim, k.dtype)  # type: ignore[arg-type]
+    else:
+        dq, dk = dqr.to(q.dtype), dkr.to(k.dtype)
+    mask_grad, slopes_grad = _bias_grads(d_biased, inputs, flags, wanted)
+    cos_grad, sin_grad = _table_grads((dqr, dkr), inputs, flags, wanted) if rotary else (None, None)
+    return AttnGrads(dq, dk, dv.to(v.dtype), mask_grad, slopes_grad, cos_grad, sin_grad)
+
+
+def _probs_grads(
+    grad_out: Tensor, probs: Tensor, v: Tensor, inputs: AttnInputs, flags: AttnFlags
+) -> tuple[Tensor, Tensor]:
+    """(dV, dS) where dS is the gradient of the scores after softcap, ALiBi and mask (compute dtype)."""
+    group = probs.shape[1] // v.shape[1]
+    do = grad_out.to(probs.dtype)
+    v_full = _expand_kv(v, group).to(probs.dtype)
     dropout = _dropout_scale(probs, inputs, flags)
     dropped = probs if dropout is None else probs * dropout
     out = torch.matmul(dropped, v_full)
@@ -234,17 +298,38 @@ def attention_backward(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -
     dp = torch.matmul(do, v_full.transpose(-1, -2))
     if dropout is not None:
         dp = dp * dropout
-    ds = probs * (dp - (do * out).sum(dim=-1, keepdim=True))
-    if tanh_scores is not None:
-        ds = ds * (1 - tanh_scores * tanh_scores)
-    dqr = torch.matmul(ds, _expand_kv(kr, group).to(ct)) * scale
-    dkr = _reduce_group(torch.matmul(ds.transpose(-1, -2), qr.to(ct)), group) * scale
-    if cos is not None and sin is not None and rope_layout != ROPE_NONE:
-        dq = rope_backward(dqr, cos, sin, rope_layout, rotary_dim, q.dtype)
-        dk = rope_backward(dkr, cos, sin, rope_layout, rotary_dim, k.dtype)
-    else:
-        dq, dk = dqr.to(q.dtype), dkr.to(k.dtype)
-    return dq, dk, dv.to(v.dtype)
+    return dv, probs * (dp - (do * out).sum(dim=-1, keepdim=True))
+
+
+def _bias_grads(
+    d_biased: Tensor, inputs: AttnInputs, flags: AttnFlags, wanted: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of a float mask (dS summed to the mask's shape) and of the ALiBi slopes (Σ dS·(k - q))."""
+    mask, slopes = inputs.mask, inputs.alibi_slopes
+    mask_grad = slopes_grad = None
+    if wanted[0] and mask is not None and mask.dtype != torch.bool:
+        mask_grad = d_biased.sum_to_size(mask.shape).to(mask.dtype)
+    if wanted[1] and slopes is not None:
+        q_len, kv_len = d_biased.shape[-2], d_biased.shape[-1]
+        distance = alibi_distance(q_len, kv_len, flags.bottom_right, d_biased.device).to(d_biased.dtype)
+        slopes_grad = (d_biased * distance).sum(dim=(-2, -1)).sum_to_size(slopes.shape).to(slopes.dtype)
+    return mask_grad, slopes_grad
+
+
+def _table_grads(
+    rotated_grads: tuple[Tensor, Tensor], inputs: AttnInputs, flags: AttnFlags, wanted: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """cos/sin gradients: the RoPE table gradients of the Q and the K rotation, added."""
+    cos, sin = inputs.cos, inputs.sin
+    if cos is None or sin is None or not (wanted[2] or wanted[3]):
+        return None, None
+    layout, dim = flags.rope_layout, flags.rotary_dim
+    (q_cos, q_sin), (k_cos, k_sin) = (
+        rope_table_grads(grad, x, layout, dim, cos.shape, sin.shape)
+        for grad, x in zip(rotated_grads, (inputs.q, inputs.k), strict=True)
+    )
+    d_cos = (q_cos + k_cos).to(cos.dtype) if wanted[2] else None
+    return d_cos, (q_sin + k_sin).to(sin.dtype) if wanted[3] else None
 
 
 # ----------------------------------------------------------------------------------------------------- norms

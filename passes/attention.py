@@ -10,6 +10,7 @@ the site's users read item 0.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..specs import AttentionSpec, RopeSpec
 from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
 from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site
 from .base import Decline, PassContext, PassResult
+from .fastpath import advise_if_weights_returned
 from .graph import (
     aten,
     escaping_nodes,
@@ -33,7 +35,9 @@ from .graph import (
     tensor_val,
 )
 from .head_fold import merge_heads, unfold_heads
+from .match_common import fixed_size
 from .rope_absorb import absorb_rope
+from .scalars import ScalarArg, ScalarDecline, ScalarProduct, scalar_hint
 from .sdpa import match_sdpa_site, sdpa_signature
 
 
@@ -52,6 +56,9 @@ class AttentionPass:
                 spec, detail = _rewrite(gm.graph, match, ctx)
             except Decline as decline:
                 ctx.declined("attention", anchor, decline.reason, decline.spec)
+                if isinstance(decline, ScalarDecline):
+                    ctx.advise(decline.key, f"attention {anchor.name} not fused: {decline.reason}", decline.fix)
+                advise_if_weights_returned(anchor, ctx)
                 continue
             ctx.fused("attention", anchor, spec, **detail)
             modified = True
@@ -104,15 +111,15 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match: Atte
     if q.dim() != k.dim() or k.dim() != v.dim() or q.dim() not in (3, 4):
         raise Decline(f"Q/K/V ranks {q.dim()}/{k.dim()}/{v.dim()} are not a [B, H, N, D] attention")
     if q.dim() == 4:
-        hq, hk = q.shape[1], k.shape[1]
-        if not isinstance(hq, int) or not isinstance(hk, int) or hk == 0 or hq % hk:
+        hq, hk = fixed_size(q.shape[1], "query heads"), fixed_size(k.shape[1], "key/value heads")
+        if hk == 0 or hq % hk:
             raise Decline(f"query heads {hq} are not a multiple of key/value heads {hk}")
         match.gqa_group = hq // hk
-    if match.scale is None:
-        head_dim = q.shape[-1]
-        if not isinstance(head_dim, int):
-            raise Decline("head dim is symbolic and no explicit scale is given")
-        match.scale = 1.0 / math.sqrt(head_dim)
+    if match.scale is None:  # SDPA's default; the kernels need a fixed head dim anyway
+        match.scale = ScalarProduct(1.0 / math.sqrt(fixed_size(q.shape[-1], "head dim")))
+    match.scale.hint()  # declines now, before the graph changes, if a run-time factor has no example value
+    if isinstance(match.softcap, fx.Node):
+        scalar_hint(match.softcap)
 
 
 def _spec(
@@ -120,14 +127,18 @@ def _spec(
 ) -> AttentionSpec:
     qs, ks = static_shape(match.q), static_shape(match.k)
     four = len(qs) == 4
+    scale = match.scale if match.scale is not None else ScalarProduct()  # set by _check_shapes
+    softcap_dynamic = isinstance(match.softcap, fx.Node)
     mask_shape = static_shape(mask.node) if mask.node is not None else ()
     return AttentionSpec(
         batch=qs[0], q_heads=qs[1] if four else 1, kv_heads=ks[1] if four else 1, q_len=qs[-2], kv_len=ks[-2],
-        head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), dtype=str(q.dtype).removeprefix("torch."),
-        scale=float(match.scale or 1.0), causal=mask.causal, align=mask.align,  # type: ignore[arg-type]
-        window=mask.window, softcap=match.softcap, alibi=mask.alibi is not None,
+        head_dim=fixed_size(q.shape[-1], "head dim"), v_head_dim=fixed_size(v.shape[-1], "value head dim"),
+        dtype=str(q.dtype).removeprefix("torch."), scale=scale.hint(), causal=mask.causal,
+        align=mask.align, window=mask.window, alibi=mask.alibi is not None,  # type: ignore[arg-type]
+        softcap=abs(scalar_hint(match.softcap)) if match.softcap is not None else None,
         mask=mask.kind, mask_shape=mask_shape,  # type: ignore[arg-type]
         gqa_group=match.gqa_group, dropout_p=match.dropout_p, rope=rope, source=match.source,
+        dynamic_scalars=tuple(name for name, x in (("scale", scale.dynamic), ("softcap", softcap_dynamic)) if x),
     )  # fmt: skip
 
 
@@ -137,7 +148,7 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: Attentio
         if match.three_d:
             q, k, v = (insert_call(graph, aten.unsqueeze.default, (n, 1)) for n in (q, k, v))
         tensors = (q, k, v, mask.node, mask.alibi, match.rope_cos, match.rope_sin)
-        args = (*tensors, *_op_flags(spec), _dropout_rng(graph, q, spec))
+        args = (*tensors, *_op_flags(spec, _run_time_scalars(graph, match)), _dropout_rng(graph, q, spec))
         call = insert_call(graph, torch.ops.tilefuse.attention.default, args)
         call.meta["tilefuse_spec"] = spec
         out = getitem(graph, call, 0)  # (out, lse): the lse reaches only the backward, through autograd
@@ -149,12 +160,25 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: Attentio
     replace_with(match.output, out)
 
 
-def _op_flags(spec: AttentionSpec) -> tuple[Any, ...]:
-    """The op's scalar arguments, scale ... dropout_p, in its schema's order."""
+def _run_time_scalars(graph: fx.Graph, match: AttentionMatch) -> tuple[ScalarArg, ScalarArg] | None:
+    """(scale, softcap) as graph values when either is known only at run time (nodes computing them are
+    inserted here); None when both are constants, which the Spec then holds."""
+    softcap = match.softcap
+    if match.scale is None or not (match.scale.dynamic or isinstance(softcap, fx.Node)):
+        return None
+    if isinstance(softcap, fx.Node):  # c·tanh(x/c) is even in c and the op takes c > 0
+        softcap = insert_call(graph, operator.abs, (softcap,))
+    return match.scale.emit(graph), softcap if softcap is not None else 0.0
+
+
+def _op_flags(spec: AttentionSpec, run_time: tuple[ScalarArg, ScalarArg] | None = None) -> tuple[Any, ...]:
+    """The op's scalar arguments, scale ... dropout_p, in its schema's order; `run_time` replaces the Spec's
+    (scale, softcap) when they are computed at run time."""
     layout, rotary_dim = (_layout_code(spec.rope), spec.rope.rotary_dim) if spec.rope is not None else (-1, 0)
     bottom_right = spec.align == "bottom_right"
-    window, softcap = spec.window or 0, spec.softcap or 0.0
-    return (spec.scale, spec.causal, bottom_right, window, softcap, layout, rotary_dim, spec.dropout_p)
+    window = spec.window if spec.window is not None else 0
+    scale, softcap = run_time if run_time is not None else (spec.scale, spec.softcap or 0.0)  # softcap None: off
+    return (scale, spec.causal, bottom_right, window, softcap, layout, rotary_dim, spec.dropout_p)
 
 
 def _dropout_rng(graph: fx.Graph, q: fx.Node, spec: AttentionSpec) -> fx.Node | None:

@@ -51,6 +51,39 @@ def check_biases(match: AttentionMatch) -> None:
     for node in match.additive + match.folded_additive:
         if not isinstance(node, fx.Node) or is_bool(node) or tensor_val(node) is None:
             raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
+    for node in match.additive:
+        if may_require_grad(node) and not any(may_require_grad(term) for term in _split_bias(node)[1]):
+            # The op differentiates its mask and slopes arguments; a learned bias that reaches neither would
+            # silently lose its gradient.
+            raise Decline(f"bias {node.name} may require grad, but the mask analysis passes none of it to the op")
+
+
+def may_require_grad(node: fx.Node, budget: int = 512) -> bool:
+    """Whether a gradient can reach `node`: a floating-point tensor computed through floating-point tensors from a
+    graph input or a module attribute that requires grad. The retraced graph's values do not record requires_grad
+    (and under torch.compile parameters are inputs), so every floating-point input counts; integer and boolean
+    tensors and constant fills (`zeros_like(x)`, ...) carry no gradient."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        val = tensor_val(current)
+        if val is None or not val.is_floating_point() or constant_fill(current) is not None:
+            continue
+        if current.op == "placeholder" or (current.op == "get_attr" and _attribute_requires_grad(current)):
+            return True
+        fresh = [n for n in current.all_input_nodes if n not in seen]
+        seen.update(fresh)
+        pending.extend(fresh)
+        if len(seen) > budget:
+            return True  # too far to look: assume it can
+    return False
+
+
+def _attribute_requires_grad(node: fx.Node) -> bool:
+    obj: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, torch.Tensor) and obj.requires_grad
 
 
 def build_mask(graph: fx.Graph, match: AttentionMatch, q_len: Any, kv_len: Any) -> SiteMask:
@@ -102,7 +135,10 @@ def _sort_biases(match: AttentionMatch, facts: MaskFacts, kv_len: Any) -> tuple[
 def _split_bias(node: fx.Node) -> tuple[list[tuple[fx.Node, bool]], list[fx.Node]]:
     """A bias as keep-masks and additive terms: `where(pred, 0, -inf)`, `masked_fill(x, m, -inf)` and
     `where(pred, x, -inf)` hold a keep-mask (Falcon adds ALiBi into its causal mask), and adds of two tensors
-    split into their terms. Adding -inf (or a fill at most NEG_FILL_LIMIT) masks a score whatever else is added."""
+    split into their terms. Adding -inf (or a fill at most NEG_FILL_LIMIT) masks a score whatever else is added.
+    Copies that keep values and dtype (T5 under SDPA makes its combined mask `.contiguous()`) are looked through."""
+    if is_op(node, aten.contiguous, aten.clone, aten.alias) and isinstance(node.args[0], fx.Node):
+        return _split_bias(node.args[0])
     keep = keep_from_additive(node)
     if keep is not None:
         return [keep], []
