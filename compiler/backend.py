@@ -39,7 +39,10 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
         return lookup_backend("aot_eager")(gm, list(example_inputs))
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs))  # type: ignore[return-value]
+    from .cache_salt import salted_inductor_cache
+
+    with salted_inductor_cache():  # a cached graph of another tilefuse version must not be replayed
+        return compile_fx(gm, list(example_inputs))  # type: ignore[return-value]
 
 
 def _choose_tile_configs(sites: Sequence[Any], options: Options, training: bool) -> None:
