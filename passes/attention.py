@@ -21,7 +21,7 @@ from ..codegen.custom_ops import RNG_HIGH
 from ..specs import AttentionSpec, RopeSpec
 from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
 from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site
-from .base import Decline, PassContext, PassResult
+from .base import Decline, FixableDecline, PassContext, PassResult
 from .fastpath import advise_if_weights_returned
 from .graph import (
     aten,
@@ -37,7 +37,7 @@ from .graph import (
 from .head_fold import merge_heads, unfold_heads
 from .match_common import fixed_size
 from .rope_absorb import absorb_rope
-from .scalars import ScalarArg, ScalarDecline, ScalarProduct, scalar_hint
+from .scalars import ScalarArg, ScalarProduct, scalar_hint
 from .sdpa import match_sdpa_site, sdpa_signature
 
 
@@ -56,7 +56,7 @@ class AttentionPass:
                 spec, detail = _rewrite(gm.graph, match, ctx)
             except Decline as decline:
                 ctx.declined("attention", anchor, decline.reason, decline.spec)
-                if isinstance(decline, ScalarDecline):
+                if isinstance(decline, FixableDecline):
                     ctx.advise(decline.key, f"attention {anchor.name} not fused: {decline.reason}", decline.fix)
                 advise_if_weights_returned(anchor, ctx)
                 continue
@@ -74,6 +74,7 @@ def _rewrite(graph: fx.Graph, match: AttentionMatch, ctx: PassContext) -> tuple[
     if q_val is None or k_val is None or v_val is None:
         raise Decline("Q, K or V has no tensor metadata")
     _check_shapes(q_val, k_val, v_val, match)
+    _check_output_shape(match, q_val, v_val)
     check_biases(match)
     q_len, kv_len = q_val.shape[-2], k_val.shape[-2]
     # Every check that can decline runs before the first node is inserted, so a declined site leaves no trace.
@@ -120,6 +121,19 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, match: Atte
     match.scale.hint()  # declines now, before the graph changes, if a run-time factor has no example value
     if isinstance(match.softcap, fx.Node):
         scalar_hint(match.softcap)
+
+
+def _check_output_shape(match: AttentionMatch, q: torch.Tensor, v: torch.Tensor) -> None:
+    """The op returns q's [B, H, N] with v's head dim; a mask with more batches or heads than q widens the eager
+    output instead (a per-document mask [B, 1, N, N] over a batch-1 q), which the op cannot reproduce."""
+    out = tensor_val(match.output)
+    expected = (*q.shape[:-1], v.shape[-1])
+    if out is not None and tuple(out.shape) != tuple(expected):
+        raise FixableDecline(
+            f"the mask broadcasts the attention output to {tuple(out.shape)}, beyond q's {tuple(expected)}",
+            "mask_widens_attention",
+            "expand q (and k/v) to the mask's batch and heads before attention",
+        )
 
 
 def _spec(

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from .alibi import FOLDED_ROLES, SCORE_ROLES, AlibiTerm, NotAlibi, Roles, match_alibi, slopes_for_op
 from .attention_match import AttentionMatch
-from .base import Decline
+from .base import Decline, FixableDecline
 from .graph import aten, insert_call, is_op, static_dim, static_shape, tensor_val
 from .head_fold import unfold_heads
 from .masks import MaskFacts, analyze_keep, classify, constant_fill, is_bool, is_very_negative, keep_from_additive
@@ -49,8 +49,15 @@ def mask_inputs(match: AttentionMatch) -> list[fx.Node]:
 
 def check_biases(match: AttentionMatch) -> None:
     for node in match.additive + match.folded_additive:
-        if not isinstance(node, fx.Node) or is_bool(node) or tensor_val(node) is None:
+        val = tensor_val(node) if isinstance(node, fx.Node) else None
+        if val is None or is_bool(node):  # type: ignore[arg-type]
             raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
+        if not val.is_floating_point():  # scores + int mask: the op takes bool or floating masks only
+            raise FixableDecline(
+                f"additive mask {node.name} has integer dtype {val.dtype}",  # type: ignore[union-attr]
+                "integer_attention_mask",
+                "give the mask a floating dtype (an additive bias) or bool (True = attend)",
+            )
     for node in match.additive:
         if may_require_grad(node) and not any(may_require_grad(term) for term in _split_bias(node)[1]):
             # The op differentiates its mask and slopes arguments; a learned bias that reaches neither would

@@ -95,5 +95,14 @@ class Decline(Exception):
         self.spec = spec
 
 
+class FixableDecline(Decline):
+    """A decline the user can fix: the pass that catches it tells `fix` once through `ctx.advise(key, ...)`."""
+
+    def __init__(self, reason: str, key: str, fix: str, spec: Spec | None = None) -> None:
+        super().__init__(reason, spec)
+        self.key = key
+        self.fix = fix
+
+
 def replace_spec(spec: Any, **changes: Any) -> Any:
     return dataclasses.replace(spec, **changes)

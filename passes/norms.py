@@ -14,11 +14,11 @@ import torch.fx as fx
 from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
 from ..codegen.reference import compute_dtype
 from ..specs import NormSpec
-from .base import Decline, PassContext, PassResult
+from .base import Decline, FixableDecline, PassContext, PassResult
 from .graph import aten, dtype_of, getitem, insert_call, replace_with, static_shape, tensor_val
 from .match_common import cast_source, dtype_name, erase_dead, node_order, operand, strip_widening_casts
 from .norm_match import NormKind, NormMatch, match_norm, norm_anchor_kind
-from .scalars import ScalarArg, ScalarDecline
+from .scalars import ScalarArg
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _fuse_site(gm: fx.GraphModule, anchor: fx.Node, kind: NormKind, ctx: PassCon
         match = match_norm(anchor, kind)
     except Decline as decline:
         ctx.declined(kind, anchor, decline.reason, decline.spec)
-        if isinstance(decline, ScalarDecline):
+        if isinstance(decline, FixableDecline):
             ctx.advise(decline.key, f"{kind} {anchor.name} not fused: {decline.reason}", decline.fix)
         return None
     if not match.outputs:  # a native_layer_norm whose normalized output is unused: nothing to replace

@@ -17,21 +17,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import Decline
+from .base import Decline, FixableDecline
 from .graph import aten, insert_call, is_op, scalar_value, val
 
 # A site's scalar: a constant, or the node computing it at run time.
 ScalarArg = float | fx.Node
 
 
-class ScalarDecline(Decline):
-    """A site declined for a scalar operand the fused op cannot take, with the fix the user can apply; the pass
-    tells it once through `ctx.advise(key, reason, fix)`."""
-
-    def __init__(self, reason: str, key: str, fix: str) -> None:
-        super().__init__(reason)
-        self.key = key
-        self.fix = fix
+class ScalarDecline(FixableDecline):
+    """A site declined for a scalar operand the fused op cannot take, with the fix the user can apply."""
 
 
 def tensor_scalar_decline(what: str, node: Any) -> ScalarDecline:
