@@ -58,6 +58,9 @@ class AttentionSpec:
     `scale` may be any float, 0 and negative included. `softcap` is None (off) or > 0. A field named in
     `dynamic_scalars` ("scale", "softcap") is a run-time value (computed from symbolic sizes): the op receives it
     on each call, and the Spec holds the value seen at capture, an example for the cost model only.
+
+    `sinks` (GPT-OSS): each row's softmax also covers one sink logit whose column is then dropped; the op runs
+    plain attention and the graph rescales its output by sigmoid(lse - sink).
     """
 
     batch: Dim
@@ -81,6 +84,7 @@ class AttentionSpec:
     rope: RopeSpec | None = None
     source: str = "matmul"  # how the model spelled it: matmul chain or an SDPA variant
     dynamic_scalars: tuple[str, ...] = ()
+    sinks: bool = False  # GPT-OSS sinks: out · sigmoid(lse - sink) per row, an epilogue outside the kernel
 
     kind: Literal["attention"] = "attention"
 

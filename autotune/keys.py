@@ -20,7 +20,7 @@ from .space import KERNEL_FAMILIES, family, kernel_family, spec_families
 DYNAMIC = "dyn"
 # Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
 _IGNORED = {
-    "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape", "dynamic_scalars"),
+    "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape", "dynamic_scalars", "sinks"),
     "norm": ("eps", "weight_offset", "compute_dtype", "dynamic_scalars"),
     "rope": ("source",),
 }

@@ -53,11 +53,11 @@ from .reference import AttnFlags, AttnInputs
 
 @triton.jit
 def attention_bwd_preprocess_kernel(  # type: ignore[no-untyped-def]
-    Out, DO, Delta,
+    Out, DO, Delta, GradLse,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     num_q_heads, q_len, head_dim_v,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -76,7 +76,11 @@ def attention_bwd_preprocess_kernel(  # type: ignore[no-untyped-def]
         mask=in_range,
         other=0.0,
     ).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+    delta = tl.sum(o * do, 1)
+    rows = pid_bh.to(tl.int64) * q_len + offs_m
+    if HAS_GRAD_LSE:  # d lse / dS = P: the row term of dS = P ∘ (dP - delta) takes -dlse
+        delta -= tl.load(GradLse + rows, mask=offs_m < q_len, other=0.0)
+    tl.store(Delta + rows, delta, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -400,6 +404,7 @@ def attention_backward_triton(
     flags: AttnFlags,
     out: Tensor,
     lse: Tensor,
+    grad_lse: Tensor | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -409,6 +414,7 @@ def attention_backward_triton(
     """(dq, dk, dv) of reference.attention_backward, from the forward's output and log-sum-exp ([B, Hq, Nq] fp32).
 
     RoPE and dropout are fused like in the forward (same cos/sin, same rng and dropout_p as the forward call).
+    `grad_lse` ([B, Hq, Nq]) is a gradient on lse, folded into delta (see reference.attention_grads).
     Knobs left as None come from `backward_config`; given ones apply to both the dK/dV and the dQ kernel.
     """
     _check_tensors(inputs)
@@ -422,11 +428,14 @@ def attention_backward_triton(
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    if grad_lse is not None and tuple(grad_lse.shape) != tuple(lse.shape):
+        raise ValueError(f"grad_lse must have lse's shape {tuple(lse.shape)}, got {tuple(grad_lse.shape)}")
+    dlse = None if grad_lse is None else grad_lse.to(device=lse.device, dtype=torch.float32).contiguous()
     blocks = _blocks(dq_config, q, k, v)
     emit.launch(
         attention_bwd_preprocess_kernel, (triton.cdiv(q_len, blocks.m), batch * q_heads),
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), q_heads, q_len, v.shape[3],
-        BLOCK_M=blocks.m, BLOCK_DV=blocks.dv,
+        out, grad_out, delta, dlse if dlse is not None else delta, *out.stride(), *grad_out.stride(), q_heads,
+        q_len, v.shape[3], BLOCK_M=blocks.m, BLOCK_DV=blocks.dv, HAS_GRAD_LSE=dlse is not None,
     )  # fmt: skip
     (args, scalars), meta = _shared_args(grad_out, inputs, flags)
     kv = _blocks(dkdv_config, q, k, v)

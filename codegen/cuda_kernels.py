@@ -33,11 +33,11 @@ def _attention_backward_cuda(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
     cos: Tensor | None, sin: Tensor | None, out: Tensor, lse: Tensor, scale: float, causal: bool,
     bottom_right: bool, window: int, softcap: float, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
-    rng: Tensor | None = None, input_grads: list[bool] | None = None,
+    rng: Tensor | None = None, input_grads: list[bool] | None = None, grad_lse: Tensor | None = None,
 ) -> ops.AttnGradOutputs:  # fmt: skip
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
     flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    grads = gpu.attention_grads(grad_out, inputs, flags, out, lse, ops.extra_grads_wanted(input_grads))
+    grads = gpu.attention_grads(grad_out, inputs, flags, out, lse, ops.extra_grads_wanted(input_grads), grad_lse)
     return ops.attention_grad_outputs(grads, q)
 
 

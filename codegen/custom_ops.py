@@ -66,9 +66,10 @@ def attention(
     """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument.
 
     Returns (out, lse): lse is the fp32 [B, Hq, Nq] natural-log log-sum-exp of each row's masked scores (-inf
-    for fully masked rows), saved for the backward. With dropout_p > 0, `rng` is the int64 [seed, offset] the
-    keep mask is drawn from (reference.dropout_keep); the backward reads the same rng, so it drops the same
-    probabilities.
+    for fully masked rows), saved for the backward. lse is differentiable (attention sinks rescale out by a
+    function of it): a gradient reaching it goes to the backward as `grad_lse`. With dropout_p > 0, `rng` is the
+    int64 [seed, offset] the keep mask is drawn from (reference.dropout_keep); the backward reads the same rng,
+    so it drops the same probabilities.
     """
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
     flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
@@ -110,17 +111,19 @@ def attention_backward(
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
     input_grads: list[bool] | None = None,
+    grad_lse: Tensor | None = None,
 ) -> AttnGradOutputs:
     """(dq, dk, dv, dmask, dalibi_slopes, dcos, dsin) of tilefuse::attention, given its (out, lse).
 
     `input_grads` flags which of (mask, alibi_slopes, cos, sin) want a gradient (None: none); each of the last
-    four is an empty tensor unless it is flagged and present. The CPU reference recomputes P instead of reading
-    (out, lse).
+    four is an empty tensor unless it is flagged and present. `grad_lse` is the gradient reaching lse (None when
+    nothing downstream reads it, the common case; attention sinks do). The CPU reference recomputes P instead
+    of reading (out, lse).
     """
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
     flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
     wanted = extra_grads_wanted(input_grads)
-    return attention_grad_outputs(ref.attention_grads(grad_out, inputs, flags, wanted), q)
+    return attention_grad_outputs(ref.attention_grads(grad_out, inputs, flags, wanted, grad_lse), q)
 
 
 def extra_grads_wanted(input_grads: list[bool] | None) -> tuple[bool, bool, bool, bool]:
@@ -145,7 +148,7 @@ def _attention_backward_fake(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
     cos: Tensor | None, sin: Tensor | None, out: Tensor, lse: Tensor, scale: Number, causal: bool,
     bottom_right: bool, window: int, softcap: Number, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
-    rng: Tensor | None = None, input_grads: list[bool] | None = None,
+    rng: Tensor | None = None, input_grads: list[bool] | None = None, grad_lse: Tensor | None = None,
 ) -> AttnGradOutputs:  # fmt: skip
     rotary = cos is not None and sin is not None and rope_layout != ref.ROPE_NONE
     float_mask = mask if mask is not None and mask.dtype != torch.bool else None
@@ -159,16 +162,19 @@ def _attention_backward_fake(
 def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     q, k, v, mask, alibi, cos, sin = inputs[:7]
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an lse nothing reads gets no gradient: the backward then skips dlse
     ctx.save_for_backward(q, k, v, mask, alibi, cos, sin, out, lse, inputs[15])
     ctx.flags = inputs[7:15]  # scale ... rotary_dim, dropout_p
 
 
-def _attention_grad(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+def _attention_grad(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     q, k, v, mask, alibi, cos, sin, out, lse, rng = ctx.saved_tensors
     wanted = tuple(ctx.needs_input_grad[3:7])  # mask, alibi_slopes, cos, sin: asked for only when they need it
     input_grads = list(wanted) if any(wanted) else None
-    grads = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng, input_grads)
+    if grad_out is None:  # only lse is read downstream
+        grad_out = torch.zeros_like(out)
+    grads = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng, input_grads,
+                               grad_lse)  # fmt: skip
     extras = tuple(g if want else None for g, want in zip(grads[3:], wanted, strict=True))
     return (*grads[:3], *extras) + (None,) * 9  # scale ... dropout_p, rng take no gradient
 

@@ -86,36 +86,39 @@ def _decode_knobs(config: TileConfig) -> dict[str, int | None]:
 
 
 def attention_backward(
-    grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """FA2 backward kernels from the forward's saved output and log-sum-exp; no forward is recomputed."""
+    grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor,
+    grad_lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """FA2 backward kernels from the forward's saved output and log-sum-exp (and the gradient reaching lse, if
+    any); no forward is recomputed."""
     from .attention_bwd import attention_backward_triton
 
     try:
         _, config = _attention_config(inputs, flags, backward=True)
         knobs = _tile_knobs(config) if config is not None else {}
-        return attention_backward_triton(grad_out, inputs, flags, out, lse, **knobs)
+        return attention_backward_triton(grad_out, inputs, flags, out, lse, grad_lse, **knobs)
     except ValueError as err:
         _fallback("attention_backward", err)
-        return ref.attention_backward(grad_out, inputs, flags)
+        return ref.attention_backward(grad_out, inputs, flags, grad_lse)
 
 
 def attention_grads(
-    grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor, wanted: Sequence[bool]
-) -> ref.AttnGrads:
+    grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor, wanted: Sequence[bool],
+    grad_lse: Tensor | None = None,
+) -> ref.AttnGrads:  # fmt: skip
     """attention_backward, plus the gradients of (mask, alibi_slopes, cos, sin) flagged in `wanted`.
 
     The Triton backward computes no bias or RoPE-table gradients yet, so a site that needs one runs the reference
     backward (told once per process).
     """
     if not any(wanted):
-        return ref.AttnGrads(*attention_backward(grad_out, inputs, flags, out, lse))
+        return ref.AttnGrads(*attention_backward(grad_out, inputs, flags, out, lse, grad_lse))
     names = [name for name, want in zip(("mask", "alibi_slopes", "cos", "sin"), wanted, strict=True) if want]
     if not _TOLD_REFERENCE_GRADS.intersection(names):
         log.info("tilefuse::attention_backward runs the reference implementation where %s requires grad: the "
                  "Triton backward computes only dq, dk, dv", " and ".join(names))  # fmt: skip
         _TOLD_REFERENCE_GRADS.update(names)
-    return ref.attention_grads(grad_out, inputs, flags, wanted)
+    return ref.attention_grads(grad_out, inputs, flags, wanted, grad_lse)
 
 
 _TOLD_REFERENCE_GRADS: set[str] = set()

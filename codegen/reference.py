@@ -247,14 +247,20 @@ class AttnGrads(NamedTuple):
 NO_EXTRA_GRADS = (False, False, False, False)
 
 
-def attention_backward(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward(
+    grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags, grad_lse: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV by the FlashAttention-2 formulas (see attention_grads)."""
-    dq, dk, dv = attention_grads(grad_out, inputs, flags)[:3]
+    dq, dk, dv = attention_grads(grad_out, inputs, flags, grad_lse=grad_lse)[:3]
     return dq, dk, dv
 
 
 def attention_grads(
-    grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags, wanted: Sequence[bool] = NO_EXTRA_GRADS
+    grad_out: Tensor,
+    inputs: AttnInputs,
+    flags: AttnFlags,
+    wanted: Sequence[bool] = NO_EXTRA_GRADS,
+    grad_lse: Tensor | None = None,
 ) -> AttnGrads:
     """dQ, dK, dV, and the gradients of (mask, alibi_slopes, cos, sin) flagged in `wanted` where present.
 
@@ -262,13 +268,15 @@ def attention_grads(
     ALiBi slopes' gradients are dS reduced over their broadcast dims (slopes weighted by k - q), and softcap's
     derivative applies after them, since both are added after the cap. With dropout (keep mask M,
     r = 1/(1-p)) O = (P∘M·r)V, so dV uses the dropped P, dP = (dO·Vᵀ)∘M·r, and rowsum(P∘dP) = rowsum(dO∘O)
-    still: delta needs no mask.
+    still: delta needs no mask. A gradient `grad_lse` [B, Hq, Nq] on the forward's log-sum-exp adds P·dlse to
+    dS (d lse / dS = P), so the row term becomes rowsum(dO ∘ O) - dlse (attention sinks rescale O by a function
+    of lse).
     """
     q, k, v, mask, alibi_slopes, cos, sin = inputs[:7]
     scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim = flags[:7]
     qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
     probs, tanh_scores = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
-    dv, d_biased = _probs_grads(grad_out, probs, v, inputs, flags)
+    dv, d_biased = _probs_grads(grad_out, probs, v, inputs, flags, grad_lse)
     ds = d_biased if tanh_scores is None else d_biased * (1 - tanh_scores * tanh_scores)
     group = q.shape[1] // k.shape[1]
     dqr = torch.matmul(ds, _expand_kv(kr, group).to(ds.dtype)) * scale
@@ -285,7 +293,7 @@ def attention_grads(
 
 
 def _probs_grads(
-    grad_out: Tensor, probs: Tensor, v: Tensor, inputs: AttnInputs, flags: AttnFlags
+    grad_out: Tensor, probs: Tensor, v: Tensor, inputs: AttnInputs, flags: AttnFlags, grad_lse: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """(dV, dS) where dS is the gradient of the scores after softcap, ALiBi and mask (compute dtype)."""
     group = probs.shape[1] // v.shape[1]
@@ -298,7 +306,10 @@ def _probs_grads(
     dp = torch.matmul(do, v_full.transpose(-1, -2))
     if dropout is not None:
         dp = dp * dropout
-    return dv, probs * (dp - (do * out).sum(dim=-1, keepdim=True))
+    delta = (do * out).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(probs.dtype).unsqueeze(-1)
+    return dv, probs * (dp - delta)
 
 
 def _bias_grads(

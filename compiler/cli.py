@@ -39,6 +39,7 @@ _SPEC_FIELDS: dict[str, tuple[str, ...]] = {
         "window",
         "softcap",
         "alibi",
+        "sinks",
         "mask",
         "dropout_p",
         "rope",

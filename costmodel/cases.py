@@ -193,7 +193,7 @@ def _attention_case(spec: AttentionSpec, kind: str, device: str) -> KernelCase:
         gradients = _reference_backward(grad.float(), golden, flags)
 
         def backward(config: TileConfig) -> tuple[Any, ...]:
-            return attention_backward_triton(grad, inputs, flags, out, lse, **_attention_knobs(config))
+            return attention_backward_triton(grad, inputs, flags, out, lse, None, **_attention_knobs(config))
 
         return KernelCase(backward, gradients, ("dq", "dk", "dv"), tolerance)
     expected = (_reference_forward(golden, flags),)

@@ -21,6 +21,7 @@ from ..codegen.custom_ops import RNG_HIGH
 from ..specs import AttentionSpec, RopeSpec
 from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
 from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site
+from .attention_sinks import rescale_by_sinks
 from .base import Decline, FixableDecline, PassContext, PassResult
 from .fastpath import advise_if_weights_returned
 from .graph import (
@@ -152,6 +153,7 @@ def _spec(
         softcap=abs(scalar_hint(match.softcap)) if match.softcap is not None else None,
         mask=mask.kind, mask_shape=mask_shape,  # type: ignore[arg-type]
         gqa_group=match.gqa_group, dropout_p=match.dropout_p, rope=rope, source=match.source,
+        sinks=match.sinks is not None,
         dynamic_scalars=tuple(name for name, x in (("scale", scale.dynamic), ("softcap", softcap_dynamic)) if x),
     )  # fmt: skip
 
@@ -166,6 +168,8 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: Attentio
         call = insert_call(graph, torch.ops.tilefuse.attention.default, args)
         call.meta["tilefuse_spec"] = spec
         out = getitem(graph, call, 0)  # (out, lse): the lse reaches only the backward, through autograd
+        if match.sinks is not None:  # ... or the sinks' rescale, whose gradient on lse the backward takes
+            out = rescale_by_sinks(graph, call, out, match.sinks)
         if match.three_d:
             out = insert_call(graph, aten.squeeze.dim, (out, 1))
         if match.heads_folded is not None:

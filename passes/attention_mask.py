@@ -50,11 +50,11 @@ def mask_inputs(match: AttentionMatch) -> list[fx.Node]:
 def check_biases(match: AttentionMatch) -> None:
     for node in match.additive + match.folded_additive:
         val = tensor_val(node) if isinstance(node, fx.Node) else None
-        if val is None or is_bool(node):  # type: ignore[arg-type]
+        if val is None or is_bool(node):
             raise Decline(f"additive mask {getattr(node, 'name', node)} is not a float tensor")
         if not val.is_floating_point():  # scores + int mask: the op takes bool or floating masks only
             raise FixableDecline(
-                f"additive mask {node.name} has integer dtype {val.dtype}",  # type: ignore[union-attr]
+                f"additive mask {getattr(node, 'name', node)} has integer dtype {val.dtype}",
                 "integer_attention_mask",
                 "give the mask a floating dtype (an additive bias) or bool (True = attend)",
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from .attention_sinks import match_sinks
 from .base import Decline
 from .canonicalize_softmax import without_row_shift
 from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
@@ -51,6 +52,7 @@ class AttentionMatch:
     # [B*H, Nq, Nk] scores before they are viewed per head are `folded_additive`.
     heads_folded: int | None = None
     folded_additive: list[fx.Node] = field(default_factory=list)
+    sinks: fx.Node | None = None  # the [B, H, Nq, 1] sink logit column (attention_sinks.py)
 
 
 def skip_casts(node: Any) -> Any:
@@ -75,10 +77,12 @@ def match_softmax_site(softmax: fx.Node) -> AttentionMatch:
     rank = ndim(softmax)
     if rank not in (3, 4) or dim not in (-1, rank - 1):
         raise Decline(f"softmax over dim {dim} of a rank-{rank} tensor is not attention over keys")
-    pv, dropout_p, pv_heads = _find_pv(softmax)
+    sinks = match_sinks(softmax)
+    pv, dropout_p, pv_heads = _find_pv(sinks.probs if sinks is not None else softmax)
     match = AttentionMatch(anchor=softmax, output=pv, q=pv, k=pv, v=pv, dropout_p=dropout_p)
+    match.sinks = sinks.column if sinks is not None else None
     # softmax(s - rowmax(s)) is softmax(s): the kernel's online softmax does that shift itself.
-    _peel_scores(without_row_shift(softmax.args[0], rank - 1), match)
+    _peel_scores(without_row_shift(sinks.scores if sinks is not None else softmax.args[0], rank - 1), match)
     if pv_heads != match.heads_folded:
         raise Decline("heads are folded into the batch axis on one side of the softmax only")
     return match

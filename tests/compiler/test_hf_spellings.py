@@ -87,11 +87,12 @@ def test_deepseek_v3_rope_fused_and_causal() -> None:
     assert len(attentions) == 1 and all(a.causal and a.mask == "none" for a in attentions)
 
 
-def test_gpt_oss_rope_fused() -> None:
-    """GPT-OSS's attention adds a learned sink logit to the softmax, which tilefuse::attention has no argument
-    for: its attention sites stay unfused; its RoPE (chunked halves, per-pair tables) fuses."""
-    ropes, _ = _run("gpt_oss")
+def test_gpt_oss_rope_and_sink_attention_fused() -> None:
+    """GPT-OSS's RoPE (chunked halves, per-pair tables) fuses, and so does its attention with a learned sink logit
+    per head (passes/attention_sinks.py)."""
+    ropes, attentions = _run("gpt_oss")
     assert [(r.source, r.layout, r.rotary_dim) for r in ropes] == [("split_halves", "rotate_half", 16)] * 2
+    assert len(attentions) == 1 and all(a.sinks and a.causal for a in attentions)
 
 
 def test_mpt_causal_proven() -> None:
