@@ -10,6 +10,7 @@ softmax written by hand with exp and sum becomes `softmax` (canonicalize_softmax
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,17 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         return source
     if is_op(node, aten.mul) and scalar_value(node.args[1]) == 1.0 and not isinstance(node.args[1], fx.Node):
         return source if _float_copy_removable(source, node) else None
+    if _is_full_slice(node):  # `x[:, :, None]` under dynamic=True keeps a `:` slice of dim 0 as an op
+        return source if not is_mutated(source) and not is_mutated(node) else None
     return None
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    """aten.slice(x, dim, 0 or None, end, 1) with an end no size can exceed (Python's `:`): a view equal to x."""
+    if node.target is not aten.slice.Tensor:
+        return False
+    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
+    return start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= sys.maxsize))
 
 
 def _float_copy_removable(source: fx.Node, copy: fx.Node) -> bool:

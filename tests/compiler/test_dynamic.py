@@ -61,6 +61,8 @@ def test_demo_model_dynamic_fuses_every_site_over_lengths() -> None:
     _assert_all_fused(backend, ("attention", "rmsnorm"))
     attention = [s.spec for s in backend.report.by_kind("attention")]
     assert all(isinstance(s, AttentionSpec) and s.causal and s.mask == "none" for s in attention), attention
+    # RoPE rides inside attention as in a static compile (a `:` slice Dynamo keeps as an op is an identity)
+    assert all(isinstance(s, AttentionSpec) and s.rope is not None for s in attention), attention
     assert _graphs() <= MAX_GRAPHS
 
 
