@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 import torch.fx as fx
 
-from .graph import arg, aten, insert_call, is_op, tensor_val
+from .graph import arg, aten, insert_call, is_op, may_require_grad, tensor_val
 from .positions import CASTS, SHAPE_VIEWS, index_expr, is_full_slice, non_unit_axes, same_size, shape_of, slice_dim
 
 # Axis roles: batch, head, query, key; "BH" is batch and head folded into one axis (3-D bmm spellings) and "X" a
@@ -174,37 +173,13 @@ def _product(frame: _Frame, slopes: Any, positions: Any) -> AlibiTerm | NotAlibi
     coef = _key_coefficient(frame, positions)
     if not isinstance(coef, float):
         return coef
-    if _may_require_grad(slopes):
+    if may_require_grad(slopes):
         return NotAlibi(
             "the ALiBi slopes are or derive from a graph input or parameter (under torch.compile parameters and "
             "buffers are inputs, and the graph does not say which require grad); the fused op takes no gradient "
             "for slopes, so they must be constants; kept as an additive bias"
         )
     return AlibiTerm(slopes, s_roles, frame.coef * coef)
-
-
-def _may_require_grad(node: fx.Node, budget: int = 256) -> bool:
-    """False only when every leaf `node` is computed from is a constant: a factory op or a module attribute that
-    does not require grad."""
-    pending, seen = [node], {node}
-    while pending:
-        current = pending.pop()
-        if current.op == "placeholder" or (current.op == "get_attr" and _attribute_requires_grad(current)):
-            return True
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                pending.append(parent)
-        if len(seen) > budget:
-            return True  # too far to check: assume the worst
-    return False
-
-
-def _attribute_requires_grad(node: fx.Node) -> bool:
-    obj: Any = node.graph.owning_module
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return not isinstance(obj, torch.Tensor) or obj.requires_grad
 
 
 def _key_coefficient(frame: _Frame, positions: Any) -> float | NotAlibi | None:

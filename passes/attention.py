@@ -129,7 +129,8 @@ def _check_output_shape(match: AttentionMatch, q: torch.Tensor, v: torch.Tensor)
     output instead (a per-document mask [B, 1, N, N] over a batch-1 q), which the op cannot reproduce."""
     out = tensor_val(match.output)
     expected = (*q.shape[:-1], v.shape[-1])
-    if out is not None and tuple(out.shape) != tuple(expected):
+    # compared by element count: BLOOM's heads-in-batch layout folds [B, H] of q into the output's first axis
+    if out is not None and math.prod(out.shape) != math.prod(expected):
         raise FixableDecline(
             f"the mask broadcasts the attention output to {tuple(out.shape)}, beyond q's {tuple(expected)}",
             "mask_widens_attention",

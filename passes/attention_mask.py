@@ -15,7 +15,7 @@ import torch.fx as fx
 from .alibi import FOLDED_ROLES, SCORE_ROLES, AlibiTerm, NotAlibi, Roles, match_alibi, slopes_for_op
 from .attention_match import AttentionMatch
 from .base import Decline, FixableDecline
-from .graph import aten, insert_call, is_op, static_dim, static_shape, tensor_val
+from .graph import aten, insert_call, is_op, may_require_grad, static_dim, static_shape, tensor_val
 from .head_fold import unfold_heads
 from .masks import MaskFacts, analyze_keep, classify, constant_fill, is_bool, is_very_negative, keep_from_additive
 
@@ -63,34 +63,6 @@ def check_biases(match: AttentionMatch) -> None:
             # The op differentiates its mask and slopes arguments; a learned bias that reaches neither would
             # silently lose its gradient.
             raise Decline(f"bias {node.name} may require grad, but the mask analysis passes none of it to the op")
-
-
-def may_require_grad(node: fx.Node, budget: int = 512) -> bool:
-    """Whether a gradient can reach `node`: a floating-point tensor computed through floating-point tensors from a
-    graph input or a module attribute that requires grad. The retraced graph's values do not record requires_grad
-    (and under torch.compile parameters are inputs), so every floating-point input counts; integer and boolean
-    tensors and constant fills (`zeros_like(x)`, ...) carry no gradient."""
-    pending, seen = [node], {node}
-    while pending:
-        current = pending.pop()
-        val = tensor_val(current)
-        if val is None or not val.is_floating_point() or constant_fill(current) is not None:
-            continue
-        if current.op == "placeholder" or (current.op == "get_attr" and _attribute_requires_grad(current)):
-            return True
-        fresh = [n for n in current.all_input_nodes if n not in seen]
-        seen.update(fresh)
-        pending.extend(fresh)
-        if len(seen) > budget:
-            return True  # too far to look: assume it can
-    return False
-
-
-def _attribute_requires_grad(node: fx.Node) -> bool:
-    obj: Any = node.graph.owning_module
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return isinstance(obj, torch.Tensor) and obj.requires_grad
 
 
 def build_mask(graph: fx.Graph, match: AttentionMatch, q_len: Any, kv_len: Any) -> SiteMask:

@@ -406,3 +406,31 @@ def replace_with(old: fx.Node, new: fx.Node) -> None:
         with old.graph.inserting_after(new):
             new = insert_call(old.graph, aten._to_copy.default, (new,), {"dtype": old_dtype})
     old.replace_all_uses_with(new)
+
+
+def may_require_grad(node: fx.Node, budget: int = 512) -> bool:
+    """Whether a gradient can reach `node`: a floating-point tensor computed through floating-point tensors from a
+    graph input or a module attribute that requires grad. The retraced graph's values do not record requires_grad
+    (and under torch.compile parameters are inputs), so every floating-point input counts; integer and boolean
+    tensors and constant fills (`zeros_like(x)`, ...) carry no gradient."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        val = tensor_val(current)
+        if val is None or not val.is_floating_point() or constant_fill(current) is not None:
+            continue
+        if current.op == "placeholder" or (current.op == "get_attr" and _attribute_requires_grad(current)):
+            return True
+        fresh = [n for n in current.all_input_nodes if n not in seen]
+        seen.update(fresh)
+        pending.extend(fresh)
+        if len(seen) > budget:
+            return True  # too far to look: assume it can
+    return False
+
+
+def _attribute_requires_grad(node: fx.Node) -> bool:
+    obj: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, torch.Tensor) and obj.requires_grad

@@ -9,7 +9,7 @@ from _helpers import assert_fused, fuse, tilefuse_nodes
 from torch import Tensor, nn
 
 from tilefuse.compiler.capture import capture
-from tilefuse.passes.attention_mask import may_require_grad
+from tilefuse.passes.graph import may_require_grad
 
 Q, K, V = (torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
 
