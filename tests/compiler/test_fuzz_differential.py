@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _numerics import GRADIENT_FACTOR, as_fp64, assert_finite, assert_no_worse_than_eager, check_against_golden
+from _numerics import GRADIENT_FACTOR, as_fp64, assert_finite, check_against_golden, max_err, rounding_floor
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -188,7 +188,10 @@ def _check(compiled: Any, module: nn.Module, inputs: list[Tensor], kwargs: dict[
         assert ours is not None, "a learned parameter of the fused site got no gradient (eager has one)"
         assert golden is not None
         assert_finite(["dparam"], [ours])
-        assert_no_worse_than_eager("dparam", ours, eager, golden, GRADIENT_FACTOR)
+        # the parameter is cast to the inputs' dtype before use, so its gradient has that dtype's precision
+        err_ours, err_eager = max_err(ours, golden), max_err(eager, golden)
+        floor = rounding_floor(inputs[0].dtype, golden)
+        assert err_ours <= GRADIENT_FACTOR * err_eager + floor, f"dparam: {err_ours:.3g} vs eager {err_eager:.3g}"
 
 
 # ------------------------------------------------------------------------------------------------ norms, RoPE
