@@ -1,0 +1,146 @@
+"""The spelling corpus: one meaning (attention, a norm, RoPE, a mask), written the way each library writes it.
+
+Every entry is a small module written in this project after reading how a library spells the meaning (Hugging
+Face, diffusers, torchtune, x-transformers, timm, litgpt, nanoGPT, hand-written variants), with what the whole
+tilefuse pipeline must make of it: which sites fuse, which are declined (look-alikes that are not the meaning).
+`check` compiles the entry with the tilefuse backend, compares its output and gradients with eager, and counts the
+fused ops that actually executed (torch.profiler), so a rewrite that the report claims but that never runs fails.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tilefuse.compiler.backend import TilefuseBackend
+from tilefuse.compiler.options import Options
+
+# A fused site of each kind is carried out by this op (a norm may be fused with its residual add).
+EXECUTED_OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("tilefuse::attention",),
+    "rmsnorm": ("tilefuse::rms_norm", "tilefuse::add_rms_norm"),
+    "layernorm": ("tilefuse::layer_norm", "tilefuse::add_layer_norm"),
+    "rope": ("tilefuse::rope", "tilefuse::attention"),  # RoPE on q and k may be absorbed into attention
+}
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """One way of writing a meaning, and what tilefuse must make of it.
+
+    `build()` returns the module (or plain function) and its example inputs; every floating input and parameter
+    is checked for its gradient unless `train` is False. `fused` counts sites the report must list as fused, by
+    kind; `declined` counts sites it must list as declined (look-alikes); kinds not named must have no fused site.
+    `check_specs` receives the fused specs by kind for checks of what was recognized (layout, causal, eps...).
+    """
+
+    name: str
+    source: str
+    build: Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]
+    fused: dict[str, int] = field(default_factory=dict)
+    declined: dict[str, int] = field(default_factory=dict)
+    check_specs: Callable[[dict[str, list[Any]]], None] | None = None
+    train: bool = True
+    atol: float = 1e-5
+    rtol: float = 1e-5
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+def _floating(values: Sequence[Any]) -> list[Tensor]:
+    return [v for v in values if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def _outputs(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _outputs(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _outputs(v)]
+    return [t for t in _outputs(getattr(value, "sample", None) or ())]  # diffusers' output dataclasses
+
+
+def _loss(outputs: list[Tensor], weights: list[Tensor]) -> Tensor:
+    return sum((o.float() * w).sum() for o, w in zip(outputs, weights, strict=True))  # type: ignore[return-value]
+
+
+def _params(fn: Any) -> list[Tensor]:
+    return [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, nn.Module) else []
+
+
+def _executed(fn: Callable[[], Any]) -> tuple[Any, Counter[str]]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, Counter(e.name for e in prof.events() if e.name.startswith("tilefuse::"))
+
+
+def check(spelling: Spelling) -> dict[str, list[Any]]:
+    """Compile `spelling` with tilefuse; assert its sites, numerics and executed ops. Returns fused specs by kind."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fn, inputs = spelling.build()
+    twin = copy.deepcopy(fn) if isinstance(fn, nn.Module) else fn
+    backend = TilefuseBackend(Options(inner="eager"))
+    compiled = torch.compile(twin, backend=backend)
+    train = spelling.train and bool(_floating(inputs) or _params(fn))
+
+    ours_in = [v.detach().clone().requires_grad_(train) if isinstance(v, Tensor) and v.is_floating_point() else v
+               for v in inputs]  # fmt: skip
+    eager_in = [v.detach().clone().requires_grad_(train) if isinstance(v, Tensor) and v.is_floating_point() else v
+                for v in inputs]  # fmt: skip
+    with torch.set_grad_enabled(train):
+        expected = _outputs(fn(*eager_in))
+        got, ops = _executed(lambda: _outputs(compiled(*ours_in)))
+    assert len(got) == len(expected)
+    for a, e in zip(got, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, e.shape, a.dtype, e.dtype)
+        torch.testing.assert_close(a, e, atol=spelling.atol, rtol=spelling.rtol)
+
+    report = backend.report
+    assert not report.fallbacks, report.fallbacks
+    fused: Counter[str] = Counter(s.kind for s in report.sites if s.status == "fused")
+    declined: Counter[str] = Counter(s.kind for s in report.sites if s.status == "declined")
+    reasons = [(s.kind, s.reason) for s in report.sites if s.status == "declined"]
+    assert dict(fused) == spelling.fused, (dict(fused), reasons)
+    for kind, count in spelling.declined.items():
+        assert declined[kind] == count, (kind, dict(declined), reasons)
+    for kind in spelling.fused:  # the fused op of every fused kind ran
+        assert any(ops[op] for op in EXECUTED_OPS[kind]), (kind, dict(ops))
+
+    if train:
+        gen = torch.Generator().manual_seed(1)
+        weights = [torch.randn(e.shape, generator=gen, dtype=torch.float32) for e in expected]
+        _loss(got, weights).backward()
+        _loss(expected, weights).backward()
+        ours = _floating(ours_in) + _params(twin)
+        eager = _floating(eager_in) + _params(fn)
+        for a, e in zip(ours, eager, strict=True):
+            assert (a.grad is None) == (e.grad is None), "a gradient one side has and the other lacks"
+            if e.grad is not None:
+                assert a.grad is not None
+                torch.testing.assert_close(a.grad, e.grad, atol=10 * spelling.atol, rtol=10 * spelling.rtol)
+
+    specs: dict[str, list[Any]] = {}
+    for site in report.sites:
+        if site.status == "fused":
+            specs.setdefault(site.kind, []).append(site.spec)
+    if spelling.check_specs is not None:
+        spelling.check_specs(specs)
+    return specs
+
+
+def perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Perturb every parameter (norm weights of ones, biases of zeros) so a dropped weight or bias shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
