@@ -1,20 +1,35 @@
 """Recognize ALiBi: an additive bias slope[b, h] · c · (key index) plus anything constant along each score row.
 
 Softmax is shift-invariant along a row, so such a bias equals the kernel's slope · (k - q_pos) up to a per-row
-constant, and the kernel needs only the [H] (or [B, H]) slopes instead of an N×N bias. A bias that looks like ALiBi
-but cannot be proven (symmetric |q - k| distances, positions computed from data, trainable slopes) stays an
+constant, and the kernel needs only the [H] (or [B, H]) slopes instead of an N×N bias. Positions are proven from
+index arithmetic, or from their value when computed from constants alone; on a causal site the symmetric
+-slope·|q - k| (x-transformers) is such a bias on every kept score. A bias that looks like ALiBi but cannot be
+proven (symmetric distances without a causal mask, positions computed from data, trainable slopes) stays an
 additive mask, and the reason is recorded.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from .graph import arg, aten, insert_call, is_op, may_require_grad, tensor_val
-from .positions import CASTS, SHAPE_VIEWS, index_expr, is_full_slice, non_unit_axes, same_size, shape_of, slice_dim
+from .positions import (
+    CASTS,
+    SHAPE_VIEWS,
+    Affine,
+    constant_value,
+    index_expr,
+    is_full_slice,
+    non_unit_axes,
+    same_size,
+    shape_of,
+    slice_dim,
+)
 
 # Axis roles: batch, head, query, key; "BH" is batch and head folded into one axis (3-D bmm spellings) and "X" a
 # size-1 axis a view or squeeze made, which means nothing.
@@ -26,11 +41,13 @@ BATCH_ROLES = ("B", "H")
 
 @dataclass(frozen=True)
 class AlibiTerm:
-    """The bias is `coef · slopes · key index` plus a per-row constant; `roles` names each axis of `slopes`."""
+    """The bias is `coef · slopes · key index` plus a per-row constant; `roles` names each axis of `slopes`, and
+    `head_pad` (before, after) counts heads padded with a zero bias around those the slopes cover."""
 
     slopes: fx.Node
     roles: Roles
     coef: float
+    head_pad: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -47,10 +64,17 @@ class _Frame:
     node: Any  # an fx.Node; an op argument until checked
     roles: Roles
     coef: float = 1.0
+    head_pad: tuple[int, int] = (0, 0)
+    aligned: bool = True  # the node's query and key indices are the scores' (no slice moved them)
 
 
-def match_alibi(bias: Any, roles: Roles, heads: int | None, kv_len: Any) -> AlibiTerm | NotAlibi | None:
-    """Read `bias` (axes right-aligned to `roles`) as ALiBi; None when it is no per-head × positions product."""
+def match_alibi(
+    bias: Any, roles: Roles, heads: int | None, kv_len: Any, upper: int | None = None
+) -> AlibiTerm | NotAlibi | None:
+    """Read `bias` (axes right-aligned to `roles`) as ALiBi; None when it is no per-head × positions product.
+
+    `upper`: the site's masks keep only k - q <= upper (a causal mask), so the bias need be ALiBi only there: the
+    symmetric -slope·|q - k| of a causal site is slope·(k - q) up to a per-row constant on every kept score."""
     shape = shape_of(bias)
     if shape is None or not 0 < len(shape) <= len(roles):
         return None
@@ -61,7 +85,7 @@ def match_alibi(bias: Any, roles: Roles, heads: int | None, kv_len: Any) -> Alib
     if not is_op(inner.node, aten.mul):
         return None
     a, b = inner.node.args[:2]
-    verdicts = [_product(inner, s, p) for s, p in ((a, b), (b, a))]
+    verdicts = [_product(inner, s, p, upper) for s, p in ((a, b), (b, a))]
     proven = [v for v in verdicts if isinstance(v, AlibiTerm)]
     return proven[0] if proven else next((v for v in verdicts if v is not None), None)
 
@@ -81,6 +105,11 @@ def _see_through(frame: _Frame, heads: int | None) -> _Frame:
             inner = _unsqueeze_frame(frame)
         elif is_op(node, *SHAPE_VIEWS, aten.repeat):
             inner = _unfold_frame(frame, heads) or _unit_view_frame(frame)
+        elif is_op(node, aten.constant_pad_nd, aten.pad):
+            inner = _pad_frame(frame)
+        elif is_op(node, aten.expand):  # broadcasting keeps each axis' role (new axes are leading)
+            rank = len(shape_of(node.args[0]) or ())
+            inner = replace(frame, node=node.args[0], roles=frame.roles[len(frame.roles) - rank :]) if rank else None
         else:
             inner = None
         if inner is None or not isinstance(inner.node, fx.Node):
@@ -100,9 +129,34 @@ def _slice_frame(frame: _Frame) -> _Frame | None:
     if dim is None or dim >= len(frame.roles):
         return None
     role, step = frame.roles[dim], arg(node, 4, "step", 1)
-    if role == "Q" or (role == "K" and step == 1) or is_full_slice(node):
+    if is_full_slice(node):
         return replace(frame, node=node.args[0])
+    if role == "Q" or (role == "K" and step == 1):
+        return replace(frame, node=node.args[0], aligned=False)
     return None
+
+
+def _pad_frame(frame: _Frame) -> _Frame | None:
+    """Zero padding of the head axis (x-transformers pads heads beyond its ALiBi heads with a zero bias); padding
+    of zero width anywhere is no padding."""
+    node = frame.node
+    pads, mode, value = node.args[1], arg(node, 2, "mode", "constant"), arg(node, 3, "value", 0.0)
+    if is_op(node, aten.constant_pad_nd):
+        mode, value = "constant", arg(node, 2, "value", 0.0)
+    if mode != "constant" or value not in (0, 0.0, None) or not isinstance(pads, (list, tuple)):
+        return None
+    rank, head_pad = len(frame.roles), frame.head_pad
+    for i in range(0, len(pads), 2):
+        before, after = pads[i], pads[i + 1]
+        if (before, after) == (0, 0):
+            continue
+        axis = rank - 1 - i // 2
+        if not (isinstance(before, int) and isinstance(after, int)) or axis < 0 or frame.roles[axis] != "H":
+            return None
+        head_pad = (head_pad[0] + before, head_pad[1] + after)
+    if min(head_pad) < 0:
+        return None  # negative padding crops heads
+    return replace(frame, node=node.args[0], head_pad=head_pad)
 
 
 def _unsqueeze_frame(frame: _Frame) -> _Frame | None:
@@ -161,7 +215,7 @@ def _repeat_roles(src: tuple[Any, ...], out: tuple[Any, ...], repeats: Any, axis
 
 
 # ----------------------------------------------------------------------------------- slopes × positions
-def _product(frame: _Frame, slopes: Any, positions: Any) -> AlibiTerm | NotAlibi | None:
+def _product(frame: _Frame, slopes: Any, positions: Any, upper: int | None) -> AlibiTerm | NotAlibi | None:
     s_val = tensor_val(slopes)
     if s_val is None or not s_val.dtype.is_floating_point or s_val.dim() > len(frame.roles):
         return None
@@ -170,7 +224,7 @@ def _product(frame: _Frame, slopes: Any, positions: Any) -> AlibiTerm | NotAlibi
         return None  # varies along queries or keys: not a per-head factor
     if "BH" in s_roles:
         return None
-    coef = _key_coefficient(frame, positions)
+    coef = _key_coefficient(frame, positions, upper if frame.aligned else None)
     if not isinstance(coef, float):
         return coef
     if may_require_grad(slopes):
@@ -179,17 +233,22 @@ def _product(frame: _Frame, slopes: Any, positions: Any) -> AlibiTerm | NotAlibi
             "buffers are inputs, and the graph does not say which require grad); the fused op takes no gradient "
             "for slopes, so they must be constants; kept as an additive bias"
         )
-    return AlibiTerm(slopes, s_roles, frame.coef * coef)
+    return AlibiTerm(slopes, s_roles, frame.coef * coef, frame.head_pad)
 
 
-def _key_coefficient(frame: _Frame, positions: Any) -> float | NotAlibi | None:
-    """c when `positions` is c · k plus a function of q (a per-row constant); else why not, or None."""
+def _key_coefficient(frame: _Frame, positions: Any, upper: int | None) -> float | NotAlibi | None:
+    """c when `positions` is c · k plus a function of q (a per-row constant) on every score kept (k - q <= upper);
+    else why not, or None."""
     shape, affine = shape_of(positions), index_expr(positions)
     if shape is None or len(shape) > len(frame.roles):
         return None
     roles = frame.roles[len(frame.roles) - len(shape) :]
     if affine is None or affine.rank != len(shape):
-        return _unprovable(positions)
+        value = constant_value(positions)
+        coef = _value_key_coefficient(value, roles, upper) if value is not None and "K" in roles else None
+        if coef is None:
+            return _unprovable(positions, upper)
+        affine = Affine(((roles.index("K"), coef),), 0.0, len(shape))
     coefs = {roles[axis]: c for axis, c in affine.coef}
     if set(coefs) - {"Q", "K"} or not coefs.get("K"):
         return None
@@ -199,15 +258,40 @@ def _key_coefficient(frame: _Frame, positions: Any) -> float | NotAlibi | None:
     return coefs["K"]
 
 
-def _unprovable(positions: Any) -> NotAlibi | None:
+def _value_key_coefficient(value: torch.Tensor, roles: Roles, upper: int | None) -> float | None:
+    """c when a constant positions tensor is c · k plus a function of q on every kept score (k - q <= upper, or
+    everywhere), constant along every other axis; None otherwise."""
+    value = value.double()
+    for axis, role in enumerate(roles):
+        if role not in ("Q", "K") and not bool((value == value.narrow(axis, 0, 1)).all()):
+            return None
+    other = [axis for axis, role in enumerate(roles) if role not in ("Q", "K")]
+    for axis in other:
+        value = value.narrow(axis, 0, 1)
+    grid = value.squeeze(other) if other else value
+    grid = grid if "Q" in roles else grid.unsqueeze(0)  # [nq or 1, nk]
+    if grid.shape[-1] < 2:
+        return None
+    steps = grid[:, 1:] - grid[:, :-1]  # along k, between keys k and k + 1
+    if upper is not None and grid.shape[0] > 1:  # both keys kept: k + 1 - q <= upper
+        k_next, q = torch.arange(1, grid.shape[-1]), torch.arange(grid.shape[0])[:, None]
+        steps = steps[(k_next - q) <= upper]
+    if steps.numel() == 0 or not bool((steps == steps.flatten()[0]).all()):
+        return None
+    coef = float(steps.flatten()[0])
+    return coef if coef != 0.0 and math.isfinite(coef) else None
+
+
+def _unprovable(positions: Any, upper: int | None) -> NotAlibi | None:
     node = positions
-    while is_op(node, *CASTS, aten.unsqueeze):
+    while is_op(node, *CASTS, aten.unsqueeze, aten.neg, *SHAPE_VIEWS):
         node = node.args[0]
     inner = index_expr(node.args[0]) if is_op(node, aten.abs) else None
     if inner is not None and any(c for _, c in inner.coef):
+        why = "this site has no causal mask" if upper is None else f"this site's masks keep k - q <= {upper}"
         return NotAlibi(
-            "the bias is -slope·|q - k| (symmetric): it equals slope·(k - q) only where k <= q, which no causal "
-            "mask of this site was used to prove; kept as an additive mask"
+            f"the bias is -slope·|q - k| (symmetric): it equals slope·(k - q) up to a per-row constant only where "
+            f"k - q has one sign, and {why}; kept as an additive mask"
         )
     if _reads(positions, aten.cumsum, depth=6):
         return NotAlibi(
@@ -237,8 +321,11 @@ def slopes_for_op(graph: fx.Graph, term: AlibiTerm, heads: int) -> fx.Node:
     shape = shape_of(node) or ()
     if kept == BATCH_ROLES and same_size(shape[0], 1):
         node, kept, shape = insert_call(graph, aten.squeeze.dim, (node, 0)), ("H",), shape[1:]
-    if not kept or not same_size(shape[-1], heads):
-        node = insert_call(graph, aten.expand.default, (node, [-1, heads] if len(kept) == 2 else [heads]))
+    covered = heads - sum(term.head_pad)  # heads beyond these have a zero bias: slope 0
+    if not kept or not same_size(shape[-1], covered):
+        node = insert_call(graph, aten.expand.default, (node, [-1, covered] if len(kept) == 2 else [covered]))
+    if term.head_pad != (0, 0):
+        node = insert_call(graph, aten.constant_pad_nd.default, (node, list(term.head_pad), 0.0))
     if term.coef != 1.0:
         node = insert_call(graph, aten.mul.Tensor, (node, term.coef))
     return node

@@ -15,9 +15,19 @@ import torch.fx as fx
 from .alibi import FOLDED_ROLES, SCORE_ROLES, AlibiTerm, NotAlibi, Roles, match_alibi, slopes_for_op
 from .attention_match import AttentionMatch
 from .base import Decline, FixableDecline
-from .graph import aten, insert_call, is_op, may_require_grad, static_dim, static_shape, tensor_val
-from .head_fold import unfold_heads
-from .masks import MaskFacts, analyze_keep, classify, constant_fill, is_bool, is_very_negative, keep_from_additive
+from .graph import arg, aten, insert_call, is_op, may_require_grad, static_dim, static_shape, tensor_val
+from .head_fold import split_heads, unfold_heads
+from .masks import (
+    MaskFacts,
+    analyze_keep,
+    classify,
+    constant_fill,
+    distance_upper,
+    is_bool,
+    is_very_negative,
+    keep_from_additive,
+)
+from .positions import shape_of
 
 
 @dataclass
@@ -98,15 +108,18 @@ def _op_heads(match: AttentionMatch) -> int:
 def _sort_biases(match: AttentionMatch, facts: MaskFacts, kv_len: Any) -> tuple[MaskFacts, _Biases]:
     biases = _Biases()
     roles = ("B", "Q", "K") if match.three_d else SCORE_ROLES  # a 3-D site's batch axis is the op's batch
+    terms: list[fx.Node] = []
     for bias in match.additive:
-        keeps, terms = _split_bias(bias)
+        keeps, bias_terms = _split_bias(bias)
         for keep in keeps:
             facts = facts.merge(analyze_keep(*keep))
-        for node in terms:
-            if not _take_alibi(biases, node, roles, None, kv_len):
-                biases.additive.append(node)
+        terms += bias_terms
+    upper = distance_upper(facts.constraints)  # every keep is applied (flag or data): ALiBi need hold only there
+    for node in terms:
+        if not _take_alibi(biases, node, roles, None, kv_len, upper):
+            biases.additive.append(node)
     for node in match.folded_additive:
-        if not _take_alibi(biases, node, FOLDED_ROLES, match.heads_folded, kv_len):
+        if not _take_alibi(biases, node, FOLDED_ROLES, match.heads_folded, kv_len, upper):
             biases.folded.append(node)
     return facts, biases
 
@@ -148,8 +161,10 @@ def _masked_term(node: fx.Node) -> tuple[tuple[fx.Node, bool], fx.Node] | None:
     return None
 
 
-def _take_alibi(biases: _Biases, node: fx.Node, roles: Roles, heads: int | None, kv_len: Any) -> bool:
-    term = match_alibi(node, roles, heads, kv_len)
+def _take_alibi(
+    biases: _Biases, node: fx.Node, roles: Roles, heads: int | None, kv_len: Any, upper: int | None
+) -> bool:
+    term = match_alibi(node, roles, heads, kv_len, upper)
     if isinstance(term, AlibiTerm) and biases.alibi is None:
         biases.alibi = term
         return True
@@ -164,10 +179,24 @@ def _conjoin(graph: fx.Graph, atoms: list[tuple[fx.Node, bool]]) -> fx.Node | No
     """AND of the atoms, each read by truthiness (a non-boolean atom x stands for x != 0)."""
     out: fx.Node | None = None
     for node, negated in atoms:
+        node = _unrepeated_heads(graph, node)
         term = node if is_bool(node) else insert_call(graph, aten.ne.Scalar, (node, 0))
         term = insert_call(graph, aten.logical_not.default, (term,)) if negated else term
         out = term if out is None else insert_call(graph, aten.logical_and.default, (out, term))
     return out
+
+
+def _unrepeated_heads(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """[B, H, ...] viewed from `repeat_interleave(x, H, dim=0)` of x [B, ...] holds x for every head: x[:, None]
+    (diffusers' `prepare_attention_mask` repeats a padding mask per head), so the op reads [B, 1, ...]."""
+    heads, source = split_heads(node), node.args[0] if node.args else None
+    if heads is None or not is_op(source, aten.repeat_interleave) or not isinstance(source, fx.Node):
+        return node
+    x, repeats, dim = source.args[0], source.args[1] if len(source.args) > 1 else None, arg(source, 2, "dim")
+    shape = shape_of(x)
+    if repeats != heads or dim != 0 or shape is None or len(shape) != 3:
+        return node
+    return insert_call(graph, aten.unsqueeze.default, (x, 1))
 
 
 def _sum(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node | None:

@@ -1,4 +1,5 @@
-"""Prove causal and banded masks from the values of module state (a registered `tril` buffer, GPT-2/nanoGPT style).
+"""Prove causal and banded masks from values: of module state (a registered `tril` buffer, GPT-2/nanoGPT style), or
+of a mask computed from constants alone (positions.constant_value).
 
 Under Dynamo a module's buffers and tensor attributes are graph inputs whose real values reach the backend. The
 backend marks the matching placeholders with their value (`mark_module_values`; trainable parameters are left out);
@@ -92,24 +93,27 @@ def forget_module_values(gm: fx.GraphModule) -> None:
         node.meta.pop(MODULE_VALUE, None)
 
 
-def band_of(node: Any) -> Band | None:
-    """The band a module-state placeholder's value is, flagging the placeholder as relied on; None otherwise."""
+def band_of(node: Any, negate: bool = False) -> Band | None:
+    """The band a module-state placeholder's value is (its zeros when `negate`), flagging the placeholder as relied
+    on; None otherwise."""
     if not isinstance(node, fx.Node) or node.op != "placeholder":
         return None
     value = node.meta.get(MODULE_VALUE)
     if not isinstance(value, torch.Tensor):
         return None
-    band = band_from_value(value)
+    band = band_from_value(value, negate)
     if band is not None:
         node.meta[VALUE_PROVED] = True
     return band
 
 
-def band_from_value(value: torch.Tensor) -> Band | None:
-    """The band of `value`'s nonzeros over its last two axes (q, k), the same for every leading index; None when
-    its nonzeros are no band or there are none (an all-masked tensor stays data)."""
+def band_from_value(value: torch.Tensor, negate: bool = False) -> Band | None:
+    """The band of `value`'s nonzeros (zeros when `negate`) over its last two axes (q, k), the same for every
+    leading index; None when they are no band or there are none (an all-masked tensor stays data)."""
+    if value.dim() < 2 or value.is_complex() or value.numel() == 0:
+        return None
     with torch.no_grad():
-        keep = (value.detach() != 0).reshape(-1, value.shape[-2], value.shape[-1])
+        keep = ((value.detach() != 0) ^ negate).reshape(-1, value.shape[-2], value.shape[-1])
         first = keep[0]
         if not bool((keep == first).all()) or not bool(first.any()):
             return None

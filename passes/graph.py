@@ -13,6 +13,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .buffer_masks import MODULE_VALUE
+
 aten = torch.ops.aten
 
 
@@ -419,7 +421,9 @@ def may_require_grad(node: fx.Node, budget: int = 512) -> bool:
         val = tensor_val(current)
         if val is None or not val.is_floating_point() or constant_fill(current) is not None:
             continue
-        if current.op == "placeholder" or (current.op == "get_attr" and _attribute_requires_grad(current)):
+        if current.op == "placeholder" and not _state_without_grad(current):
+            return True
+        if current.op == "get_attr" and _attribute_requires_grad(current):
             return True
         fresh = [n for n in current.all_input_nodes if n not in seen]
         seen.update(fresh)
@@ -427,6 +431,13 @@ def may_require_grad(node: fx.Node, budget: int = 512) -> bool:
         if len(seen) > budget:
             return True  # too far to look: assume it can
     return False
+
+
+def _state_without_grad(node: fx.Node) -> bool:
+    """A module buffer whose real value the backend attached (buffer_masks.mark_module_values) and that does not
+    require grad; Dynamo guards the input's requires_grad, so no gradient can reach it in this graph."""
+    value = node.meta.get(MODULE_VALUE)
+    return isinstance(value, torch.Tensor) and not value.requires_grad
 
 
 def _attribute_requires_grad(node: fx.Node) -> bool:

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .buffer_masks import band_of
+from .buffer_masks import band_from_value, band_of
 from .graph import arg, aten, constant_fill, is_op, ndim, scalar_value, static_shape
+from .mask_values import only_keep_values
 from .positions import CASTS as _CASTS
 from .positions import (
     SHAPE_VIEWS,
+    constant_value,
     index_expr,
     is_full_slice,
     non_unit_axes,
@@ -28,6 +30,7 @@ from .positions import (
     shape_of,
     slice_dim,
     slice_start,
+    written_later,
 )
 
 __all__ = ["index_expr", "is_full_slice"]  # re-exported: the attention matcher reads them from here
@@ -65,9 +68,22 @@ _NEGATE = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le", "eq": "ne", "ne": "eq
 
 
 def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
-    """Facts of a boolean keep-mask (True = attend). Never raises: unknown structure becomes a data atom."""
+    """Facts of a boolean keep-mask (True = attend). Never raises: unknown structure becomes a data atom, unless
+    it is computed from constants alone and its value is a band (whatever ops built it)."""
+    facts = _analyze(node, negate)
+    if not facts.data:
+        return facts
+    out = MaskFacts(constraints=facts.constraints)
+    for atom, negated in facts.data:
+        out = out.merge(_from_value(atom, negated))
+    return out
+
+
+def _analyze(node: Any, negate: bool) -> MaskFacts:
     if not isinstance(node, fx.Node) or (_is_all_true(node) and not negate):
         return MaskFacts()
+    if written_later(node):  # its structure says what it was built as, not what the site reads
+        return MaskFacts(data=[(node, negate)])
     for packet, name in _COMPARE.items():
         if is_op(node, packet):
             constraint = _compare(node, name, negate)
@@ -79,6 +95,9 @@ def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
     conj = _conjunction_operands(node)
     if conj is not None and not negate:
         return analyze_keep(conj[0]).merge(analyze_keep(conj[1]))
+    disj = _disjunction_operands(node)
+    if disj is not None and negate:  # not (a or b) is (not a) and (not b): masks OR-ed as "masked out" positions
+        return analyze_keep(disj[0], True).merge(analyze_keep(disj[1], True))
     if is_op(node, *_CASTS, aten.expand) or (is_op(node, aten.slice) and is_full_slice(node)):
         return analyze_keep(node.args[0], negate)
     if is_op(node, aten.slice):
@@ -89,24 +108,27 @@ def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
     if selected is not None:
         return selected
     if is_op(node, aten.unsqueeze) and ndim(node) >= 2 and _unsqueeze_is_leading(node):
-        return analyze_keep(node.args[0], negate)
+        inner = analyze_keep(node.args[0], negate)  # data atoms must keep the unsqueezed rank: the whole is one
+        return inner if not inner.data else MaskFacts(inner.constraints, [(node, negate)])
     tri = _triangle(node)
     if tri is not None:
         return MaskFacts(constraints=[_maybe_negate(tri, negate)])
-    return _from_value(node, negate)
+    return MaskFacts(data=[(node, negate)])
 
 
 def _from_value(node: fx.Node, negate: bool) -> MaskFacts:
-    """A module buffer whose value is a band (a registered `tril(ones)`, proven and guarded by buffer_masks)."""
-    band = band_of(node)
+    """A mask whose value is known and a band: a module buffer (a registered `tril(ones)`, proven and guarded by
+    buffer_masks) or a tensor computed from constants alone (positions.constant_value); else a data atom."""
+    band = band_of(node, negate)
+    if band is None:
+        value = constant_value(node)
+        band = band_from_value(value, negate) if value is not None else None
     if band is None:
         return MaskFacts(data=[(node, negate)])
     bounds = [(-band.upper, "le")] if band.upper is not None else []
     bounds += [(-band.lower, "ge")] if band.lower is not None else []
-    constraints = [Constraint(-1.0, 1.0, float(c), op, node) for c, op in bounds]
-    if negate and len(constraints) != 1:  # the negation of a band (or of everything) is no conjunction
-        return MaskFacts(data=[(node, negate)])
-    return MaskFacts(constraints=_pin_unit_axes([_maybe_negate(c, negate) for c in constraints], node))
+    constraints = [Constraint(-1.0, 1.0, float(c), op, node, negate) for c, op in bounds]
+    return MaskFacts(constraints=_pin_unit_axes(constraints, node))
 
 
 def _sliced(node: fx.Node, negate: bool) -> MaskFacts:
@@ -193,6 +215,14 @@ def _conjunction_operands(node: fx.Node) -> tuple[Any, Any] | None:
     return None
 
 
+def _disjunction_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    if is_op(node, aten.bitwise_or, aten.logical_or, aten.__or__):
+        return node.args[0], node.args[1]
+    if node.op == "call_function" and node.target is operator.or_:
+        return node.args[0], node.args[1]
+    return None
+
+
 def _maybe_negate(c: Constraint, negate: bool) -> Constraint:
     return Constraint(c.cq, c.ck, c.c, _NEGATE[c.op], c.node, negate) if negate else c
 
@@ -228,9 +258,12 @@ def _triangle(node: fx.Node) -> Constraint | None:
 
 # ------------------------------------------------------------------------------------------ additive masks
 def keep_from_additive(node: fx.Node) -> tuple[fx.Node, bool] | None:
-    """(pred, negated) when `node` is where(pred, 0, -big) (or swapped) or triu/tril of a -big constant."""
+    """(pred, negated) when `node` is where(pred, 0, -big) (or swapped), triu/tril of a -big constant, or any
+    tensor computed from constants alone whose every value is 0 or -big (read as: kept where 0)."""
     if is_op(node, aten.tril, aten.triu) and is_very_negative(constant_fill(node.args[0])):
         return node, True  # -big (masked) where the triangle is nonzero
+    if only_keep_values(node, NEG_FILL_LIMIT):
+        return node, True
     if not is_op(node, aten.where) or len(node.args) != 3:
         return None
     pred, a, b = node.args
@@ -263,7 +296,8 @@ def classify(
 
     Each constraint bounds the distance k - q. The tightest upper bound is causal when it is 0 (top-left) or
     kv_len - q_len (bottom-right); the tightest lower bound is a window counted from the same aligned query
-    position. Looser bounds of the same side are implied by the tightest one and dropped.
+    position, when the upper side is causal or unbounded. Looser bounds of the same side are implied by the
+    tightest one and dropped.
     """
     uppers: list[tuple[int, Constraint]] = []
     lowers: list[tuple[int, Constraint]] = []
@@ -279,11 +313,20 @@ def classify(
     offset = _causal_offset(min((u for u, _ in uppers), default=None), q_len, kv_len)
     if offset is None:
         other += [c for _, c in uppers]
-    window = _window(max((lo for lo, _ in lowers), default=None), offset or 0)
+    # A lower bound is a window only beside a causal upper bound or none: with another upper bound it is one side
+    # of a two-sided band (a symmetric window), which stays a data mask (see AttentionSpec.window).
+    lower = max((lo for lo, _ in lowers), default=None) if offset is not None or not uppers else None
+    window = _window(lower, offset or 0)
     if window is None:
         other += [c for _, c in lowers]
     facts = PositionalMask(offset is not None, "bottom_right" if offset else "top_left", window)
     return facts, [(c.node, c.negated) for c in other if c.node is not None]
+
+
+def distance_upper(constraints: list[Constraint]) -> int | None:
+    """The tightest U with k - q <= U implied by one of the constraints (a causal mask, aligned or not); None."""
+    bounds = [b[1] for b in map(_distance_bound, constraints) if b is not None and b[0] == "upper"]
+    return min(bounds, default=None)
 
 
 def _holds(c: Constraint) -> bool:

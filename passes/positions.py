@@ -1,12 +1,14 @@
 """Affine index expressions: tensors that are `const + Σ coef[axis] · index_along_axis` of `arange` positions.
 
 Causal and window masks (masks.py) and ALiBi biases (alibi.py) are proven from such expressions. Views that only
-insert or drop size-1 axes and slices with static bounds keep an expression affine.
+insert or drop size-1 axes and slices with static bounds keep an expression affine. A tensor computed from
+constants alone at static sizes has one value, whatever ops build it: `constant_value` computes it.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,18 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .graph import arg, aten, constant_fill, is_op, scalar_value, tensor_val
+from .graph import (
+    aliases_of,
+    arg,
+    aten,
+    constant_fill,
+    is_op,
+    literal_tensor,
+    scalar_value,
+    storage_root,
+    tensor_val,
+    writes,
+)
 
 INT64_MAX = 2**63 - 1
 CASTS = (aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy, aten.detach)
@@ -99,10 +112,13 @@ def index_expr(node: Any) -> Affine | None:
         return _slice_expr(node)
     if is_op(node, *SHAPE_VIEWS):
         return _view_expr(node)
-    if is_op(node, aten.add, aten.sub):
+    if is_op(node, aten.add, aten.sub, aten.subtract):  # einx spells a difference `subtract`
         return _add_expr(node)
     if is_op(node, aten.mul):
         return _mul_expr(node)
+    if is_op(node, aten.neg):
+        inner = index_expr(node.args[0])
+        return inner.scaled(-1.0) if inner is not None else None
     if is_op(node, aten.cumsum):
         return _cumsum_expr(node)
     if is_op(node, aten.index):
@@ -264,7 +280,7 @@ def _add_expr(node: fx.Node) -> Affine | None:
     a, b = index_expr(node.args[0]), index_expr(node.args[1])
     if a is None or b is None or not isinstance(alpha, (int, float)):
         return None
-    sign = float(alpha) * (-1.0 if is_op(node, aten.sub) else 1.0)
+    sign = float(alpha) * (-1.0 if is_op(node, aten.sub, aten.subtract) else 1.0)
     return a.combine(b, sign)
 
 
@@ -275,3 +291,90 @@ def _mul_expr(node: fx.Node) -> Affine | None:
     if a is not None and b is not None and not a.coef:
         return b.scaled(a.const)
     return None
+
+
+# ------------------------------------------------------------------------------------------ constant values
+MAX_VALUE_ELEMENTS = 1 << 22  # larger tensors are not computed at compile time
+MAX_VALUE_NODES = 96
+_VALUES: weakref.WeakKeyDictionary[fx.Node, torch.Tensor | None] = weakref.WeakKeyDictionary()  # computed once
+_UNINITIALIZED = (aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided)
+
+
+def constant_value(node: Any) -> torch.Tensor | None:
+    """The value of a tensor computed from constants alone (aranges, fills, tensor literals, and any ops on them:
+    tril/triu, comparisons, abs, and/or, where, masked_fill...), evaluated on the CPU; None when a graph input or
+    module state reaches it, a size is symbolic, an op outside the computation writes it, an op is random or
+    uninitialized, or it is too large. Such a tensor is the same at every call of the graph (specialized to its
+    sizes)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node not in _VALUES:
+        order = _constant_ancestors(node)
+        _VALUES[node] = _evaluate(order) if order is not None else None
+    return _VALUES[node]
+
+
+def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
+    """`node` and the nodes it is computed from, in graph order; None when one of them is not a constant op."""
+    seen: dict[fx.Node, None] = {}
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        if len(seen) >= MAX_VALUE_NODES or not _evaluable(current):
+            return None
+        seen[current] = None
+        if literal_tensor(current) is None:
+            pending.extend(current.all_input_nodes)
+    if any(not _writers(n) <= seen.keys() for n in seen):
+        return None  # written by an op outside the computation (in-place ops inside it are replayed in order)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _writers(node: fx.Node) -> set[fx.Node]:
+    return {user for alias in aliases_of(storage_root(node)) for user in alias.users if writes(user, alias)}
+
+
+def written_later(node: fx.Node) -> bool:
+    """Whether an op that `node` is not computed from writes its storage: a later reader may see another value
+    (in-place ops that build it, like `ones(n, n).triu_(1)`, are among what it is computed from)."""
+    writers = _writers(node) - {node}
+    if not writers:
+        return False
+    seen, pending = {node}, [node]
+    while pending:
+        for n in pending.pop().all_input_nodes:
+            if n not in seen:
+                seen.add(n)
+                pending.append(n)
+    return not writers <= seen
+
+
+def _evaluable(node: fx.Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in node.target.tags or is_op(node, *_UNINITIALIZED):
+        return False
+    t = tensor_val(node)
+    return t is not None and all(isinstance(d, int) for d in t.shape) and t.numel() <= MAX_VALUE_ELEMENTS
+
+
+def _evaluate(order: list[fx.Node]) -> torch.Tensor | None:
+    env: dict[fx.Node, Any] = {}
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for n in order:
+            literal = literal_tensor(n)
+            if literal is not None:
+                env[n] = literal.detach().to(cpu, copy=True)  # in-place ops below must not write it
+                continue
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+            kwargs = {**kwargs, "device": cpu} if "device" in kwargs else kwargs
+            try:
+                env[n] = n.target(*args, **kwargs)  # type: ignore[operator]
+            except (RuntimeError, TypeError, ValueError, IndexError):  # an op whose arguments do not replay here
+                return None
+    value = env[order[-1]]
+    return value if isinstance(value, torch.Tensor) else None
