@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tilefuse.compiler.capture import capture
 from tilefuse.passes.masks import Constraint, PositionalMask, analyze_keep, classify, keep_from_additive
+from tilefuse.passes.positions import constant_value, index_expr
 
 NEG_INF = float("-inf")
 
@@ -155,24 +156,41 @@ def test_hf_mask_functions_over_indexed_positions_are_causal() -> None:
     assert _classified(node, negated=False) == (PositionalMask(causal=True), 0)
 
 
-@pytest.mark.parametrize("case", ["prepend_not_one_step_before", "two_packed_sequences"])
-def test_hf_packed_sequence_overlay_that_is_not_constant_stays_data(case: str) -> None:
-    fn = _hf_positions_mask(prepend_step=0) if case == "prepend_not_one_step_before" else None
-    fn = fn or _hf_positions_mask(packed_positions=True)
-    node = mask_node(fn, torch.ones(1))
+def test_hf_packed_sequence_overlay_of_two_sequences_stays_data() -> None:
+    node = mask_node(_hf_positions_mask(packed_positions=True), torch.ones(1))
     facts = analyze_keep(node)
     positional, leftover = classify(facts.constraints, 7, 7)
     assert len(facts.data) + len(leftover) >= 1  # the overlay is kept as data
-    assert positional.causal == (case == "prepend_not_one_step_before")  # positions of two sequences are data too
+    assert not positional.causal  # positions of two sequences are no band either
+
+
+def test_an_overlay_index_arithmetic_cannot_prove_is_read_from_its_constant_value() -> None:
+    """With prepend = pos[:, :1] (not one step before) the symbolic diff is no constant, but every position is
+    built from constants: its value (one sequence whose first step counts as a start) keeps every pair."""
+    node = mask_node(_hf_positions_mask(prepend_step=0), torch.ones(1))
+    assert _classified(node, negated=False) == (PositionalMask(causal=True), 0)
 
 
 def test_positions_read_through_negative_indices_are_not_affine() -> None:
-    """x[-1 - i] wraps around: an index tensor that can be negative is not taken as a position."""
+    """x[-1 - i] wraps around: an index tensor that can be negative is not taken as an affine position; the
+    value, computed from constants, is still read right (here the wrap-around gives arange(7) back)."""
+    node = mask_node(lambda x: torch.arange(7)[torch.arange(-7, 0)], torch.ones(1))
+    assert index_expr(node) is None
+    value = constant_value(node)
+    assert value is not None and value.tolist() == list(range(7))
 
-    def mask(x: Tensor) -> Tensor:
-        pos = torch.arange(7)
-        return pos[torch.arange(-7, 0)][None, :] <= pos[:, None]
 
-    facts = analyze_keep(mask_node(mask, torch.ones(1)))
-    positional, leftover = classify(facts.constraints, 7, 7)
-    assert not positional.causal and len(facts.data) + len(leftover) == 1
+def test_a_mask_read_from_data_or_randomness_has_no_constant_value() -> None:
+    data = mask_node(lambda x: torch.arange(7)[:, None] <= torch.arange(7)[None, :] + x.long(), torch.ones(1))
+    random = mask_node(lambda x: torch.rand(7, 7) > 0.5, torch.ones(1))
+    assert constant_value(data) is None and constant_value(random) is None
+
+
+def test_a_constant_mask_written_from_outside_its_computation_has_no_value() -> None:
+    def written(x: Tensor) -> Tensor:
+        keep = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+        keep[0] = x[0] > 0  # data written into the "constant" after it was built
+        return keep
+
+    facts = analyze_keep(mask_node(written, torch.ones(1)))
+    assert len(facts.data) == 1 and not facts.constraints
