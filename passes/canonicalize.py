@@ -80,8 +80,45 @@ def _fill_scalar(x: Any) -> bool | int | float | None:
     return value if dtype.is_floating_point else int(value)
 
 
+def _alias_overloads() -> dict[Any, Any]:
+    """ATen's alias ops (`subtract`, `multiply`, `greater`, ...) → the op they alias, overload by overload where
+    the schemas agree (einx and other libraries call the long names; recognizers match the short ones)."""
+    pairs = (("subtract", "sub"), ("multiply", "mul"), ("divide", "div"), ("true_divide", "div"), ("greater", "gt"),
+             ("greater_equal", "ge"), ("less", "lt"), ("less_equal", "le"), ("not_equal", "ne"), ("negative", "neg"),
+             ("absolute", "abs"), ("clip", "clamp"), ("arctan", "atan"))  # fmt: skip
+    table: dict[Any, Any] = {}
+    for alias_name, name in pairs:
+        alias, canonical = getattr(aten, alias_name), getattr(aten, name)
+        for overload in alias.overloads():
+            if "out" in overload or overload not in canonical.overloads():
+                continue
+            a, c = getattr(alias, overload), getattr(canonical, overload)
+            if _signature(a) == _signature(c):
+                table[a] = c
+    return table
+
+
+def _signature(op: Any) -> list[tuple[str, str]]:
+    return [(x.name, str(x.type)) for x in op._schema.arguments]
+
+
+_ALIASES = _alias_overloads()
+
+
+def alias_to_canonical(node: fx.Node) -> fx.Node | None:
+    """`aten.subtract(x, y)` → `aten.sub(x, y)`: the same kernel under its short name."""
+    canonical = _ALIASES.get(node.target)
+    if canonical is None:
+        return None
+    with node.graph.inserting_before(node):
+        replacement = node.graph.call_function(canonical, node.args, node.kwargs)
+    replacement.meta.update(node.meta)
+    return replacement
+
+
 # (counter, rewrite): a rewrite inserts the replacement of a node, or returns None to leave it.
 _REWRITES: tuple[tuple[str, Callable[[fx.Node], fx.Node | None]], ...] = (
+    ("canonicalize_alias", alias_to_canonical),
     ("canonicalize_einsum", einsum_to_matmul),
     ("canonicalize_where_fill", where_scalar_fill),
     ("canonicalize_softmax", manual_softmax),

@@ -419,3 +419,18 @@ def test_max_subtraction_is_kept_because_it_is_not_exact() -> None:
     (shifted,) = torch.autograd.grad(fn(leaf), leaf, grad)
     (plain,) = torch.autograd.grad(leaf.softmax(-1), leaf, grad)
     assert not torch.equal(shifted, plain)
+
+
+def test_alias_ops_take_their_short_names() -> None:
+    """einx and others call `torch.subtract`, `torch.greater`, ...: recognizers see `sub`, `gt` instead."""
+
+    def fn(x: Tensor, y: Tensor) -> Tensor:
+        return torch.where(torch.greater(x, y), torch.subtract(x, y, alpha=2), torch.multiply(torch.negative(x), y))
+
+    inputs = (torch.randn(4, 5), torch.randn(4, 5))
+    assert {"aten.subtract", "aten.greater", "aten.multiply", "aten.negative"} <= ops_in(capture(fn, inputs))
+    gm, ctx = run_pass(CanonicalizePass(), fn, inputs)
+    assert ctx.counters["canonicalize_alias"] == 4
+    assert {"aten.sub", "aten.gt", "aten.mul", "aten.neg"} <= ops_in(gm)
+    assert not {"aten.subtract", "aten.greater", "aten.multiply", "aten.negative"} & ops_in(gm)
+    torch.testing.assert_close(gm(*inputs), fn(*inputs), rtol=0, atol=0)
