@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Each sets up everything on a fresh machine first:
-# a .venv, the CPU build of torch when there is no GPU, and tilefuse itself with its hf, plot and dev extras.
+# a .venv, the CPU build of torch when there is no GPU, and tilefuse itself with its hf, plot, dev and zoo extras.
 
 PYTHON ?= python3
 VENV := .venv
@@ -42,7 +42,7 @@ $(STAMP): $(VENV)/pyvenv.cfg pyproject.toml
 	else \
 		$(BIN)/python -m pip install --quiet '$(TORCH_CPU)'; \
 	fi
-	$(BIN)/python -m pip install --quiet -e '.[hf,plot,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,plot,dev,zoo]'
 	touch $(STAMP)
 
 clean:
