@@ -19,7 +19,10 @@ RopeLayout = Literal["rotate_half", "interleaved"]
 MaskKind = Literal["none", "additive", "boolean", "key_padding"]
 CausalAlign = Literal["top_left", "bottom_right"]
 
+EpsMode = Literal["mean_square", "clamp_norm", "add_norm"]
+
 ROPE_LAYOUTS: tuple[str, ...] = ("rotate_half", "interleaved")
+EPS_MODES: tuple[str, ...] = ("mean_square", "clamp_norm", "add_norm")  # the op's eps_mode argument indexes this
 MASK_KINDS: tuple[str, ...] = ("none", "additive", "boolean", "key_padding")
 
 
@@ -99,6 +102,11 @@ class NormSpec:
     `weight_offset` is 1.0 for Gemma's `x * (1 + weight)` form. With `residual` the op computes
     s = x + residual, returns (norm(s), s). `compute_dtype` is the dtype statistics are taken in. With "eps" in
     `dynamic_scalars` eps is a run-time value and `eps` holds the value seen at capture (see AttentionSpec).
+
+    `eps_mode` says where eps enters, with stat = norm_scale · sqrt(mean(x̂²)) (x̂: x, or x - mean for LayerNorm;
+    norm_scale = sqrt(width) makes stat the L2 norm): "mean_square" rstd = 1/sqrt(stat² + eps) (RMSNorm,
+    LayerNorm), "clamp_norm" rstd = 1/max(stat, eps) (F.normalize), "add_norm" rstd = 1/(stat + eps)
+    (`x / (norm + eps)`). The normalized value is x̂ · rstd.
     """
 
     norm: Literal["rmsnorm", "layernorm"]
@@ -113,6 +121,8 @@ class NormSpec:
     compute_dtype: str = "float32"
     out_dtype: str = "float32"
     dynamic_scalars: tuple[str, ...] = ()
+    eps_mode: EpsMode = "mean_square"
+    norm_scale: float = 1.0
 
     @property
     def kind(self) -> str:

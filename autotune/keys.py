@@ -21,7 +21,7 @@ DYNAMIC = "dyn"
 # Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
 _IGNORED = {
     "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape", "dynamic_scalars", "sinks"),
-    "norm": ("eps", "weight_offset", "compute_dtype", "dynamic_scalars"),
+    "norm": ("eps", "weight_offset", "compute_dtype", "dynamic_scalars", "eps_mode", "norm_scale"),
     "rope": ("source",),
 }
 # Spec fields one kernel family never reads: sites that differ only there share its tuned config (the norm backward

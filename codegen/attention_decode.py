@@ -11,7 +11,8 @@ Semantics are reference.attention_forward's, with the feature set of attention_f
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -48,6 +49,7 @@ from .attention_tiles import (
     _softmax_finish,
     _tanh,
 )
+from .layouts import empty_in_order
 from .reference import AttnFlags, AttnInputs
 
 NUM_SMS = 132  # H100 SXM: the split heuristic's SM count where no device says otherwise (plans, CPU)
@@ -353,11 +355,13 @@ def attention_decode_triton(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out_order: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(output [B, Hq, Nq, Dv] in q's dtype, log-sum-exp [B, Hq, Nq] fp32) of reference.attention_forward, by split-KV.
 
     Knobs left as None come from `decode_config` and `default_num_splits`; num_splits larger than the visible key
-    blocks is allowed (the extra splits do no work).
+    blocks is allowed (the extra splits do no work). The combine kernel writes the output through its strides,
+    laid out in `out_order` (codegen/layouts.py; None: contiguous).
     """
     _check_tensors(inputs)
     _check_extras(inputs, flags)
@@ -371,7 +375,7 @@ def attention_decode_triton(
     defaults = decode_config(block_m, max(head_dim, head_dim_v), extras.rope.cos is not None)
     block_n = _pow2_block(defaults[0] if block_n is None else block_n, kv_len)
     blocks = (block_m, block_n, _pow2_block(MAX_HEAD_DIM, head_dim), _pow2_block(MAX_HEAD_DIM, head_dim_v))
-    out = torch.empty((batch, q_heads, q_len, head_dim_v), dtype=q.dtype, device=q.device)
+    out = empty_in_order((batch, q_heads, q_len, head_dim_v), out_order, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf"))
@@ -389,12 +393,17 @@ def attention_decode_triton(
     return out, lse
 
 
-def attention_triton(inputs: AttnInputs, flags: AttnFlags, **fa2_config: int) -> tuple[Tensor, Tensor]:
+def attention_triton(
+    inputs: AttnInputs, flags: AttnFlags, *, out_order: Sequence[int] | None = None, **fa2_config: int
+) -> tuple[Tensor, Tensor]:
     """(out, lse) of the kernel `use_decode` picks for these shapes: split-KV decode or the FA2 forward (with the
-    tile knobs in `fa2_config`). Raises ValueError, as both launchers do, for a case neither kernel covers."""
+    tile knobs in `fa2_config`), out laid out in `out_order`. Raises ValueError, as both launchers do, for a case
+    neither kernel covers."""
     q, k, v = inputs.q, inputs.k, inputs.v
+    layout: dict[str, Any] = {} if out_order is None else {"out_order": out_order}  # default: contiguous
     if q.dim() == k.dim() == v.dim() == 4 and k.shape[1] > 0:
         head_dim = max(q.shape[-1], v.shape[-1])
         if use_decode(q.shape[2], k.shape[2], q.shape[1] // k.shape[1], head_dim):
-            return attention_decode_triton(inputs, flags)
-    return attention_forward_triton(inputs, flags, **fa2_config)
+            return attention_decode_triton(inputs, flags, **layout)
+    knobs: dict[str, Any] = {**fa2_config, **layout}
+    return attention_forward_triton(inputs, flags, **knobs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,7 @@ from .attention_tiles import (
 )
 from .attention_tiles import _rope_tile as _rope_tile
 from .attention_tiles import _tanh as _tanh
+from .layouts import empty_in_order
 from .reference import AttnFlags, AttnInputs
 
 LOG2E = math.log2(math.e)
@@ -248,10 +250,13 @@ def attention_forward_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out_order: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(output [B, Hq, Nq, Dv] in q's dtype, log-sum-exp [B, Hq, Nq] fp32) of reference.attention_forward.
 
-    Tile knobs left as None come from `default_config(head_dim, has_mask, has_rope)`.
+    Tile knobs left as None come from `default_config(head_dim, has_mask, has_rope)`. The kernel writes the output
+    through its strides, laid out in `out_order` (codegen/layouts.py; None: contiguous): [0, 2, 1, 3] writes
+    [B, Nq, Hq, Dv] memory, which an output projection then reads without a transpose copy.
     """
     _check_tensors(inputs)
     _check_extras(inputs, flags)
@@ -276,7 +281,7 @@ def attention_forward_triton(
         _pow2_block(MAX_HEAD_DIM, head_dim),
         _pow2_block(MAX_HEAD_DIM, head_dim_v),
     )
-    out = torch.empty((batch, q_heads, q_len, head_dim_v), dtype=q.dtype, device=q.device)
+    out = empty_in_order((batch, q_heads, q_len, head_dim_v), out_order, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf"))

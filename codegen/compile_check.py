@@ -307,15 +307,16 @@ def norm_variants(widths: tuple[int, ...] = (4096, 8192, 16384, 32768)) -> list[
         suffix = "" if width == 4096 else f"_{width}" + (f"_chunk{block}" if chunked else "")
         for rms in (True, False):
             kind = "rms" if rms else "layer"
-            fwd = size | dict(RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True)
+            fwd = size | dict(RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True, EPS_MODE=0)
             variants.append(KernelVariant(
                 f"{kind}_norm_fwd{suffix}", _norm_fwd_chunked if chunked else _norm_fwd, fwd_ptrs,
-                ("eps", "weight_offset"), fwd, warps, ints={"width": width},
+                ("eps", "weight_offset", "norm_scale"), fwd, warps, ints={"width": width},
             ))  # fmt: skip
             ints = {"rows": 16384, "width": width, "rows_per_program": 125}
             variants.append(KernelVariant(
                 f"{kind}_norm_bwd{suffix}", _norm_bwd_chunked if chunked else _norm_bwd, bwd_ptrs,
-                ("weight_offset",), size | dict(RMS=rms, HAS_WEIGHT=True), warps, ints=ints,
+                ("weight_offset", "eps", "norm_scale"), size | dict(RMS=rms, HAS_WEIGHT=True, EPS_MODE=0), warps,
+                ints=ints,
             ))  # fmt: skip
     return variants
 

@@ -123,8 +123,14 @@ def attention_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     return torch.logsumexp(scores, dim=-1).float()
 
 
-def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float, rms: bool) -> Tensor:
-    """Same function as reference.norm_forward(...)[0], through torch's fused layer_norm / rms_norm."""
+def norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float, rms: bool,
+    eps_mode: str = "mean_square", norm_scale: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """Same function as reference.norm_forward(...)[0], through torch's fused layer_norm / rms_norm (the reference
+    itself for an eps placement torch's ops do not have)."""
+    if eps_mode != "mean_square" or norm_scale != 1.0:
+        return ref.norm_forward(x, weight, bias, eps, weight_offset, rms, eps_mode, norm_scale)[0]
     ct = ref.compute_dtype(x.dtype)
     width = (x.shape[-1],)
     w = None if weight is None else (weight.to(ct) + weight_offset if weight_offset else weight.to(ct))

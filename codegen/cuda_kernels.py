@@ -12,21 +12,23 @@ import os
 import torch
 from torch import Tensor
 
+from ..specs import EPS_MODES
 from . import custom_ops as ops
 from . import gpu
 from . import reference as ref
+from .layouts import in_order
 
 
 def _attention_cuda(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
     cos: Tensor | None, sin: Tensor | None, scale: float, causal: bool, bottom_right: bool,
     window: int, softcap: float, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
-    rng: Tensor | None = None,
+    rng: Tensor | None = None, out_order: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
     flags = ref.AttnFlags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    out, lse = gpu.attention_with_lse(inputs, flags)
-    return out.contiguous(), lse.contiguous()
+    out, lse = gpu.attention_with_lse(inputs, flags, out_order)  # the kernels write out in out_order
+    return in_order(out, out_order), lse.contiguous()
 
 
 def _attention_backward_cuda(
@@ -41,8 +43,10 @@ def _attention_backward_cuda(
     return ops.attention_grad_outputs(grads, q)
 
 
-def _rope_cuda(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
-    return gpu.rope(x, cos, sin, layout, rotary_dim).contiguous()
+def _rope_cuda(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: list[int] | None = None
+) -> Tensor:
+    return in_order(gpu.rope(x, cos, sin, layout, rotary_dim, out_order), out_order)
 
 
 def _rope_backward_cuda(
@@ -51,8 +55,11 @@ def _rope_backward_cuda(
     return gpu.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype).contiguous()
 
 
-def _rms_norm_cuda(x: Tensor, weight: Tensor | None, eps: float, weight_offset: float) -> Tensor:
-    return gpu.norm(x, weight, None, None, eps, weight_offset, rms=True)[0].contiguous()
+def _rms_norm_cuda(
+    x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, eps_mode: int = 0, norm_scale: float = 1.0
+) -> Tensor:
+    mode = EPS_MODES[eps_mode]
+    return gpu.norm(x, weight, None, None, eps, weight_offset, True, mode, norm_scale)[0].contiguous()
 
 
 def _layer_norm_cuda(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -66,9 +73,10 @@ def _with_sum(pair: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
 
 
 def _add_rms_norm_cuda(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float
-) -> tuple[Tensor, Tensor]:
-    return _with_sum(gpu.norm(x, weight, None, residual, eps, weight_offset, rms=True))
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float, eps_mode: int = 0,
+    norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return _with_sum(gpu.norm(x, weight, None, residual, eps, weight_offset, True, EPS_MODES[eps_mode], norm_scale))
 
 
 def _add_layer_norm_cuda(
@@ -78,9 +86,10 @@ def _add_layer_norm_cuda(
 
 
 def _norm_backward_cuda(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dweight, dbias = gpu.norm_backward(grad, x, weight, eps, weight_offset, rms)
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool, eps_mode: int = 0,
+    norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    dx, dweight, dbias = gpu.norm_backward(grad, x, weight, eps, weight_offset, rms, EPS_MODES[eps_mode], norm_scale)
     empty = x.new_empty((0,))
     return dx.contiguous(), (dweight if dweight is not None else empty).contiguous(), dbias.to(x.dtype).contiguous()
 

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 from torch.types import Number
 
+from ..specs import EPS_MODES
 from . import cpu
 from . import reference as ref
 from .attention_args import check_attention_mask, mask_dtype_problem
+from .layouts import empty_in_order, in_order
 
 # Attention dropout's rng is int64 [seed, offset] drawn uniformly from [0, RNG_HIGH): below 2^31, so a kernel can
 # take either as int32 or int64, and offset + counter never overflows int64.
@@ -62,6 +64,7 @@ def attention(
     rotary_dim: int,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    out_order: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument.
 
@@ -69,23 +72,25 @@ def attention(
     for fully masked rows), saved for the backward. lse is differentiable (attention sinks rescale out by a
     function of it): a gradient reaching it goes to the backward as `grad_lse`. With dropout_p > 0, `rng` is the
     int64 [seed, offset] the keep mask is drawn from (reference.dropout_keep); the backward reads the same rng,
-    so it drops the same probabilities.
+    so it drops the same probabilities. `out_order` lays out out's dims in memory, outermost first (None:
+    contiguous), as the node the op replaces had them (codegen/layouts.py); lse is contiguous.
     """
     inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
     flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    return _contiguous(*cpu.attention_with_lse(inputs, flags))  # type: ignore[return-value]
+    out, lse = cpu.attention_with_lse(inputs, flags)
+    return in_order(out, out_order), lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    mask = args[0]
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *args: Any) -> tuple[Tensor, Tensor]:
     if mask is not None:  # a bad mask fails the compile (then the graph runs unfused), not the run
         problem = mask_dtype_problem(mask.dtype)
         if problem is not None:
             raise TypeError(problem)
         if all(isinstance(n, int) for n in (*q.shape, *k.shape, *mask.shape)):  # symbolic sizes: checked at run time
             check_attention_mask(mask, q.shape[:3], k.shape[2])
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.result_type(q, v))
+    out_order = args[12] if len(args) > 12 else None  # alibi_slopes ... rng, out_order
+    out = empty_in_order((*q.shape[:-1], v.shape[-1]), out_order, dtype=torch.result_type(q, v), device=q.device)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -176,7 +181,7 @@ def _attention_grad(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) 
     grads = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng, input_grads,
                                grad_lse)  # fmt: skip
     extras = tuple(g if want else None for g, want in zip(grads[3:], wanted, strict=True))
-    return (*grads[:3], *extras) + (None,) * 9  # scale ... dropout_p, rng take no gradient
+    return (*grads[:3], *extras) + (None,) * 10  # scale ... dropout_p, rng, out_order take no gradient
 
 
 attention.register_autograd(_attention_grad, setup_context=_attention_setup)
@@ -185,14 +190,19 @@ attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 @torch.library.custom_op("tilefuse::rope", mutates_args=())
-def rope(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
-    """Rotary embedding of the first `rotary_dim` features of x (layout 0: rotate-half, 1: interleaved)."""
-    return ref.rope_forward(x, cos, sin, layout, rotary_dim).contiguous()
+def rope(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: list[int] | None = None
+) -> Tensor:
+    """Rotary embedding of the first `rotary_dim` features of x (layout 0: rotate-half, 1: interleaved); the output
+    laid out in `out_order` (None: contiguous), as the replaced node was (codegen/layouts.py)."""
+    return in_order(ref.rope_forward(x, cos, sin, layout, rotary_dim), out_order)
 
 
 @rope.register_fake
-def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
-    return x.new_empty(x.shape, dtype=torch.result_type(x, cos))
+def _rope_fake(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: list[int] | None = None
+) -> Tensor:
+    return empty_in_order(x.shape, out_order, dtype=torch.result_type(x, cos), device=x.device)
 
 
 @torch.library.custom_op("tilefuse::rope_backward", mutates_args=())
@@ -208,7 +218,7 @@ def _rope_backward_fake(
 
 
 def _rope_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, cos, sin, layout, rotary_dim = inputs
+    x, cos, sin, layout, rotary_dim = inputs[:5]  # then out_order
     tables_need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     ctx.save_for_backward(cos, sin, x if tables_need_grad else None)  # x only for learned cos/sin
     ctx.layout, ctx.rotary_dim, ctx.x_dtype = layout, rotary_dim, x.dtype
@@ -219,10 +229,10 @@ def _rope_grad(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     need_x, need_cos, need_sin = ctx.needs_input_grad[:3]
     dx = rope_backward(grad, cos, sin, ctx.layout, ctx.rotary_dim, ctx.x_dtype) if need_x else None
     if x is None:
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
     # Learned tables are rare: their gradient stays unfused torch ops in the traced backward.
     d_cos, d_sin = ref.rope_table_grads(grad, x, ctx.layout, ctx.rotary_dim, cos.shape, sin.shape)
-    return dx, d_cos.to(cos.dtype) if need_cos else None, d_sin.to(sin.dtype) if need_sin else None, None, None
+    return dx, d_cos.to(cos.dtype) if need_cos else None, d_sin.to(sin.dtype) if need_sin else None, None, None, None
 
 
 rope.register_autograd(_rope_grad, setup_context=_rope_setup)
@@ -231,9 +241,13 @@ rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
 @torch.library.custom_op("tilefuse::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float) -> Tensor:
-    """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32."""
-    return cpu.norm(x, weight, None, float(eps), weight_offset, rms=True).contiguous()
+def rms_norm(
+    x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0, norm_scale: float = 1.0
+) -> Tensor:
+    """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32; `eps_mode` (an index into
+    specs.EPS_MODES) and `norm_scale` place eps as NormSpec says (F.normalize clamps the norm, ...)."""
+    mode = _eps_mode(eps_mode)
+    return cpu.norm(x, weight, None, float(eps), weight_offset, True, mode, norm_scale).contiguous()
 
 
 @torch.library.custom_op("tilefuse::layer_norm", mutates_args=())
@@ -244,11 +258,13 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Numbe
 
 @torch.library.custom_op("tilefuse::add_rms_norm", mutates_args=())
 def add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0,
+    norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """s = x + residual; returns (rms_norm(s), s)."""
     total = (x + residual).contiguous()
-    return cpu.norm(total, weight, None, float(eps), weight_offset, rms=True).contiguous(), total
+    mode = _eps_mode(eps_mode)
+    return cpu.norm(total, weight, None, float(eps), weight_offset, True, mode, norm_scale).contiguous(), total
 
 
 @torch.library.custom_op("tilefuse::add_layer_norm", mutates_args=())
@@ -262,13 +278,22 @@ def add_layer_norm(
 
 @torch.library.custom_op("tilefuse::norm_backward", mutates_args=())
 def norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool, eps_mode: int = 0,
+    norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dweight, dbias); statistics are recomputed from x. dweight is empty when there is no weight."""
-    _, mean, rstd = ref.norm_forward(x, weight, None, float(eps), weight_offset, rms)
-    dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms)
+    mode = _eps_mode(eps_mode)
+    _, mean, rstd = ref.norm_forward(x, weight, None, float(eps), weight_offset, rms, mode, norm_scale)
+    dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms, float(eps), mode,
+                                           norm_scale)  # fmt: skip
     empty = x.new_empty((0,))
     return _contiguous(dx, dweight if dweight is not None else empty, dbias.to(x.dtype))  # type: ignore[return-value]
+
+
+def _eps_mode(code: int) -> str:
+    if not 0 <= code < len(EPS_MODES):
+        raise ValueError(f"eps_mode must index specs.EPS_MODES {EPS_MODES}, got {code}")
+    return EPS_MODES[code]
 
 
 def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
@@ -280,7 +305,9 @@ def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
 
 
 @rms_norm.register_fake
-def _rms_norm_fake(x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float) -> Tensor:
+def _rms_norm_fake(
+    x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0, norm_scale: float = 1.0
+) -> Tensor:
     return _norm_out_fake(x, weight)
 
 
@@ -291,8 +318,9 @@ def _layer_norm_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 
 @add_rms_norm.register_fake
 def _add_rms_norm_fake(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0,
+    norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
     return _norm_out_fake(total, weight), total
 
@@ -307,8 +335,9 @@ def _add_layer_norm_fake(
 
 @norm_backward.register_fake
 def _norm_backward_fake(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool, eps_mode: int = 0,
+    norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
     return x.new_empty(x.shape), dweight, x.new_empty(x.shape[-1:])
 
@@ -327,8 +356,8 @@ def _norm_setup(rms: bool, residual: bool) -> Any:
         ctx.save_for_backward(x, weight)
         ctx.has_weight = weight is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.eps = inputs[-2] if rms else inputs[-1]
-        ctx.weight_offset = inputs[-1] if rms else 0.0
+        scalars = inputs[3 if residual else 2 :] if rms else (inputs[-1], 0.0, 0, 1.0)
+        ctx.eps, ctx.weight_offset, ctx.eps_mode, ctx.norm_scale = scalars
         ctx.input_dtypes = (inputs[0].dtype, inputs[1].dtype) if residual else (inputs[0].dtype,)
 
     return setup
@@ -337,10 +366,11 @@ def _norm_setup(rms: bool, residual: bool) -> Any:
 def _norm_grad(rms: bool, residual: bool) -> Any:
     def grad_fn(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        dx, dweight, dbias = norm_backward(grads[0], x, weight, ctx.eps, ctx.weight_offset, rms)
+        dx, dweight, dbias = norm_backward(grads[0], x, weight, ctx.eps, ctx.weight_offset, rms, ctx.eps_mode,
+                                           ctx.norm_scale)  # fmt: skip
         dw, db = _norm_param_grads(ctx, dweight, dbias)
         params: tuple[Tensor | None, ...] = (dw,) if rms else (dw, db)
-        tail = (None, None) if rms else (None,)  # eps (and weight_offset) take no gradient
+        tail = (None,) * 4 if rms else (None,)  # eps (and weight_offset, eps_mode, norm_scale) take no gradient
         if not residual:
             return (dx.to(ctx.input_dtypes[0]), *params, *tail)
         total_grad = dx + grads[1] if grads[1] is not None else dx

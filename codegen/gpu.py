@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import cpu
 from . import reference as ref
+from .layouts import inverse_order, permuted_rows
 
 if TYPE_CHECKING:
     from .plan import TileConfig
@@ -32,17 +33,21 @@ def attention(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     return attention_with_lse(inputs, flags)[0]
 
 
-def attention_with_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> tuple[Tensor, Tensor]:
+def attention_with_lse(
+    inputs: ref.AttnInputs, flags: ref.AttnFlags, out_order: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor]:
     """(out, lse) of split-KV decode for a few query rows over a long KV (`attention_decode.use_decode`), else of
     the FA2 forward, each at the tile config chosen at compile time (autotune registry) or its default; the
-    reference when neither kernel covers the case."""
+    reference when neither kernel covers the case. The kernels write out in `out_order` (codegen/layouts.py); the
+    reference's out is contiguous."""
     from .attention_decode import attention_decode_triton, attention_triton
 
     try:
         kind, config = _attention_config(inputs, flags, backward=False)
+        layout: dict[str, Any] = {} if out_order is None else {"out_order": out_order}
         if kind == "attention_decode" and config is not None:
-            return attention_decode_triton(inputs, flags, **_decode_knobs(config))
-        return attention_triton(inputs, flags, **(_tile_knobs(config) if config is not None else {}))
+            return attention_decode_triton(inputs, flags, **_decode_knobs(config), **layout)
+        return attention_triton(inputs, flags, **(_tile_knobs(config) if config is not None else {}), **layout)
     except ValueError as err:
         _fallback("attention", err)
         return cpu.attention_with_lse(inputs, flags)
@@ -140,7 +145,7 @@ def _norm_config(kind: str, x: Tensor, weight: Tensor | None, bias: Tensor | Non
 
 def norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, weight_offset: float,
-    rms: bool,
+    rms: bool, eps_mode: str = "mean_square", norm_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """(normalized, x + residual or None), at the warps and row block chosen at compile time (autotune registry) or
     the defaults."""
@@ -149,29 +154,32 @@ def norm(
     try:
         config = _norm_config("norm", x, weight, bias, residual, rms)
         knobs = dict(num_warps=config.num_warps, block=config.block_n) if config is not None else {}
-        y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms, **knobs)
+        y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms, **knobs,
+                                             eps_mode=eps_mode, norm_scale=norm_scale)  # fmt: skip
         return y, total
     except ValueError as err:
         _fallback("rms_norm" if rms else "layer_norm", err)
         total = x + residual if residual is not None else None
         source = total if total is not None else x
-        return cpu.norm(source, weight, bias, eps, weight_offset, rms), total
+        return cpu.norm(source, weight, bias, eps, weight_offset, rms, eps_mode, norm_scale), total
 
 
 def norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool,
+    eps_mode: str = "mean_square", norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
     from .norm_kernels import norm_backward_triton
 
-    _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms)
+    _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms, eps_mode, norm_scale)
     try:
         config = _norm_config("norm_backward", x, weight, None, None, rms)
         knobs = {} if config is None else dict(num_warps=config.num_warps, programs=config.num_splits,
                                                block=config.block_n)  # fmt: skip
-        return norm_backward_triton(grad, x, weight, None if rms else mean, rstd, weight_offset, rms, **knobs)
+        return norm_backward_triton(grad, x, weight, None if rms else mean, rstd, weight_offset, rms, **knobs,
+                                    eps=eps, eps_mode=eps_mode, norm_scale=norm_scale)  # fmt: skip
     except ValueError as err:
         _fallback("norm_backward", err)
-        return ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms)
+        return ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms, eps, eps_mode, norm_scale)
 
 
 def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> dict[str, int]:
@@ -186,9 +194,16 @@ def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> 
     return {} if config is None else {"block_rows": config.block_m, "num_warps": config.num_warps}
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int) -> Tensor:
+def rope(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: Sequence[int] | None = None
+) -> Tensor:
+    """The RoPE kernel, on x's rows taken in `out_order` (the last dim innermost) so that its contiguous output is
+    that layout with no copy (codegen/layouts.py); the reference where the kernel does not cover the case."""
     from .rope_kernels import rope_forward_triton
 
+    if out_order is not None and list(out_order)[-1] == x.dim() - 1:  # rows stay rows: run on permuted views
+        x, cos, sin = permuted_rows(out_order, x, cos, sin)
+        return rope(x, cos, sin, layout, rotary_dim).permute(inverse_order(out_order))
     try:
         return rope_forward_triton(x, cos, sin, layout, rotary_dim, **_rope_knobs(x, layout, rotary_dim, x.dtype))
     except ValueError as err:

@@ -1,7 +1,8 @@
 """Triton RMSNorm / LayerNorm kernels, forward and backward, with an optional fused residual add.
 
 Semantics are those of `reference.norm_forward` / `reference.norm_backward`: statistics in fp32, any width (padded
-to a power of two and masked), Gemma's `(weight + offset)`, output dtype = promote(x, weight, bias).
+to a power of two and masked), Gemma's `(weight + offset)`, output dtype = promote(x, weight, bias), eps placed as
+NormSpec.eps_mode says (added to the mean square, clamping or added to the scaled norm).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..specs import EPS_MODES
 from . import emit
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EPS_MODE_CODES = {mode: code for code, mode in enumerate(EPS_MODES)}  # the kernels' EPS_MODE constexpr
 # Programs of the backward on CPU (interpreter): few, so each one reduces several rows into its partial sums.
 _CPU_BACKWARD_PROGRAMS = 4
 # Widest row a program holds whole, in registers (the backward also keeps a dweight/dbias accumulator that wide):
@@ -25,11 +28,36 @@ DEFAULT_CHUNK = 4096
 
 
 @triton.jit
+def _inverse_norm(mean_square, eps, norm_scale, EPS_MODE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """rstd of a row from its mean square (reference.inverse_norm), stat = norm_scale·sqrt(mean_square)."""
+    if EPS_MODE == 0:
+        rstd = 1.0 / tl.sqrt(mean_square * (norm_scale * norm_scale) + eps)
+    elif EPS_MODE == 1:
+        stat = tl.sqrt(mean_square) * norm_scale
+        rstd = 1.0 / tl.where(stat < eps, eps, stat)  # F.normalize's clamp_min; a NaN stat stays NaN
+    else:
+        rstd = 1.0 / (tl.sqrt(mean_square) * norm_scale + eps)
+    return rstd
+
+
+@triton.jit
+def _projection_gain(mean_square, eps, norm_scale, EPS_MODE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The factor on the backward's x̂·Σ(g·w·x̂)/width term (reference.projection_gain)."""
+    gain = norm_scale * norm_scale
+    if EPS_MODE == 1:
+        gain = tl.where(tl.sqrt(mean_square) * norm_scale >= eps, gain, 0.0)
+    elif EPS_MODE == 2:
+        stat = tl.sqrt(mean_square) * norm_scale
+        gain = gain * (1.0 + eps / tl.where(stat > 0, stat, 1.0))
+    return gain
+
+
+@triton.jit
 def _norm_forward_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
     X, RES, W, B, Y, SUM, MEAN, RSTD,
-    width, eps, weight_offset,
+    width, eps, weight_offset, norm_scale,
     BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, EPS_MODE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # row * width can exceed 2^31
     cols = tl.arange(0, BLOCK)
@@ -47,7 +75,7 @@ def _norm_forward_kernel(  # type: ignore[no-untyped-def]  # triton kernels are 
         mean = tl.sum(x, axis=0) / width
         tl.store(MEAN + row, mean)
         centered = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / width + eps)
+    rstd = _inverse_norm(tl.sum(centered * centered, axis=0) / width, eps, norm_scale, EPS_MODE)
     tl.store(RSTD + row, rstd)
     y = centered * rstd
     if HAS_WEIGHT:
@@ -60,8 +88,8 @@ def _norm_forward_kernel(  # type: ignore[no-untyped-def]  # triton kernels are 
 @triton.jit
 def _norm_backward_kernel(  # type: ignore[no-untyped-def]
     G, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
-    rows, width, weight_offset, rows_per_program,
-    BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    rows, width, weight_offset, rows_per_program, eps, norm_scale,
+    BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, EPS_MODE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -86,7 +114,11 @@ def _norm_backward_kernel(  # type: ignore[no-untyped-def]
         dw_acc += g * xhat
         db_acc += g
         gw = g * w
-        dx = gw - xhat * (tl.sum(gw * xhat, axis=0) / width)
+        gain = norm_scale * norm_scale
+        if EPS_MODE != 0:  # the gain depends on the row's norm: recompute its mean square
+            centered = tl.where(mask, x - mean, 0.0)
+            gain = _projection_gain(tl.sum(centered * centered, axis=0) / width, eps, norm_scale, EPS_MODE)
+        dx = gw - xhat * (tl.sum(gw * xhat, axis=0) / width * gain)
         if not RMS:
             dx = dx - tl.sum(gw, axis=0) / width
         tl.store(DX + offsets, (dx * rstd).to(DX.dtype.element_ty), mask=mask)
@@ -103,9 +135,9 @@ def _add_pair(a0, a1, b0, b1):  # type: ignore[no-untyped-def]
 @triton.jit
 def _norm_forward_chunked_kernel(  # type: ignore[no-untyped-def]
     X, RES, W, B, Y, SUM, MEAN, RSTD,
-    width, eps, weight_offset,
+    width, eps, weight_offset, norm_scale,
     CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, EPS_MODE: tl.constexpr,
 ):  # fmt: skip
     """`_norm_forward_kernel` for rows wider than a register block: pass 1 accumulates the statistics chunk by
     chunk (LayerNorm: each chunk's mean and centered sum of squares, merged into the row's), pass 2 re-reads the
@@ -147,7 +179,7 @@ def _norm_forward_chunked_kernel(  # type: ignore[no-untyped-def]
     else:
         mean += shift
         tl.store(MEAN + row, mean)
-    rstd = 1.0 / tl.sqrt(m2 / width + eps)
+    rstd = _inverse_norm(m2 / width, eps, norm_scale, EPS_MODE)
     tl.store(RSTD + row, rstd)
     if HAS_RESIDUAL:
         tl.debug_barrier()  # pass 2 reads the sum other threads of this program stored
@@ -178,8 +210,8 @@ def _grad_chunk(G, X, W, base, cols, mask, mean, rstd, weight_offset, HAS_WEIGHT
 @triton.jit
 def _norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
     G, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
-    rows, width, weight_offset, rows_per_program,
-    CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    rows, width, weight_offset, rows_per_program, eps, norm_scale,
+    CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, EPS_MODE: tl.constexpr,
 ):  # fmt: skip
     """`_norm_backward_kernel` for rows wider than a register block: per row, pass 1 accumulates the two row dot
     products chunk by chunk, pass 2 re-reads the row, stores dx and adds the row's dweight/dbias terms into this
@@ -195,12 +227,20 @@ def _norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
             mean = tl.load(MEAN + row)
         dot = tl.zeros([CHUNK], tl.float32)
         gw_sum = tl.zeros([CHUNK], tl.float32)
+        sum_sq = tl.zeros([CHUNK], tl.float32)
         for start in range(0, width, CHUNK):
             cols = start + tl.arange(0, CHUNK)
             _, gw, xhat = _grad_chunk(G, X, W, base, cols, cols < width, mean, rstd, weight_offset, HAS_WEIGHT)
             dot += gw * xhat
             gw_sum += gw
-        dot_mean = tl.sum(dot, axis=0) / width
+            if EPS_MODE != 0:  # the gain depends on the row's norm: recompute its mean square
+                mask = cols < width
+                centered = tl.where(mask, tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+                sum_sq += centered * centered
+        gain = norm_scale * norm_scale
+        if EPS_MODE != 0:
+            gain = _projection_gain(tl.sum(sum_sq, axis=0) / width, eps, norm_scale, EPS_MODE)
+        dot_mean = tl.sum(dot, axis=0) / width * gain
         gw_mean = tl.sum(gw_sum, axis=0) / width
         # The partial rows' loads and stores may get different layouts: other threads of this program stored what
         # a thread reads below for the previous row.
@@ -234,6 +274,12 @@ def _check_param(name: str, t: Tensor | None, x: Tensor) -> None:
         _check_tensor(name, t, x.device, x.shape[-1])
         if t.dim() != 1:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({x.shape[-1]},)")
+
+
+def _eps_mode_code(eps_mode: str) -> int:
+    if eps_mode not in EPS_MODE_CODES:
+        raise ValueError(f"eps_mode must be one of {sorted(EPS_MODE_CODES)}, got {eps_mode!r}")
+    return EPS_MODE_CODES[eps_mode]
 
 
 def _unit_stride(t: Tensor | None) -> Tensor | None:
@@ -314,10 +360,14 @@ def norm_forward_triton(
     *,
     num_warps: int | None = None,
     block: int | None = None,
+    eps_mode: str = "mean_square",
+    norm_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """(y, x + residual or None, mean or None (RMSNorm), rstd); mean/rstd are fp32 with shape x.shape[:-1] + (1,).
     `block`: columns a row program holds at once (`row_block`; a row wider than that runs in chunks of it);
-    `num_warps` per row program (a power of two <= 32); None: `default_warps` of the block."""
+    `num_warps` per row program (a power of two <= 32); None: `default_warps` of the block. `eps_mode` and
+    `norm_scale`: where eps goes (specs.NormSpec)."""
+    mode = _eps_mode_code(eps_mode)
     _check_tensor("x", x, x.device)
     _check_param("weight", weight, x)
     _check_param("bias", bias, x)
@@ -340,9 +390,9 @@ def norm_forward_triton(
         kernel, sizes = (_norm_forward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
             _norm_forward_kernel, dict(BLOCK=block))  # fmt: skip
         emit.launch(
-            kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset, **sizes,
-            RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            num_warps=_warps(num_warps, width, block),
+            kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset, norm_scale,
+            **sizes, RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, EPS_MODE=mode, num_warps=_warps(num_warps, width, block),
         )  # fmt: skip
     total_out = total.view(x.shape) if total is not None else None
     mean_out = mean.view(stat_shape) if mean is not None else None
@@ -376,10 +426,14 @@ def norm_backward_triton(
     num_warps: int | None = None,
     programs: int | None = None,
     block: int | None = None,
+    eps: float = 0.0,
+    eps_mode: str = "mean_square",
+    norm_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32), parameter grads reduced over all rows.
     `programs` slices the rows (each program writes one partial dweight/dbias row; None: one per SM), `num_warps`
-    and `block` as in the forward."""
+    and `block` as in the forward; `eps` is read only by eps_mode clamp_norm and add_norm."""
+    mode = _eps_mode_code(eps_mode)
     _check_tensor("x", x, x.device)
     _check_tensor("grad", grad, x.device)
     if grad.shape != x.shape:
@@ -405,7 +459,8 @@ def norm_backward_triton(
         emit.launch(
             kernel, (programs,),
             g2, x2, weight, mean1, rstd1, dx, dw_partial, db_partial, rows, width, weight_offset, rows_per_program,
-            **sizes, RMS=rms, HAS_WEIGHT=weight is not None, num_warps=_warps(num_warps, width, block),
+            eps, norm_scale, **sizes, RMS=rms, HAS_WEIGHT=weight is not None, EPS_MODE=mode,
+            num_warps=_warps(num_warps, width, block),
         )  # fmt: skip
     dweight = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx.view(x.shape), dweight, db_partial.sum(dim=0)

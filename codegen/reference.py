@@ -345,20 +345,47 @@ def _table_grads(
 
 # ----------------------------------------------------------------------------------------------------- norms
 def norm_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): y = (x - mean)·rstd·(w + offset) + b; RMSNorm has mean = 0. Stats in fp32."""
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, weight_offset: float, rms: bool,
+    eps_mode: str = "mean_square", norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(y, mean, rstd): y = (x - mean)·rstd·(w + offset) + b; RMSNorm has mean = 0. Stats in fp32. `eps_mode` and
+    `norm_scale` place eps as specs.NormSpec says (rstd = 1/sqrt(stat² + eps), 1/max(stat, eps) or 1/(stat + eps))."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     mean = torch.zeros_like(xf[..., :1]) if rms else xf.mean(dim=-1, keepdim=True)
     centered = xf - mean
-    rstd = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps)
+    rstd = inverse_norm((centered * centered).mean(dim=-1, keepdim=True), eps, eps_mode, norm_scale)
     y = centered * rstd
     if weight is not None:
         y = y * (weight.to(ct) + weight_offset)
     if bias is not None:
         y = y + bias.to(ct)
     return y.to(norm_out_dtype(x, weight, bias)), mean, rstd
+
+
+def inverse_norm(mean_square: Tensor, eps: float, eps_mode: str, norm_scale: float) -> Tensor:
+    """rstd from a row's mean square: eps added to stat², clamping stat, or added to stat (stat = scale·RMS)."""
+    if eps_mode == "mean_square":
+        return torch.rsqrt(mean_square * (norm_scale * norm_scale) + eps)
+    stat = mean_square.sqrt() * norm_scale
+    if eps_mode == "clamp_norm":
+        return 1.0 / stat.clamp_min(eps)
+    if eps_mode == "add_norm":
+        return 1.0 / (stat + eps)
+    raise ValueError(f"eps_mode must be one of mean_square, clamp_norm, add_norm; got {eps_mode!r}")
+
+
+def projection_gain(centered: Tensor, eps: float, eps_mode: str, norm_scale: float) -> Tensor | float:
+    """The backward's x̂·Σ(g·w·x̂)/width term is scaled by this: norm_scale², times 0 where F.normalize's clamp holds
+    (rstd is constant there; torch's clamp_min passes the gradient where stat >= eps) or 1 + eps/stat for an
+    added eps (d rstd/d stat = -rstd², not -rstd³·stat)."""
+    gain = norm_scale * norm_scale
+    if eps_mode == "mean_square":
+        return gain
+    stat = (centered * centered).mean(dim=-1, keepdim=True).sqrt() * norm_scale
+    if eps_mode == "clamp_norm":
+        return torch.where(stat >= eps, gain, 0.0)
+    return gain * (1.0 + eps / torch.where(stat > 0, stat, 1.0))  # a zero row has x̂ = 0: keep the factor finite
 
 
 def norm_out_dtype(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> torch.dtype:
@@ -371,18 +398,20 @@ def norm_out_dtype(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tor
 
 
 def norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(dx, dweight, dbias) reduced over all leading dims."""
+    grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool,
+    eps: float = 0.0, eps_mode: str = "mean_square", norm_scale: float = 1.0,
+) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """(dx, dweight, dbias) reduced over all leading dims; eps matters only with eps_mode clamp_norm / add_norm."""
     ct = mean.dtype
     g = grad.to(ct)
-    xhat = (x.to(ct) - mean) * rstd
+    centered = x.to(ct) - mean
+    xhat = centered * rstd
     lead = tuple(range(g.dim() - 1))
     dweight = (g * xhat).sum(dim=lead) if weight is not None else None
     dbias = g.sum(dim=lead)
     gw = g * (weight.to(ct) + weight_offset) if weight is not None else g
     width = x.shape[-1]
-    proj = (gw * xhat).sum(dim=-1, keepdim=True) / width
+    proj = (gw * xhat).sum(dim=-1, keepdim=True) / width * projection_gain(centered, eps, eps_mode, norm_scale)
     dx = gw - xhat * proj
     if not rms:
         dx = dx - gw.sum(dim=-1, keepdim=True) / width

@@ -151,3 +151,43 @@ def test_compiled_model_with_transposed_k_and_v() -> None:
     model = _TransposedKV()
     compiled = torch.compile(model, backend="tilefuse", options={"strict": True, "inner": "eager"})
     torch.testing.assert_close(compiled(q, kt, vt), model(q, kt, vt), atol=2e-5, rtol=2e-5)
+
+
+def _attention_op(q: Tensor, cos: Tensor, sin: Tensor, order: list[int] | None) -> Tensor:
+    return torch.ops.tilefuse.attention(q, q, q, None, None, None, None, D**-0.5, True, False, 0, 0.0, -1, 0,
+                                        out_order=order)[0]  # fmt: skip
+
+
+def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, order: list[int] | None) -> Tensor:
+    return torch.ops.tilefuse.rope(x, cos, sin, 0, R, out_order=order)
+
+
+@pytest.mark.parametrize("op", [_attention_op, _rope_op], ids=["attention", "rope"])
+def test_out_order_lays_out_the_output(op: Callable[..., Tensor]) -> None:
+    """`out_order` (the replaced node's layout, codegen/layouts.py) sets the output's strides, fake and real alike;
+    values and gradients, for a grad in that layout or another, are those of the contiguous call."""
+    from torch._subclasses import FakeTensorMode
+
+    from tilefuse.codegen.layouts import dim_order, same_layout
+
+    order = [0, 2, 1, 3]  # [B, N, H, D] memory seen as [B, H, N, D]
+    gen = torch.Generator().manual_seed(5)
+    x, cos, sin = (
+        torch.randn(B, HQ, N, D, generator=gen),
+        torch.randn(N, R, generator=gen),
+        torch.randn(N, R, generator=gen),
+    )
+    grad = strided(torch.randn(B, HQ, N, D, generator=gen), "transposed")
+    results = []
+    for out_order in (order, None):
+        leaf = x.clone().requires_grad_(True)
+        out = op(leaf, cos, sin, out_order)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    (laid_out, dx), (plain, dx_plain) = results
+    assert dim_order(laid_out) == order and plain.is_contiguous()
+    with FakeTensorMode() as mode:
+        fake = op(mode.from_tensor(x), mode.from_tensor(cos), mode.from_tensor(sin), order)
+    assert same_layout(fake, laid_out) and fake.stride() == laid_out.stride()
+    torch.testing.assert_close(laid_out, plain, atol=0, rtol=0)
+    torch.testing.assert_close(dx, dx_plain, atol=1e-6, rtol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -91,20 +92,49 @@ def test_chunked_norm_forward_backward(variant: tuple[bool, float, bool, bool, b
     _check_norm(variant, 7, 200, dtype, block=64, programs=3)
 
 
+# eps placements (NormSpec.eps_mode, norm_scale, eps): F.normalize's clamp of the L2 norm, eps added to the RMS, and a
+# root sum of squares (norm_scale √width) with eps added to its square.
+PLACEMENTS = [("clamp_norm", None, 1e-3), ("add_norm", 1.0, 1e-3), ("mean_square", None, 1e-5)]
+
+
+# (variant, width, block, dtype): an RMSNorm in whole rows (bf16), a LayerNorm with a residual in chunks of 64.
+PLACEMENT_CASES = [((True, 0.0, True, False, False), 59, None, torch.bfloat16),
+                   ((False, 0.0, True, True, True), 200, 64, torch.float32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", PLACEMENT_CASES, ids=["rms_whole_rows", "layer_chunked"])
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
+def test_norm_eps_placements(placement: tuple[str, float | None, float], case: tuple[Any, ...]) -> None:
+    """Every eps placement, whole rows and chunked, on rows of zeros and rows whose norm falls below eps (where the
+    clamp holds and stops the gradient through the norm)."""
+    mode, scale, eps = placement
+    variant, width, block, dtype = case
+    norm_scale = width**0.5 if scale is None else scale
+    _check_norm(variant, 7, width, dtype, block, 3, (eps, mode, norm_scale), tiny_rows=True)
+
+
 def _check_norm(variant: tuple[bool, float, bool, bool, bool], rows: int, width: int, dtype: torch.dtype,
-                block: int | None = None, programs: int | None = None) -> None:  # fmt: skip
+                block: int | None = None, programs: int | None = None,
+                placement: tuple[float, str, float] = (EPS, "mean_square", 1.0),
+                tiny_rows: bool = False) -> None:  # fmt: skip
     rms, offset, has_weight, has_bias, has_residual = variant
+    eps, mode, norm_scale = placement
     x, weight, bias, residual = _norm_inputs(rows, width, dtype, has_weight, has_bias, has_residual)
-    y, total, mean, rstd = norm_forward_triton(x, weight, bias, residual, EPS, offset, rms, block=block)
+    if tiny_rows:  # a row of zeros, and a row far below eps
+        x[0], x[1] = 0.0, x[1] * 1e-5
+        if residual is not None:
+            residual[:2] = 0.0
+    y, total, mean, rstd = norm_forward_triton(x, weight, bias, residual, eps, offset, rms, block=block,
+                                               eps_mode=mode, norm_scale=norm_scale)  # fmt: skip
 
     eager_in = x
     if residual is not None:
         assert total is not None
         _assert_close(total, x + residual, x.double() + residual.double(), 2)
         eager_in = total  # the kernel normalizes the sum it stored; judge the norm on that same input
-    eager_y, eager_mean, eager_rstd = ref.norm_forward(eager_in, weight, bias, EPS, offset, rms)
-    golden_y, golden_mean, golden_rstd = ref.norm_forward(eager_in.double(), _double(weight), _double(bias), EPS,
-                                                          offset, rms)  # fmt: skip
+    eager_y, eager_mean, eager_rstd = ref.norm_forward(eager_in, weight, bias, eps, offset, rms, mode, norm_scale)
+    golden_y, golden_mean, golden_rstd = ref.norm_forward(eager_in.double(), _double(weight), _double(bias), eps,
+                                                          offset, rms, mode, norm_scale)  # fmt: skip
     _assert_close(y, eager_y, golden_y.to(torch.float64), 2)
     _assert_close(rstd, eager_rstd, golden_rstd, 2)
     assert (mean is None) == rms
@@ -112,11 +142,12 @@ def _check_norm(variant: tuple[bool, float, bool, bool, bool], rows: int, width:
         _assert_close(mean, eager_mean, golden_mean, 2)
 
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
-    dx, dweight, dbias = norm_backward_triton(grad, eager_in, weight, mean, rstd, offset, rms, block=block,
-                                              programs=programs)  # fmt: skip
-    eager = ref.norm_backward(grad, eager_in, weight, eager_mean, eager_rstd, offset, rms)
+    knobs = dict(block=block, programs=programs)
+    dx, dweight, dbias = norm_backward_triton(grad, eager_in, weight, mean, rstd, offset, rms, **knobs, eps=eps,
+                                              eps_mode=mode, norm_scale=norm_scale)  # fmt: skip
+    eager = ref.norm_backward(grad, eager_in, weight, eager_mean, eager_rstd, offset, rms, eps, mode, norm_scale)
     golden = ref.norm_backward(grad.double(), eager_in.double(), _double(weight), golden_mean, golden_rstd, offset,
-                               rms)  # fmt: skip
+                               rms, eps, mode, norm_scale)  # fmt: skip
     _assert_close(dx, eager[0], golden[0], 3)
     _assert_close(dbias, eager[2], golden[2], 3)
     assert (dweight is None) == (weight is None)
@@ -266,16 +297,18 @@ _COMPILE_SM90 = textwrap.dedent(
 
     norm_fwd = ["X", "RES", "W", "B", "Y", "SUM", "MEAN", "RSTD"]
     norm_bwd = ["G", "X", "W", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL"]
+    fwd_floats, bwd_floats = ["eps", "weight_offset", "norm_scale"], ["weight_offset", "eps", "norm_scale"]
     report = {}
     for rms in (True, False):
-        report[f"norm_forward_rms={rms}"] = build(_norm_forward_kernel, norm_fwd, ["eps", "weight_offset"], dict(
-            BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True))
-        report[f"norm_backward_rms={rms}"] = build(_norm_backward_kernel, norm_bwd, ["weight_offset"], dict(
-            BLOCK=4096, RMS=rms, HAS_WEIGHT=True))
-        report[f"norm_forward_chunked_rms={rms}"] = build(_norm_forward_chunked_kernel, norm_fwd,
-            ["eps", "weight_offset"], dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True))
-        report[f"norm_backward_chunked_rms={rms}"] = build(_norm_backward_chunked_kernel, norm_bwd, ["weight_offset"],
-            dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True))
+        mode = 0 if rms else 1  # the default eps placement, and F.normalize's clamp
+        report[f"norm_forward_rms={rms}"] = build(_norm_forward_kernel, norm_fwd, fwd_floats, dict(
+            BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True, EPS_MODE=mode))
+        report[f"norm_backward_rms={rms}"] = build(_norm_backward_kernel, norm_bwd, bwd_floats, dict(
+            BLOCK=4096, RMS=rms, HAS_WEIGHT=True, EPS_MODE=mode))
+        report[f"norm_forward_chunked_rms={rms}"] = build(_norm_forward_chunked_kernel, norm_fwd, fwd_floats,
+            dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True, EPS_MODE=2))
+        report[f"norm_backward_chunked_rms={rms}"] = build(_norm_backward_chunked_kernel, norm_bwd, bwd_floats,
+            dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True, EPS_MODE=2))
     for layout in (0, 1):
         report[f"rope_layout={layout}"] = build(_rope_kernel, ["X", "COS", "SIN", "Y"], [], dict(
             BLOCK_ROWS=16, BLOCK_HALF=64, BLOCK_TAIL=64, LAYOUT=layout, BACKWARD=layout == 1, HAS_TAIL=True))
