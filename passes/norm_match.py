@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..codegen.reference import compute_dtype
+from ..specs import EpsMode
 from .base import Decline
 from .graph import (
     arg,
@@ -57,6 +58,8 @@ class NormMatch:
     bias: fx.Node | None = None
     weight_offset: float = 0.0
     region: set[fx.Node] = field(default_factory=set)  # every node the fused op makes redundant
+    eps_mode: EpsMode = "mean_square"  # where eps goes (NormSpec.eps_mode)
+    norm_scale: float = 1.0  # the statistic eps meets is norm_scale · RMS(x)
 
     @property
     def eps(self) -> float:
@@ -97,13 +100,13 @@ def _variance_kind(node: Any) -> NormKind | None:
         return "layernorm"
     if node is None or not is_op(node, aten.mean) or node.target is not aten.mean.dim:
         return None
-    squared = _squared(node.args[0])
+    squared = squared_operand(node.args[0])
     if squared is None:
         return None
-    return "layernorm" if _centered_parts(squared) is not None else "rmsnorm"
+    return "layernorm" if centered_parts(squared) is not None else "rmsnorm"
 
 
-def _squared(node: Any) -> fx.Node | None:
+def squared_operand(node: Any) -> fx.Node | None:
     """y for `y ** 2`, `y * y` or `square(y)`."""
     if is_op(node, aten.pow) and scalar_value(node.args[1]) == 2.0 and isinstance(node.args[0], fx.Node):
         return node.args[0]
@@ -114,7 +117,7 @@ def _squared(node: Any) -> fx.Node | None:
     return None
 
 
-def _centered_parts(node: Any) -> tuple[fx.Node, fx.Node] | None:
+def centered_parts(node: Any) -> tuple[fx.Node, fx.Node] | None:
     """(x, mean) when `node` is `x - mean(x, -1, keepdim=True)`."""
     if not is_op(node, aten.sub) or "alpha" in node.kwargs or len(node.args) != 2:
         return None
@@ -163,9 +166,9 @@ def _statistics(anchor: fx.Node) -> tuple[fx.Node, ScalarArg, set[fx.Node]]:
             raise Decline("variance uses Bessel's correction; a norm needs correction=0")
         return operand(variance), eps, nodes
     square = operand(variance)
-    squared = _squared(square)
+    squared = squared_operand(square)
     assert squared is not None  # guaranteed by norm_anchor_kind
-    centered = _centered_parts(squared)
+    centered = centered_parts(squared)
     if centered is not None:
         return centered[0], eps, nodes | {square, squared, centered[1]}
     return squared, eps, nodes | {square}
@@ -194,7 +197,7 @@ def _is_times_one(node: fx.Node, source: fx.Node) -> bool:
     )
 
 
-def _same_input(a: Any, b: fx.Node) -> bool:
+def same_input(a: Any, b: fx.Node) -> bool:
     """Equal values, or one tensor seen before and after lossless upcasts (T5 squares x.float() but scales x)."""
     if same_value(a, b):
         return True
@@ -204,9 +207,9 @@ def _same_input(a: Any, b: fx.Node) -> bool:
 def _is_centered_input(node: Any, kind: NormKind, x: fx.Node) -> set[fx.Node] | None:
     """The nodes of `node` when it is the input the norm scales: x (RMS) or x - mean(x) (LayerNorm)."""
     if kind == "rmsnorm":
-        return set() if _same_input(node, x) else None
-    parts = _centered_parts(node)
-    return {node, parts[1]} if parts is not None and _same_input(parts[0], x) else None
+        return set() if same_input(node, x) else None
+    parts = centered_parts(node)
+    return {node, parts[1]} if parts is not None and same_input(parts[0], x) else None
 
 
 def _normalized(anchor: fx.Node, kind: NormKind, x: fx.Node, nodes: set[fx.Node]) -> fx.Node:
@@ -240,24 +243,33 @@ def _is_vector(node: Any, width: int) -> bool:
     return t is not None and t.dim() == 1 and static_dim(t.shape[0]) == width and t.dtype.is_floating_point
 
 
+def _is_gain(node: Any, width: int) -> bool:
+    """A per-feature weight: a `width` vector, or one value for every feature (ScaleNorm's gain, shape () or (1,)),
+    which the rewrite expands to `width`."""
+    t = tensor_val(node)
+    return _is_vector(node, width) or (t is not None and t.dim() <= 1 and t.numel() == 1 and t.dtype.is_floating_point)
+
+
 def _weight_operand(node: Any, width: int) -> tuple[fx.Node, float] | None:
     """(weight, offset) for a `weight` or `offset + weight` multiplier (Gemma's `1 + w`)."""
-    if _is_vector(node, width) and is_op(node, aten.add) and "alpha" not in node.kwargs:
+    if _is_gain(node, width) and is_op(node, aten.add) and "alpha" not in node.kwargs:
         for param, const in (node.args, node.args[::-1]):
             offset = scalar_value(const)
-            if offset is not None and not isinstance(const, fx.Node) and _is_vector(param, width):
+            if offset is not None and not isinstance(const, fx.Node) and _is_gain(param, width):
                 return param, offset
-    return (node, 0.0) if _is_vector(node, width) else None
+    return (node, 0.0) if _is_gain(node, width) else None
 
 
-def _affine_tail(y: fx.Node, m: NormMatch, nodes: set[fx.Node]) -> fx.Node:
+def affine_tail(y: fx.Node, m: NormMatch, nodes: set[fx.Node]) -> fx.Node:
     """Absorb casts, `* weight` and (LayerNorm) `+ bias` after the normalized value; returns the output."""
     node = _follow_casts(y, nodes)
     user = single_user(node)
     if is_op(user, aten.mul) and user is not None:
-        parsed = _weight_operand(other_operand(user, node), m.width)
-        if parsed is not None and (m.kind == "rmsnorm" or parsed[1] == 0.0):
-            m.weight, m.weight_offset = parsed
+        multiplier = other_operand(user, node)
+        parsed = _weight_operand(multiplier, m.width)
+        if parsed is not None:
+            # The LayerNorm op has no offset argument: it takes the computed `w + offset` as its weight.
+            m.weight, m.weight_offset = parsed if m.kind == "rmsnorm" or parsed[1] == 0.0 else (multiplier, 0.0)
             nodes.add(user)
             node = _follow_casts(user, nodes)
     user = single_user(node)
@@ -287,7 +299,7 @@ def _eps_arg(eps: Any) -> ScalarArg:
     return value
 
 
-def _width(x: fx.Node) -> int:
+def norm_width(x: fx.Node) -> int:
     """The normalized width; a symbolic one is specialized (the kernels are built per width)."""
     value = tensor_val(x)
     if value is None or value.dim() == 0:
@@ -297,14 +309,14 @@ def _width(x: fx.Node) -> int:
 
 def _match_manual(anchor: fx.Node, kind: NormKind) -> NormMatch:
     x, eps, nodes = _statistics(anchor)
-    m = NormMatch(kind, x, [], eps, _width(x))
-    output = _affine_tail(_normalized(anchor, kind, x, nodes), m, nodes)
+    m = NormMatch(kind, x, [], eps, norm_width(x))
+    output = affine_tail(_normalized(anchor, kind, x, nodes), m, nodes)
     m.outputs = [output]
-    m.region = _checked_region(x, output, nodes)
+    m.region = checked_region(x, output, nodes)
     return m
 
 
-def _checked_region(x: fx.Node, output: fx.Node, nodes: set[fx.Node]) -> set[fx.Node]:
+def checked_region(x: fx.Node, output: fx.Node, nodes: set[fx.Node]) -> set[fx.Node]:
     """The nodes between x and output, which must all belong to the pattern and stay inside it."""
     region = region_between(output.graph, [x], output)
     order = node_order(output.graph)
@@ -334,7 +346,7 @@ def _match_norm_op(node: fx.Node, kind: NormKind) -> NormMatch:
     shape = arg(node, 1, "normalized_shape")
     if len(shape) != 1:
         raise Decline(f"normalizes over the last {len(shape)} dims; only the last dim is supported")
-    width = _width(x)
+    width = norm_width(x)
     if fixed_size(shape[0], "normalized_shape") != width:
         raise Decline(f"normalized_shape {list(shape)} does not match the last dim {width}")
     m = NormMatch(kind, x, [node], _op_eps(node, x), width, weight=arg(node, 2, "weight"), region={node})
@@ -343,7 +355,22 @@ def _match_norm_op(node: fx.Node, kind: NormKind) -> NormMatch:
     if is_op(node, aten.native_layer_norm):
         m.outputs = _native_outputs(node)
         m.region |= set(node.users)
+    elif m.weight is None and m.bias is None:
+        _absorb_affine(node, m)
     return m
+
+
+def _absorb_affine(node: fx.Node, m: NormMatch) -> None:
+    """A parameter-free norm op followed by `* weight [+ bias]` (x-transformers' LayerNorm · (gamma + 1)): the op
+    takes them. Left as it is when the tail is not the norm's alone."""
+    nodes = {node}
+    output = affine_tail(node, m, nodes)
+    try:
+        m.region = checked_region(m.x, output, nodes)
+    except Decline:
+        m.weight, m.bias, m.weight_offset = None, None, 0.0
+        return
+    m.outputs = [output]
 
 
 def _native_outputs(node: fx.Node) -> list[fx.Node]:

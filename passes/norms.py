@@ -13,11 +13,13 @@ import torch.fx as fx
 
 from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
 from ..codegen.reference import compute_dtype
-from ..specs import NormSpec
+from ..specs import EPS_MODES, NormSpec
 from .base import Decline, FixableDecline, PassContext, PassResult
 from .graph import aten, dtype_of, getitem, insert_call, replace_with, static_shape, tensor_val
 from .match_common import cast_source, dtype_name, erase_dead, node_order, operand, strip_widening_casts
 from .norm_match import NormKind, NormMatch, match_norm, norm_anchor_kind
+from .norm_vector import match_vector_norm, vector_norm_kind
+from .out_layout import keep_layout
 from .scalars import ScalarArg
 
 
@@ -35,7 +37,7 @@ class NormPass:
         modified = False
         live = set(gm.graph.nodes)
         for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
-            kind = norm_anchor_kind(node) if node in live else None
+            kind = _anchor_kind(node) if node in live else None
             if kind is None or not ctx.is_enabled(kind):
                 continue
             replaced = _fuse_site(gm, node, kind, ctx)
@@ -49,10 +51,21 @@ class NormPass:
         return PassResult(gm, modified)
 
 
+def _anchor_kind(node: fx.Node) -> NormKind | None:
+    """A norm op, 1/sqrt of a variance, or a vector norm divided into its own input (norm_vector.py)."""
+    return vector_norm_kind(node) or norm_anchor_kind(node)
+
+
+def _match(anchor: fx.Node, kind: NormKind) -> NormMatch:
+    if vector_norm_kind(anchor) is not None:
+        return match_vector_norm(anchor, kind)
+    return match_norm(anchor, kind)
+
+
 def _fuse_site(gm: fx.GraphModule, anchor: fx.Node, kind: NormKind, ctx: PassContext) -> set[fx.Node] | None:
     """Rewrite one candidate; returns the nodes it made redundant, or None when it declined."""
     try:
-        match = match_norm(anchor, kind)
+        match = _match(anchor, kind)
     except Decline as decline:
         ctx.declined(kind, anchor, decline.reason, decline.spec)
         if isinstance(decline, FixableDecline):
@@ -136,16 +149,25 @@ def _rewrite(graph: fx.Graph, m: NormMatch, residual_enabled: bool) -> tuple[fx.
         _plan_residual(plan, m, order)
     spec = _spec(m, plan)
     with graph.inserting_before(_insert_point(plan, order)):
+        plan.weight = _feature_vector(graph, plan.weight, m.width)
         new_node = insert_call(graph, _op(m, plan), _op_args(m, plan))
         normed = getitem(graph, new_node, 0) if plan.residual else new_node
         total = getitem(graph, new_node, 1) if plan.residual else None
         for user, old in plan.residual_uses or ():
             assert total is not None
-            user.replace_input_with(old, _as_dtype(graph, total, dtype_of(old)))
+            user.replace_input_with(old, _as_dtype(graph, keep_layout(graph, total, old), dtype_of(old)))
     new_node.meta["tilefuse_spec"] = spec
-    for output in m.outputs:
-        replace_with(output, normed)
+    for output in m.outputs:  # each with the strides it had, so code that views it keeps working
+        replace_with(output, keep_layout(graph, normed, output))
     return new_node, spec, plan
+
+
+def _feature_vector(graph: fx.Graph, weight: fx.Node | None, width: int) -> fx.Node | None:
+    """A one-value gain (ScaleNorm) expanded to the `width` vector the op takes; its gradient sums back."""
+    value = tensor_val(weight)
+    if weight is None or value is None or tuple(value.shape) == (width,):
+        return weight
+    return insert_call(graph, aten.expand.default, (weight, [width]))
 
 
 def _as_dtype(graph: fx.Graph, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
@@ -164,7 +186,7 @@ def _op(m: NormMatch, plan: _Plan) -> torch._ops.OpOverload:
 def _op_args(m: NormMatch, plan: _Plan) -> tuple[object, ...]:
     inputs = plan.residual or (plan.x,)
     if m.kind == "rmsnorm":
-        return (*inputs, plan.weight, m.eps_arg, m.weight_offset)
+        return (*inputs, plan.weight, m.eps_arg, m.weight_offset, EPS_MODES.index(m.eps_mode), m.norm_scale)
     return (*inputs, plan.weight, plan.bias, m.eps_arg)
 
 
@@ -183,4 +205,6 @@ def _spec(m: NormMatch, plan: _Plan) -> NormSpec:
         compute_dtype=dtype_name(compute_dtype(x_dtype) if x_dtype is not None else None),
         out_dtype=dtype_name(_out_dtype(plan.x, plan.weight, plan.bias)),
         dynamic_scalars=m.dynamic_scalars,
+        eps_mode=m.eps_mode,
+        norm_scale=m.norm_scale,
     )

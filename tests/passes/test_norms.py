@@ -147,6 +147,64 @@ def test_rmsnorm_bf16_is_no_worse_than_eager(spelling: str) -> None:
     assert_no_worse_than_eager(ours, eager, as_double(module)(x.double()), floor=1e-3)
 
 
+# --------------------------------------------------------------------------------------- vector-norm statistics
+W = 59  # the width of the vector-norm spellings below: their factors are written with it
+
+
+def _l2(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
+# name -> (spelling, eps_mode, norm_scale, eps): eps placed where the spelling puts it, constant factors folded.
+VECTOR_NORM_SPELLINGS: dict[str, tuple[Spelling, str, float, float]] = {
+    "x_transformers_rms": (lambda m, x: F.normalize(x, dim=-1) * W**0.5 * m.weight, "clamp_norm", 1.0, 1e-12 / W**0.5),
+    "l2_qk_norm": (lambda m, x: F.normalize(x, p=2, dim=-1, eps=1e-6), "clamp_norm", W**0.5, 1e-6),
+    "rms_plus_eps": (lambda m, x: x / (x.norm(dim=-1, keepdim=True) * W**-0.5 + 1e-4), "add_norm", 1.0, 1e-4),
+    "clamp_then_scale": (lambda m, x: x / (_l2(x).clamp_min(1e-3) / 2.0), "clamp_norm", W**0.5 / 2, 5e-4),
+    "root_sum_squares": (lambda m, x: x / x.pow(2).sum(-1, keepdim=True).sqrt(), "mean_square", W**0.5, 0.0),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(VECTOR_NORM_SPELLINGS))
+def test_vector_norm_spellings_fuse_with_their_eps_placement(spelling: str) -> None:
+    fn, mode, scale, eps = VECTOR_NORM_SPELLINGS[spelling]
+    module, x = Norm(fn, W), _x(W)
+    x[0, 0] = 0.0  # a zero row: F.normalize's clamp gives 0, not NaN
+    gm, ctx = run_pass(NormPass(), module, (x,))
+    (site,) = ctx.sites
+    assert site.status == "fused" and site.kind == "rmsnorm", site.reason
+    assert site.spec.eps_mode == mode
+    assert (site.spec.norm_scale, site.spec.eps) == (pytest.approx(scale), pytest.approx(eps, rel=1e-6, abs=0.0))
+    assert not ops_in(gm) & {"aten.linalg_vector_norm", "aten.sqrt", "aten.clamp_min", "aten.div"}
+    ours, eager = gm(x), module(x)
+    assert ours[0, 0].isnan().all() == eager[0, 0].isnan().all()
+    assert_same(ours[:, 1:], eager[:, 1:])
+
+
+def test_half_precision_normalize_keeps_its_rounded_eps() -> None:
+    """F.normalize in float16 clamps at float16(1e-12) = 0: a zero row is NaN in eager, and stays NaN fused."""
+    module, x = Norm(lambda m, x: F.normalize(x, dim=-1), 8).half(), _x(8, torch.float16)
+    x[0, 0] = 0.0
+    gm, ctx = run_pass(NormPass(), module, (x,))
+    assert ctx.sites[0].spec.eps == 0.0
+    assert gm(x)[0, 0].isnan().all() and module(x)[0, 0].isnan().all()
+
+
+def test_ones_gain_and_layer_norm_offset_weights_are_absorbed() -> None:
+    """ScaleNorm's one-value gain becomes a width vector; x-transformers' LayerNorm · (gamma + 1) a LayerNorm
+    weight (its op has no offset)."""
+    gain = nn.Parameter(torch.tensor([1.7]))
+    scale_norm = lambda m, x: F.normalize(x, dim=-1) * 4.0 * (gain + 1.0)  # noqa: E731
+    layer_norm = lambda m, x: F.layer_norm(x, (x.shape[-1],)) * (m.weight + 1.0)  # noqa: E731
+    for fn, kind in ((scale_norm, "rmsnorm"), (layer_norm, "layernorm")):
+        module, x = Norm(fn, 16), _x(16)
+        gm, ctx = run_pass(NormPass(), module, (x,))
+        (site,) = ctx.sites
+        assert site.kind == kind and site.status == "fused" and site.spec.has_weight
+        assert "aten.mul" not in ops_in(gm)
+        assert_same(gm(x), module(x))
+
+
 # ----------------------------------------------------------------------------------------------- LayerNorm
 @pytest.mark.parametrize("width", [8, 59])
 @pytest.mark.parametrize("spelling", sorted(LN_SPELLINGS))
@@ -236,6 +294,11 @@ def _rsqrt_returned(m: Norm, x: Tensor) -> tuple[Tensor, Tensor]:
     return x * r * m.weight, r
 
 
+def _norm_returned(m: Norm, x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = _l2(x)
+    return x / norm.clamp_min(1e-6), norm
+
+
 # name -> (spelling, expected words in the reason, op that must survive)
 DECLINES: dict[str, tuple[Spelling, str, str]] = {
     "rsqrt_reused": (_rsqrt_returned, "intermediate rsqrt is used outside the norm", "aten.rsqrt"),
@@ -252,6 +315,9 @@ DECLINES: dict[str, tuple[Spelling, str, str]] = {
         "correction",
         "aten.rsqrt",
     ),
+    "normalize_p1": (lambda m, x: F.normalize(x, p=1, dim=-1), "ord=1", "aten.linalg_vector_norm"),
+    "normalize_not_last_dim": (lambda m, x: F.normalize(x, dim=1), "dims [1]", "aten.linalg_vector_norm"),
+    "norm_returned": (_norm_returned, "intermediate linalg_vector_norm is used outside", "aten.linalg_vector_norm"),
     "native_stats_used": (
         lambda m, x: torch.native_layer_norm(x, (x.shape[-1],), m.weight, m.bias, 1e-5)[:2],
         "mean/rstd",
