@@ -4,7 +4,8 @@ Sites are anchored on softmax nodes (primitive spellings) and SDPA calls. Masks 
 sliding-window structure becomes flags and ALiBi biases become slopes; RoPE ops feeding both Q and K, directly or
 through the same head permute, are absorbed into the attention call. Training-mode dropout on the probabilities
 (or SDPA's dropout_p) becomes the op's dropout_p plus a node that draws its rng; the op returns (out, lse) and
-the site's users read item 0.
+the site's users read item 0, laid out with the replaced node's strides (`out_order`, passes/out_layout.py: SDPA's
+output is often a [B, N, H, D] buffer seen as [B, H, N, D], which code after it views).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch.fx as fx
 
 from ..codegen.custom_ops import RNG_HIGH
 from ..specs import AttentionSpec, RopeSpec
+from .attention_contractions import einsums_read_as_matmul
 from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
-from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site
+from .attention_match import SOFTMAX, AttentionMatch, match_softmax_site, scale_biases
 from .attention_sinks import rescale_by_sinks
 from .base import Decline, FixableDecline, PassContext, PassResult
 from .fastpath import advise_if_weights_returned
@@ -37,6 +39,7 @@ from .graph import (
 )
 from .head_fold import merge_heads, unfold_heads
 from .match_common import fixed_size
+from .out_layout import keep_layout, output_order
 from .rope_absorb import absorb_rope
 from .scalars import ScalarArg, ScalarProduct, scalar_hint
 from .sdpa import match_sdpa_site, sdpa_signature
@@ -53,8 +56,11 @@ class AttentionPass:
         modified = False
         for anchor in anchors:
             try:
-                match = match_sdpa_site(anchor) if sdpa_signature(anchor) else match_softmax_site(anchor)
-                spec, detail = _rewrite(gm.graph, match, ctx)
+                if sdpa_signature(anchor):
+                    spec, detail = _rewrite(gm.graph, match_sdpa_site(anchor), ctx)
+                else:
+                    with einsums_read_as_matmul(anchor):  # put back if the site is declined
+                        spec, detail = _rewrite(gm.graph, match_softmax_site(anchor), ctx)
             except Decline as decline:
                 ctx.declined("attention", anchor, decline.reason, decline.spec)
                 if isinstance(decline, FixableDecline):
@@ -85,6 +91,7 @@ def _rewrite(graph: fx.Graph, match: AttentionMatch, ctx: PassContext) -> tuple[
         names = ", ".join(sorted(n.name for n in escaped)[:3])
         raise Decline(f"intermediate(s) {names} of the attention are used outside it")
     with graph.inserting_before(match.output):
+        scale_biases(graph, match)
         mask = build_mask(graph, match, q_len, kv_len)
         if match.heads_folded is not None:
             heads = match.heads_folded
@@ -166,6 +173,9 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: Attentio
             q, k, v = (insert_call(graph, aten.unsqueeze.default, (n, 1)) for n in (q, k, v))
         tensors = (q, k, v, mask.node, mask.alibi, match.rope_cos, match.rope_sin)
         args = (*tensors, *_op_flags(spec, _run_time_scalars(graph, match)), _dropout_rng(graph, q, spec))
+        out_order = output_order(match.output, 4, first_dim_split=match.three_d or match.heads_folded is not None)
+        if out_order is not None:  # the replaced node's strides, so code that views the output keeps working
+            args = (*args, out_order)
         call = insert_call(graph, torch.ops.tilefuse.attention.default, args)
         call.meta["tilefuse_spec"] = spec
         out = getitem(graph, call, 0)  # (out, lse): the lse reaches only the backward, through autograd
@@ -175,6 +185,7 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: Attentio
             out = insert_call(graph, aten.squeeze.dim, (out, 1))
         if match.heads_folded is not None:
             out = merge_heads(graph, out)
+    out = keep_layout(graph, out, match.output)
     out.meta["tilefuse_spec"] = spec
     replace_with(match.output, out)
 

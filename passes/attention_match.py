@@ -16,7 +16,7 @@ import torch.fx as fx
 from .attention_sinks import match_sinks
 from .base import Decline
 from .canonicalize_softmax import without_row_shift
-from .graph import arg, aten, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
+from .graph import arg, aten, insert_call, is_op, ndim, scalar_value, single_user, static_shape, tensor_val
 from .head_fold import merged_heads, split_heads, unfolded_source
 from .masks import is_full_slice, is_very_negative
 from .match_common import same_value
@@ -25,6 +25,7 @@ from .scalars import ScalarArg, ScalarProduct, fixed_scalar, scalar_arg, tensor_
 CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy)
 SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
 VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
+CONTRACTIONS = (aten.matmul, aten.bmm, aten.baddbmm, aten.einsum)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class AttentionMatch:
     heads_folded: int | None = None
     folded_additive: list[fx.Node] = field(default_factory=list)
     sinks: fx.Node | None = None  # the [B, H, Nq, 1] sink logit column (attention_sinks.py)
+    bias_betas: dict[fx.Node, float] = field(default_factory=dict)  # baddbmm bias inputs scaled by beta ≠ 1
 
 
 def skip_casts(node: Any) -> Any:
@@ -104,6 +106,8 @@ def _find_pv(softmax: fx.Node) -> tuple[fx.Node, float, int | None]:
             heads, node = merged_heads(user), user
         elif is_op(user, aten.matmul, aten.bmm) and user.args[0] is node:
             return user, dropout_p, heads
+        elif is_op(user, aten.einsum):  # one contracting the key axis was read as a matmul already
+            raise Decline(f"the probabilities feed einsum '{user.args[0]}', which does not contract their key axis")
         else:
             raise Decline(f"softmax output feeds {user.target}, not a contraction with V")
 
@@ -116,25 +120,50 @@ def _peel_scores(node: Any, match: AttentionMatch) -> None:
         if is_op(node, aten.matmul, aten.bmm):
             break
         if is_op(node, aten.baddbmm):
-            node = _peel_baddbmm(node, outer_to_inner)
+            node = _peel_baddbmm(node, outer_to_inner, match)
             break
+        if is_op(node, aten.einsum):
+            raise Decline(f"the scores come from einsum '{node.args[0]}', which is not one contraction of Q and K")
         step = _peel_one(node, outer_to_inner)
         if step is None:
             target = getattr(node, "target", node)
             raise Decline(f"unsupported op {target} between Q·Kᵀ and softmax")
         node = step
     _apply_score_ops(list(reversed(outer_to_inner)), match)
+    _check_masks_independent(match, node)
     _match_qk(node, match)
 
 
-def _peel_baddbmm(node: fx.Node, ops: list[tuple[str, Any]]) -> fx.Node:
+def _check_masks_independent(match: AttentionMatch, contraction: fx.Node, budget: int = 256) -> None:
+    """A mask or bias computed from the scores themselves (top-k sparse attention, talking heads mixing the
+    heads' scores) makes the weights no softmax of Q·Kᵀ plus an independent term."""
+    for mask in [cond for cond, _ in match.keeps] + match.additive + match.folded_additive:
+        if not isinstance(mask, fx.Node):
+            continue
+        stack, seen = [mask], {mask}
+        while stack and len(seen) < budget:
+            node = stack.pop()
+            if node is contraction:
+                why = "(e.g. top-k selection, talking heads): not a softmax of Q·Kᵀ plus an independent term"
+                raise Decline(f"the mask or bias {mask.name} is computed from the scores themselves {why}")
+            fresh = [n for n in node.all_input_nodes if n not in seen]
+            seen.update(fresh)
+            stack.extend(fresh)
+
+
+def _peel_baddbmm(node: fx.Node, ops: list[tuple[str, Any]], match: AttentionMatch) -> fx.Node:
+    """baddbmm(input, q, kᵀ, beta, alpha) = beta·input + alpha·(q @ kᵀ): a scale, then a bias unless beta is 0,
+    where torch ignores the input (NaN and inf in it included; diffusers passes torch.empty there)."""
     kwargs: dict[str, Any] = dict(node.kwargs)
-    beta, alpha = scalar_arg(kwargs.get("beta", 1)), scalar_arg(kwargs.get("alpha", 1))
-    if beta != 1.0:
-        raise Decline(f"baddbmm with beta={beta} is not an additive bias")
-    ops.append(("add", node.args[0]))
+    beta, alpha = scalar_value(kwargs.get("beta", 1)), scalar_arg(kwargs.get("alpha", 1))
+    if beta is None:
+        raise Decline(f"baddbmm beta {kwargs.get('beta')} is not a constant (0 would ignore the input)")
     if alpha is None:
         raise Decline(f"baddbmm alpha {kwargs.get('alpha')} is not a scalar")
+    if beta != 0.0:
+        ops.append(("add", node.args[0]))
+        if beta != 1.0:
+            match.bias_betas[node.args[0]] = beta
     if alpha != 1.0:
         ops.append(("scale", (alpha, 1)))
     return node
@@ -230,21 +259,27 @@ def _peel_where(node: fx.Node, ops: list[tuple[str, Any]]) -> Any:
     raise Decline("where() on the scores whose other branch is not a large negative fill")
 
 
-def _leads_to_scores(node: Any, depth: int = 12) -> bool:
+def _leads_to_scores(node: Any) -> bool:
     """Cheap look-ahead: does `node` reach a Q·Kᵀ contraction through score-chain ops?"""
+    return score_contraction(node) is not None
+
+
+def score_contraction(node: Any, depth: int = 12) -> fx.Node | None:
+    """The contraction (matmul, bmm, baddbmm or einsum) that `node` reaches through score-chain ops, or None."""
     for _ in range(depth):
         if not isinstance(node, fx.Node):
-            return False
-        if is_op(node, aten.matmul, aten.bmm, aten.baddbmm):
-            return True
+            return None
+        if is_op(node, *CONTRACTIONS):
+            return node
         if is_op(node, *CASTS, *VIEWS, aten.mul, aten.div, aten.masked_fill, aten.tanh):
             node = node.args[0]
         elif is_op(node, aten.add, aten.where):
             operands = node.args[1:] if is_op(node, aten.where) else node.args
-            return any(_leads_to_scores(x, depth - 1) for x in operands)
+            found = (score_contraction(x, depth - 1) for x in operands)
+            return next((c for c in found if c is not None), None)
         else:
-            return False
-    return False
+            return None
+    return None
 
 
 def _apply_score_ops(inner_to_outer: list[tuple[str, Any]], match: AttentionMatch) -> None:
@@ -284,6 +319,14 @@ def _softcap_value(cap: ScalarArg) -> ScalarArg:
     if cap == 0.0:
         raise Decline("softcap of 0 (tanh(scores / 0) * 0 is 0 or NaN): not a softcap")
     return abs(cap)
+
+
+def scale_biases(graph: fx.Graph, match: AttentionMatch) -> None:
+    """Insert beta·input for each baddbmm bias whose beta is not 1 (at the current point, once the site fuses)."""
+    for biases in (match.additive, match.folded_additive):
+        for i, bias in enumerate(biases):
+            if bias in match.bias_betas:
+                biases[i] = insert_call(graph, aten.mul.Tensor, (bias, match.bias_betas[bias]))
 
 
 # -------------------------------------------------------------------------------------------- Q, K and V
@@ -350,9 +393,11 @@ def _untranspose(node: Any) -> fx.Node | None:
 
 
 def walk_kv(node: fx.Node) -> tuple[fx.Node, int]:
-    """(base, group): see through repeat_kv (unsqueeze→expand→reshape), repeat_interleave and MQA expand."""
+    """(base, group): see through repeat_kv (unsqueeze→expand→reshape, or flatten(1, 2) as torchtune writes it),
+    repeat_interleave and MQA expand."""
     node = skip_casts(node)
-    repeated = _repeat_kv_base(node) if is_op(node, *VIEWS) else None
+    merges = is_op(node, *VIEWS) or (is_op(node, aten.flatten) and tuple(node.args[1:3]) == (1, 2))
+    repeated = _repeat_kv_base(node) if merges else None
     if repeated is not None:
         return repeated
     repeats = arg(node, 1, "repeats") if is_op(node, aten.repeat_interleave) else None

@@ -45,6 +45,7 @@ class Spelling:
     build: Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]]
     fused: dict[str, int] = field(default_factory=dict)
     declined: dict[str, int] = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()  # each a part of some declined site's reason (a decline must say why truly)
     check_specs: Callable[[dict[str, list[Any]]], None] | None = None
     train: bool = True
     atol: float = 1e-5
@@ -112,6 +113,8 @@ def check(spelling: Spelling) -> dict[str, list[Any]]:
     assert dict(fused) == spelling.fused, (dict(fused), reasons)
     for kind, count in spelling.declined.items():
         assert declined[kind] == count, (kind, dict(declined), reasons)
+    for part in spelling.reasons:
+        assert any(part in (reason or "") for _, reason in reasons), (part, reasons)
     for kind in spelling.fused:  # the fused op of every fused kind ran
         assert any(ops[op] for op in EXECUTED_OPS[kind]), (kind, dict(ops))
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from tilefuse.passes.attention import AttentionPass
 from tilefuse.passes.base import PassContext
 from tilefuse.passes.canonicalize import CanonicalizePass
+from tilefuse.passes.canonicalize_einsum import read_contraction
 from tilefuse.specs import AttentionSpec, spec_from_dict
 
 
@@ -209,6 +210,12 @@ def scaled_after_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return ((q @ k.transpose(-2, -1)).masked_fill(mask == 0, NEG_INF) * 0.25).softmax(-1) @ v
 
 
+def mqa_einsum_scores_reused(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Read as matmuls for the match (one K/V head, no heads axis), then declined: the einsums are put back."""
+    s = torch.einsum("bhid,bjd->bhij", q, k[:, 0])
+    return torch.einsum("bhij,bjd->bhid", s.softmax(-1), v[:, 0]), s.sum()
+
+
 def int_extra(shape: Shape) -> tuple[Tensor, ...]:
     return (bool_mask(shape, torch.Generator().manual_seed(1))[0].long(),)
 
@@ -221,6 +228,7 @@ DECLINES: dict[str, tuple[Callable[..., Any], Callable[[Shape], tuple[Tensor, ..
     "sdpa_math_dropout_mask": (sdpa_math_dropout_mask, lambda s: (), "explicit dropout mask"),
     "masked_fill_zero": (masked_fill_zero, int_extra, "is not a mask"),
     "scaled_after_mask": (scaled_after_mask, int_extra, "scaled after softcap or masking"),
+    "mqa_einsum_scores_reused": (mqa_einsum_scores_reused, lambda s: (), "are used outside it"),
 }
 
 
@@ -241,6 +249,27 @@ def test_decline_records_a_reason_and_leaves_the_graph(name: str) -> None:
     assert not tilefuse_nodes(gm, "attention")
     assert _call_targets(gm) == _call_targets(canonical)  # nothing inserted, nothing removed
     torch.testing.assert_close(gm(*inputs), Attend(fn)(*inputs), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("equation", "ranks", "reading"),
+    [
+        ("b h i d, b j d -> b h i j", (4, 3), ("bh", "idj", False)),  # x-transformers, one K/V head
+        ("bhij,bjd->bhid", (4, 3), ("bh", "ijd", False)),
+        ("bqhd,bkhd->bhqk", (4, 4), ("bh", "qdk", False)),  # sequence-major operands
+        ("bhqk,bkhd->bqhd", (4, 4), ("bh", "qkd", False)),  # ... and output
+        ("bhjd,bhid->bhij", (4, 4), ("bh", "idj", True)),  # K first
+        ("...id,...jd->...ij", (4, 3), ("23", "idj", False)),  # an ellipsis broadcasting over heads
+        ("bid,bjd", (3, 3), None),  # implicit output: b and d are summed
+        ("bhid,bhjd->bhi", (4, 4), None),  # two contracted labels
+        ("bhii,bhid->bhid", (4, 4), None),  # a diagonal
+        ("bhid,bhjd->bhij", (4, 3), None),  # ranks that do not fit the labels
+    ],
+)
+def test_einsum_read_as_one_matmul(equation: str, ranks: tuple[int, int], reading: Any) -> None:
+    form = read_contraction(equation, ranks)
+    got = None if form is None else ("".join(form.batch), form.m + form.c + form.n, form.swapped)
+    assert got == reading
 
 
 # ---------------------------------------------------------------------------------- spellings still declined

@@ -231,7 +231,7 @@ def functional_softmax_over_queries(s: Tensor) -> Tensor:
     return F.softmax(s, dim=-2, dtype=torch.float32).to(s.dtype)
 
 
-USED_OUTSIDE = "used outside"
+FROM_SCORES = "computed from the scores themselves"
 # name: (probabilities, whether the chain becomes a softmax, the attention's decline reason or None)
 NOT_SOFTMAX_OF_S: dict[str, tuple[Probs, bool, str | None]] = {
     "sum_indexed_as_columns": (sum_indexed_as_columns, False, None),
@@ -240,9 +240,9 @@ NOT_SOFTMAX_OF_S: dict[str, tuple[Probs, bool, str | None]] = {
     "column_sum_indexed_none": (column_sum_indexed_none, False, None),
     "sum_narrowed": (sum_narrowed, False, None),
     "sum_with_narrower_dtype": (sum_with_narrower_dtype, False, None),
-    "add_negated_column_max": (add_negated_column_max, True, USED_OUTSIDE),
-    "add_row_max": (add_row_max, True, USED_OUTSIDE),
-    "add_negated_max_of_other_scores": (add_negated_max_of_other_scores, True, USED_OUTSIDE),
+    "add_negated_column_max": (add_negated_column_max, True, FROM_SCORES),
+    "add_row_max": (add_row_max, True, FROM_SCORES),
+    "add_negated_max_of_other_scores": (add_negated_max_of_other_scores, True, FROM_SCORES),
     "add_negated_detached_logsumexp": (add_negated_detached_logsumexp, False, None),
     "functional_softmax_over_queries": (functional_softmax_over_queries, False, "softmax over dim -2"),
 }
