@@ -1,7 +1,8 @@
 """The rope pass: replace every rotary-embedding site by `tilefuse::rope(x, cos, sin, layout, rotary_dim)`.
 
-The op's arguments are kept exactly so: the attention pass later folds rope ops on Q and K into attention when
-both share the same cos/sin nodes.
+rope_match.py recognizes the site by meaning; its cos/sin are built in the graph from the tables the model reads
+(rope_tables.py). Tables are built once per distinct table and placed right after the tensors they read, so the
+sites on Q and K name the same cos/sin nodes: the attention pass then folds both rope ops into attention.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
 from ..codegen.reference import ROPE_INTERLEAVED, ROPE_ROTATE_HALF
 from ..specs import RopeSpec
 from .base import Decline, PassContext, PassResult
-from .graph import aten, dtype_of, insert_call, replace_with, static_shape
-from .match_common import dtype_name, erase_dead, node_order, same_value
+from .graph import aten, dtype_of, insert_call, replace_with, static_shape, tensor_val
+from .match_common import dtype_name, erase_dead, node_order, same_value, widens
+from .out_layout import keep_layout, output_order
 from .rope_match import RopeMatch, match_rope, rope_anchor
-from .rope_split import deinterleave, doubled
+from .rope_tables import Table, build, deinterleave
 
 LAYOUT_CODES = {"rotate_half": ROPE_ROTATE_HALF, "interleaved": ROPE_INTERLEAVED}
 
-# cos/sin per freqs_cis node (complex spelling) or per site, so later sites can share them with earlier ones.
-_Tables = dict[fx.Node, tuple[fx.Node, fx.Node]]
+# Tables built so far (and cos/sin pairs expanded to one shape), shared by later sites that read the same values.
+_Built = list[tuple[Table, fx.Node]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class RopePass:
         if not ctx.is_enabled("rope"):
             return PassResult(gm, False)
         modified = False
-        tables: _Tables = {}
+        tables: _Built = []
         live = set(gm.graph.nodes)
         for node in [n for n in gm.graph.nodes if rope_anchor(n)]:
             if node not in live:
@@ -49,6 +51,9 @@ class RopePass:
                 match = match_rope(node)
             except Decline as decline:
                 ctx.declined("rope", node, decline.reason, decline.spec)
+                live -= getattr(decline, "covered", set())  # other anchors of the same candidate
+                continue
+            if match is None:
                 continue
             new_node, spec = _rewrite(gm.graph, match, tables)
             ctx.fused("rope", new_node, spec)
@@ -61,75 +66,93 @@ class RopePass:
         return PassResult(gm, modified)
 
 
-def _rewrite(graph: fx.Graph, m: RopeMatch, tables: _Tables) -> tuple[fx.Node, RopeSpec]:
-    if m.freqs is not None:
-        cos, sin = tables.get(m.freqs) or _tables_from_freqs(graph, m.freqs)
-        tables[m.freqs] = (cos, sin)
-    else:
-        assert m.cos is not None and m.sin is not None
-        cos, sin = _shared(graph, (m.cos, m.sin), m.output, tables)
-        if m.half_tables:
-            cos, sin = _doubled_tables(graph, (cos, sin), tables)
+def _rewrite(graph: fx.Graph, m: RopeMatch, tables: _Built) -> tuple[fx.Node, RopeSpec]:
+    cos, sin = _table(graph, m.cos, m.output, tables), _table(graph, m.sin, m.output, tables)
+    cos, sin = _same_shape(graph, cos, sin)
+    out_shape = static_shape(m.output)
     with graph.inserting_before(m.output):
-        x = deinterleave(graph, m.x, m.rotary_dim) if m.deinterleave else m.x
-        args = (x, cos, sin, LAYOUT_CODES[m.layout], m.rotary_dim)
+        x = _x_input(graph, m, cos)
+        args: tuple[object, ...] = (x, cos, sin, LAYOUT_CODES[m.layout], m.rotary_dim)
+        same_shape = static_shape(x) == out_shape
+        out_order = output_order(m.output, len(static_shape(x))) if same_shape else None  # the replaced node's strides
+        if out_order is not None:
+            args = (*args, out_order)
         new_node = insert_call(graph, torch.ops.tilefuse.rope.default, args)
-    shape = static_shape(m.x)
+        result = new_node
+        if not same_shape:  # the site ends on a view of the rotated features, e.g. [..., d/2, 2]
+            trail = list(out_shape[len(static_shape(x)) - 1 :])
+            result = insert_call(graph, aten.unflatten.int, (new_node, -1, trail))
+    shape = static_shape(x)
     spec = RopeSpec(
         layout=m.layout,
         rotary_dim=m.rotary_dim,
         head_dim=shape[-1] or 0,
         shape=shape,
-        dtype=dtype_name(dtype_of(m.x)),
+        dtype=dtype_name(dtype_of(x)),
         source=m.source,
     )
     new_node.meta["tilefuse_spec"] = spec
-    replace_with(m.output, new_node)
+    replace_with(m.output, keep_layout(graph, result, m.output) if same_shape else result)
     return new_node, spec
 
 
-def _shared(
-    graph: fx.Graph, cos_sin: tuple[fx.Node, fx.Node], output: fx.Node, tables: _Tables
-) -> tuple[fx.Node, fx.Node]:
-    """An earlier site's cos/sin when they compute the same values (GPT-J builds them per projection).
+def _x_input(graph: fx.Graph, m: RopeMatch, cos: fx.Node) -> fx.Node:
+    """x as the op reads it: whole, the slice the site rotates, or de-interleaved; cast to the dtype the model
+    computed the rotation in when x is narrower (`x.float() * cos`)."""
+    x = m.x
+    if m.x_view == "slice":
+        x = insert_call(graph, aten.slice.Tensor, (x, -1, m.start, m.start + m.width))
+    elif m.x_view == "deinterleave":
+        x = deinterleave(graph, x, m.rotary_dim)
+    x_dtype, out_dtype, table_dtype = dtype_of(x), dtype_of(m.output), dtype_of(cos)
+    if x_dtype is None or out_dtype is None or table_dtype is None:
+        return x
+    if torch.promote_types(x_dtype, table_dtype) != out_dtype and widens(x_dtype, out_dtype):
+        x = insert_call(graph, aten._to_copy.default, (x,), {"dtype": out_dtype})
+    return x
 
-    Q and K then name the same nodes, which is what lets the attention pass fold both ropes in.
-    """
+
+def _table(graph: fx.Graph, table: Table, output: fx.Node, built: _Built) -> fx.Node:
+    """The node computing `table`: an earlier site's when it computes the same values (GPT-J computes cos/sin once
+    per projection), else new nodes placed right after the tensors the table reads."""
     order = node_order(graph)
-    for earlier in tables.values():
-        same = all(same_value(a, b) for a, b in zip(earlier, cos_sin, strict=True))
-        if same and all(order[n] < order[output] for n in earlier):
-            return earlier
-    tables[output] = cos_sin
-    return cos_sin
-
-
-def _doubled_tables(graph: fx.Graph, half: tuple[fx.Node, fx.Node], tables: _Tables) -> tuple[fx.Node, fx.Node]:
-    """Rotate-half tables `cat(t, t)` of per-pair tables, placed right after them and built once per pair of
-    tables, so that the sites on Q and K name the same nodes."""
-    found = tables.get(half[0])
-    if found is not None and found[1].args[0][0] is half[1]:  # type: ignore[index]
-        return found
-    order = node_order(graph)
-    point = max(half, key=order.__getitem__).next
+    for earlier, node in built:
+        if _same_table(earlier, table) and order[node] < order[output]:
+            return node
+    point = max((s.node for s in table.sources), key=order.__getitem__).next
     while point.op == "placeholder":
         point = point.next
     with graph.inserting_before(point):
-        found = (doubled(graph, half[0]), doubled(graph, half[1]))
-    tables[half[0]] = found
-    return found
+        node = build(graph, table)
+    built.append((table, node))
+    return node
 
 
-def _tables_from_freqs(graph: fx.Graph, freqs: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """Interleaved-layout cos/sin: freqs' real and imaginary parts, each repeated for both features of a pair.
+def _same_table(a: Table, b: Table) -> bool:
+    if (a.indices, a.scales) != (b.indices, b.scales) or len(a.sources) != len(b.sources):
+        return False
+    return all(
+        (sa.block, sa.part) == (sb.block, sb.part) and same_value(sa.node, sb.node)
+        for sa, sb in zip(a.sources, b.sources, strict=True)
+    )
 
-    Placed right after freqs so that every site multiplying by it can share them.
-    """
-    point = freqs.next
-    while point.op == "placeholder":
-        point = point.next
-    with graph.inserting_before(point):
-        parts = insert_call(graph, aten.view_as_real.default, (freqs,))
-        halves = [insert_call(graph, aten.select.int, (parts, -1, i)) for i in (0, 1)]
-        cos, sin = (insert_call(graph, aten.repeat_interleave.self_int, (h, 2, -1)) for h in halves)
-    return cos, sin
+
+def _same_shape(graph: fx.Graph, cos: fx.Node, sin: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """cos and sin expanded to one shape (the kernels read both through the same broadcast), right after the
+    later of the two so that both sites of Q and K share them."""
+    c, s = tensor_val(cos), tensor_val(sin)
+    if c is None or s is None or c.shape == s.shape:
+        return cos, sin
+    shape = list(torch.broadcast_shapes(c.shape, s.shape))
+    order = node_order(graph)
+    existing = [u for u in cos.users if u.target is aten.expand.default and u.meta.get("tilefuse_rope_pair") is sin]
+    twin = [u for u in sin.users if u.target is aten.expand.default and u.meta.get("tilefuse_rope_pair") is cos]
+    if existing and twin:
+        return existing[0], twin[0]
+    with graph.inserting_after(max((cos, sin), key=order.__getitem__)):
+        pair = (
+            insert_call(graph, aten.expand.default, (cos, shape)),
+            insert_call(graph, aten.expand.default, (sin, shape)),
+        )
+    pair[0].meta["tilefuse_rope_pair"], pair[1].meta["tilefuse_rope_pair"] = sin, cos
+    return pair

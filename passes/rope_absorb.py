@@ -46,6 +46,8 @@ def absorb_rope(graph: fx.Graph, match: AttentionMatch, region: set[fx.Node], ct
     tables: tuple[Any, Any] = (q.rope.args[1], q.rope.args[2])
     if q.perm is not None and not all(_broadcasts_over_heads(t, q.perm) for t in tables):
         return None
+    if not all(_expands_to(t, q.perm, o) for t in tables for o in (match.q, match.k)):
+        return None  # e.g. per-head tables with fewer K heads (GQA): the rope ops stay on their own
     match.q, match.k = _pre_rope(graph, q), _pre_rope(graph, k)
     match.rope_cos, match.rope_sin = (_permuted_table(graph, t, q.perm) for t in tables)
     for site in ctx.sites:
@@ -96,6 +98,17 @@ def _broadcasts_over_heads(table: Any, perm: tuple[int, ...]) -> bool:
         return False
     padded = (1,) * (len(perm) - len(shape)) + shape
     return same_size(padded[perm[HEAD_AXIS]], 1)
+
+
+def _expands_to(table: Any, perm: tuple[int, ...] | None, operand: Any) -> bool:
+    """cos/sin, permuted like x, broadcast to the attention operand's leading dims (the op expands them)."""
+    shape, target = shape_of(table), shape_of(operand)
+    if shape is None or target is None or len(shape) > len(target):
+        return False
+    padded = (1,) * (len(target) - len(shape)) + tuple(shape)
+    if perm is not None:
+        padded = tuple(padded[p] for p in perm)
+    return all(same_size(d, 1) or same_size(d, t) for d, t in zip(padded[:-1], target[:-1], strict=True))
 
 
 def _pre_rope(graph: fx.Graph, operand: _RopeOperand) -> fx.Node:

@@ -1,295 +1,370 @@
-"""Recognize rotary embeddings, `x·cos + rot(x)·sin`, in four spellings and describe each as a RopeMatch.
+"""Recognize rotary embeddings by meaning and describe each site as a RopeMatch.
 
-rot is rotate-half (`cat(-x2, x1)`, Llama/NeoX), rotate-every-two (`stack(-x_odd, x_even).flatten(-2)`,
-GPT-J) or a complex multiply by `freqs_cis` (Meta Llama); or the rotation is written on two views of x with
-per-pair tables, `cat(a·cos - b·sin, b·cos + a·sin)` (GPT-OSS, DeepSeek-V3; rope_split.py). Partial rotary
-(`cat(rope(x[..., :r]), x[..., r:])`) becomes one site over the whole x. Matchers raise `Decline` with a reason.
+A RoPE site is a value y whose every feature j is `x[..., σ(j)]·c_j ± x[..., partner]·s_j`: a linear map of one
+tensor x that pairs features (i, p(i)) by halves (rotate-half, Llama/NeoX) or by neighbours (interleaved, GPT-J),
+with coefficients read from tables that do not depend on x (rope_linear.py works the map out from the graph, through
+whatever views, reshapes, stacks, unbinds, einops rearranges or complex products build it). The tail of a partial
+rotary passes through; σ may also take x de-interleaved (DeepSeek-V3) or a slice of it. The pair must rotate:
+both features scaled by the same table and the partner terms of opposite signs — unless one table holds the whole
+2×2 matrix of each pair (HiDream, Kandinsky), whose values the graph cannot show. Matchers raise `Decline` with
+the reason a candidate is not RoPE, and return None for nodes that are no candidate.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from ..specs import RopeLayout
 from .base import Decline
-from .graph import (
-    arg,
-    aten,
-    escaping_nodes,
-    is_op,
-    region_between,
-    scalar_value,
-    single_user,
-    static_shape,
-    tensor_val,
-)
-from .match_common import is_last_dim, node_order, op_name, operand, other_operand, same_value
-from .rope_split import match_split_rotation, split_rotation_anchor
+from .graph import aten, dtype_of, is_op, region_between, single_user, static_dim, tensor_val
+from .match_common import cast_source, node_order, op_name
+from .rope_linear import _RULES, ONE, Coef, Linear, LinearEvaluator, NotLinear, TableGrowsX
+from .rope_tables import Table, resolve, table_of
 
-_MAX_INDEX = 2**63 - 1
+_MAX_WALK = 8  # ops after the anchor that may still belong to the site (stack, flatten, cat of a tail...)
+_MAX_CLOSURE = 256
+_MAX_CANDIDATES = 64
+_FORWARD = (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.flatten, aten.cat, aten.stack,
+            aten.view_as_real, aten.alias)  # fmt: skip
+_INCOMPLETE = "a feature is paired with a feature outside the rotated value"
+_TRIG = (aten.cos, aten.sin, aten.polar, aten.exp)
 
 
 @dataclass
 class RopeMatch:
-    """One RoPE site: the op's operands and the node whose uses it takes over."""
+    """One RoPE site: the op's operands (tables still to build) and the node whose uses it takes over."""
 
     x: fx.Node
-    cos: fx.Node | None  # None for the complex spelling: built from `freqs` by the rewrite
-    sin: fx.Node | None
+    cos: Table
+    sin: Table
     layout: RopeLayout
     rotary_dim: int
     output: fx.Node
     source: str
-    freqs: fx.Node | None = None
+    x_view: str = "whole"  # "whole", "slice" (x[..., start:start + width]) or "deinterleave"
+    start: int = 0
+    width: int = 0
     nodes: set[fx.Node] = field(default_factory=set)
-    half_tables: bool = False  # cos/sin hold one angle per pair: doubled, cat(t, t), for the op
-    deinterleave: bool = False  # the op rotates x de-interleaved (even features, then odd ones)
 
 
-# ---------------------------------------------------------------------------------------- last-dim views
-def _last_size(node: Any) -> int | None:
-    shape = static_shape(node) if isinstance(node, fx.Node) else ()
-    return shape[-1] if shape else None
+class SiteDecline(Decline):
+    """A declined candidate, with the nodes it covered so that other anchors inside it are not declined again."""
+
+    def __init__(self, reason: str, covered: set[fx.Node]) -> None:
+        super().__init__(reason)
+        self.covered = covered
 
 
-def last_dim_view(node: Any) -> tuple[fx.Node, int, int, int] | None:
-    """(base, start, stop, step) when `node` is base[..., start:stop:step] on the last axis.
-
-    Slices, chunk/split pieces and `x.unflatten(-1, (-1, 2))[..., k]` pairs all reduce to this form.
-    """
-    if is_op(node, aten.slice):
-        return _slice_view(node)
-    if is_op(node, aten.alias) and _last_size(operand(node)) is not None:  # x[..., :d] traces as alias(x)
-        return operand(node), 0, _last_size(operand(node)) or 0, 1
-    is_piece = isinstance(node, fx.Node) and node.target is operator.getitem
-    if is_piece and is_op(operand(node), aten.chunk, aten.split):
-        return _chunk_view(operand(node), operand(node, 1))
-    if is_piece and is_op(operand(node), aten.unbind):
-        return _unbound_pair_view(operand(node), operand(node, 1))
-    if is_op(node, aten.select) and is_op(operand(node), aten.unflatten):
-        return _pair_view(node)
-    return None
-
-
-def view_nodes(node: fx.Node) -> set[fx.Node]:
-    """The nodes of a `last_dim_view`: the view, plus the chunk/split/unflatten it reads from."""
-    parent = operand(node)
-    if is_op(parent, aten.unbind):
-        return {node, parent, operand(parent)}
-    return {node, parent} if is_op(parent, aten.chunk, aten.split, aten.unflatten) else {node}
-
-
-def _slice_view(node: fx.Node) -> tuple[fx.Node, int, int, int] | None:
-    base, size = operand(node), _last_size(operand(node))
-    if size is None or not is_last_dim(base, arg(node, 1, "dim", 0)):
-        return None
-    start, stop, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
-    if not all(isinstance(v, int) or v is None for v in (start, stop, step)):
-        return None
-    start = 0 if start is None else (start + size if start < 0 else min(start, size))
-    stop = size if stop is None or stop >= _MAX_INDEX else (stop + size if stop < 0 else min(stop, size))
-    return base, start, stop, step
-
-
-def _chunk_view(parent: fx.Node, index: int) -> tuple[fx.Node, int, int, int] | None:
-    base, size, count = operand(parent), _last_size(operand(parent)), operand(parent, 1)
-    if size is None or not is_last_dim(base, arg(parent, 2, "dim", 0)) or not isinstance(count, int):
-        return None
-    part = math.ceil(size / count) if is_op(parent, aten.chunk) else count  # chunk: a count; split: a size
-    return base, index * part, min((index + 1) * part, size), 1
-
-
-def _pair_view(node: fx.Node) -> tuple[fx.Node, int, int, int] | None:
-    """x.unflatten(-1, (-1, 2))[..., k] is x[..., k::2]."""
-    pairs, k = operand(node), arg(node, 2, "index")
-    base, size = operand(pairs), _last_size(operand(pairs))
-    if size is None or not is_last_dim(base, operand(pairs, 1)) or list(operand(pairs, 2))[-1] != 2:
-        return None
-    if not is_last_dim(pairs, arg(node, 1, "dim")) or k not in (0, 1):
-        return None
-    return base, k, size, 2
-
-
-def _unbound_pair_view(unbind: fx.Node, k: Any) -> tuple[fx.Node, int, int, int] | None:
-    """x.view(..., -1, 2).unbind(-1)[k] is x[..., k::2] (SAM's `rotate_pairwise`)."""
-    pairs = operand(unbind)
-    if not is_op(pairs, aten.view, aten.reshape, aten.unflatten, aten._unsafe_view) or k not in (0, 1):
-        return None
-    base, size = operand(pairs), _last_size(operand(pairs))
-    if size is None or size % 2 or static_shape(pairs) != (*static_shape(base)[:-1], size // 2, 2):
-        return None
-    return (base, k, size, 2) if is_last_dim(pairs, arg(unbind, 1, "dim", 0)) else None
-
-
-def _negated(node: Any) -> Any:
-    """y for `-y` or `y * -1`, else None."""
-    if is_op(node, aten.neg):
-        return operand(node)
-    factor = operand(node, 1) if is_op(node, aten.mul) else None
-    if factor is not None and not isinstance(factor, fx.Node) and scalar_value(factor) == -1.0:
-        return operand(node)
-    return None
+@dataclass(frozen=True)
+class _PairMap:
+    x_view: str
+    start: int
+    layout: RopeLayout
+    rotary_dim: int
+    cos: list[Coef]
+    sin: list[Coef]
+    matrix: bool
 
 
 # ------------------------------------------------------------------------------------------------ anchors
 def rope_anchor(node: fx.Node) -> bool:
-    """A candidate site: a cat/stack of (-a, b) on the last axis, or a view_as_complex (complex spelling)."""
-    if is_op(node, aten.view_as_complex) or split_rotation_anchor(node):
+    """A candidate: a sum or difference of two values, a sum over an axis, or a product of a complex view."""
+    if is_op(node, aten.add, aten.sub):
+        return len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
+    if is_op(node, aten.mul):
+        return any(is_op(a, aten.view_as_complex) for a in node.args)
+    return is_op(node, aten.sum) and len(node.args) > 1
+
+
+def match_rope(anchor: fx.Node) -> RopeMatch | None:
+    """The RoPE site anchored at `anchor`; None when it is no rotation of features; Decline when it is one that
+    cannot be fused (with the reason). Each tensor behind the anchor is tried as x; of the sites found, one whose
+    output has x's shape wins (the rope op then feeds what read it, so attention can absorb it), then the one
+    rotating the most features (not a view of x's pairs), then the fewest table factors (a norm's weight stays the
+    norm's, not folded into cos/sin), then the x furthest upstream (views of x belong to the site).
+    With no site, the first reason a rotation of some x was declined."""
+    grows: TableGrowsX | None = None
+    declined: Decline | None = None
+    found: list[RopeMatch] = []
+    order = node_order(anchor.graph)
+    for x in _x_candidates(anchor, order):
+        try:
+            ev = LinearEvaluator(x, order)
+            lin = ev.value(anchor)
+        except TableGrowsX as err:
+            grows = grows or err
+            continue
+        except NotLinear:
+            continue
+        if not _mixes_with_tables(lin):
+            continue
+        try:
+            found.append(_complete_site(ev, anchor))
+        except Decline as decline:
+            declined = declined or decline
+    if found:
+        return max(found, key=lambda m: (_shape_of(m.output) == _shape_of(m.x), m.width, -_factors(m), -order[m.x]))
+    if declined is not None:
+        raise declined
+    if grows is not None and _looks_rotated(anchor):
+        raise Decline(str(grows))
+    return None
+
+
+def _factors(m: RopeMatch) -> int:
+    return len(m.cos.sources) + len(m.sin.sources)
+
+
+def _mixes_with_tables(lin: Linear) -> bool:
+    """Some element reads two features of x, each scaled by a table: what every rotation does (a sum of two
+    features with constant coefficients is some other linear map)."""
+    return any(e is not None and len(e) == 2 and all(c.factors for _, c in e) for e in lin.elems)
+
+
+def _looks_rotated(anchor: fx.Node) -> bool:
+    """A negated operand joined with another on a trailing axis behind the anchor (a rotation that could not be
+    read because a table grows x), so that its decline is reported rather than silently skipped."""
+    stack, seen, joined, negated = [anchor], {anchor}, False, False
+    while stack and len(seen) < _MAX_CLOSURE:
+        node = stack.pop()
+        joined |= is_op(node, aten.cat, aten.stack, aten.view_as_complex)
+        negated |= is_op(node, aten.neg, aten.sub, aten.view_as_complex)
+        for parent in node.all_input_nodes:
+            if parent not in seen and _interpretable(parent):
+                seen.add(parent)
+                stack.append(parent)
+    return joined and negated
+
+
+def _x_candidates(anchor: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
+    """Tensors behind `anchor` through linear ops, the likeliest x first: not a cos/sin, the furthest upstream (so
+    the site covers every op between x and its output)."""
+    nodes: set[fx.Node] = set()
+    stack, seen = [anchor], {anchor}
+    while stack and len(seen) < _MAX_CLOSURE:
+        node = stack.pop()
+        for parent in node.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                nodes.add(parent)
+                if _interpretable(parent):
+                    stack.append(parent)
+    candidates = [n for n in nodes if _is_real_tensor(n)]
+    ranked = sorted(candidates, key=lambda n: (any(is_op(n, t) for t in _TRIG), order[n]))
+    return ranked[:_MAX_CANDIDATES]
+
+
+def _interpretable(node: fx.Node) -> bool:
+    if node.target is operator.getitem or is_op(node, aten.unbind, aten.chunk, aten.split, aten.split_with_sizes):
         return True
-    if not is_op(node, aten.cat, aten.stack) or len(operand(node)) != 2:
-        return False
-    return _negated(operand(node)[0]) is not None
+    return any(is_op(node, *packets) for packets, _ in _RULES if packets != ("getitem",))
 
 
-def match_rope(anchor: fx.Node) -> RopeMatch:
-    """Describe the RoPE anchored at `anchor` (see `rope_anchor`); raises Decline when it cannot be fused."""
-    if is_op(anchor, aten.view_as_complex):
-        m = _match_complex(anchor)
-    else:
-        m = _match_split(anchor) if split_rotation_anchor(anchor) else _match_rotation(anchor)
-    if not m.deinterleave:  # a partial site would de-interleave features it does not rotate
-        _extend_partial(m)
-    _check_region(m)
-    return m
+def _is_real_tensor(node: fx.Node) -> bool:
+    t = tensor_val(node)
+    return t is not None and t.dim() >= 1 and t.is_floating_point()
 
 
-# ------------------------------------------------------------------------------------------- real forms
-def _rotation(anchor: fx.Node) -> tuple[fx.Node, RopeLayout, fx.Node, set[fx.Node]]:
-    """(x, layout, rotated value, nodes) of `cat(-x2, x1)` or `stack(-x_odd, x_even).flatten(-2)`."""
-    neg, kept = operand(anchor)
-    a, b = last_dim_view(_negated(neg)), last_dim_view(kept)
-    if a is None or b is None or a[0] is not b[0]:
-        raise Decline("rotation halves are not views of one tensor's last axis")
-    x, size = a[0], _last_size(a[0])
-    nodes = {anchor, neg} | view_nodes(kept) | view_nodes(_negated(neg))
-    if is_op(anchor, aten.cat) and is_last_dim(anchor, arg(anchor, 1, "dim", 0)) and size is not None:
-        if a[1:] == (size // 2, size, 1) and b[1:] == (0, size // 2, 1) and size % 2 == 0:
-            return x, "rotate_half", anchor, nodes
-        raise Decline("cat of (-a, b) is not rotate-half: expected (-x[..., d/2:], x[..., :d/2])")
-    flat = single_user(anchor)
-    is_pairs = size is not None and size % 2 == 0 and a[1:] == (1, size, 2) and b[1:] == (0, size, 2)
-    if is_op(anchor, aten.stack) and _is_pair_flatten(anchor, flat) and flat is not None and is_pairs:
-        return x, "interleaved", flat, nodes | {flat}
-    raise Decline("stack of (-a, b) is not rotate-every-two: expected (-x[..., 1::2], x[..., ::2]) flattened")
+def _numel(node: fx.Node) -> float:
+    n = 1.0
+    for d in tensor_val(node).shape:  # type: ignore[union-attr]
+        s = static_dim(d)
+        n *= float("inf") if s is None else s
+    return n
 
 
-def _is_pair_flatten(stack: fx.Node, flat: Any) -> bool:
-    rank = len(static_shape(stack))
-    if arg(stack, 1, "dim", 0) not in (-1, rank - 1):
-        return False
-    if is_op(flat, aten.flatten):
-        start, end = arg(flat, 1, "start_dim", 0), arg(flat, 2, "end_dim", -1)
-        return start in (-2, rank - 2) and end in (-1, rank - 1)
-    shape = static_shape(stack)
-    pairs = shape[-2] * 2 if len(shape) >= 2 and shape[-2] is not None else None
-    return is_op(flat, aten.view, aten.reshape) and static_shape(flat) == (*shape[:-2], pairs)
+# -------------------------------------------------------------------------------------------- the site
+def _complete_site(ev: LinearEvaluator, anchor: fx.Node) -> RopeMatch:
+    """Walk from the anchor through the ops that assemble the rotated value (stack, flatten, cat of the tail...)
+    and keep the last node that is a whole rotation of x, preferring one of x's shape."""
+    found: list[tuple[fx.Node, _PairMap]] = []
+    reason, node, user = "", anchor, None
+    for _ in range(_MAX_WALK):
+        try:
+            lin = ev.value(node)
+            found.append((node, _pair_map(lin, _last_size(ev.x))))
+        except Decline as decline:
+            reason = decline.reason
+        except NotLinear:
+            break
+        user = single_user(node)
+        if user is None or not (is_op(user, *_FORWARD) or _same_dtype_cast(user, node)):
+            break
+        node = user
+    if not found:
+        covered = region_between(anchor.graph, [ev.x], node) | _linear_users(ev.x)  # its other half, if any
+        if reason == _INCOMPLETE:
+            readers = ", ".join(sorted({op_name(u) for u in node.users})) or "nothing"
+            reason = (
+                f"this value holds part of each rotated pair; it is then read by {readers}, not a view, cat or stack"
+            )
+        raise SiteDecline(reason or "not a rotation of x's features", covered)
+    same_shape = [(n, m) for n, m in found if _shape_of(n) == _shape_of(ev.x)]
+    output, pair_map = (same_shape or found)[-1]
+    return _site(ev, output, pair_map)
 
 
-def _match_rotation(anchor: fx.Node) -> RopeMatch:
-    x, layout, rotated, nodes = _rotation(anchor)
-    for sin_mul in (u for u in rotated.users if is_op(u, aten.mul)):
-        for add in (u for u in sin_mul.users if is_op(u, aten.add) and "alpha" not in u.kwargs):
-            cos_mul = other_operand(add, sin_mul)
-            has_x = is_op(cos_mul, aten.mul) and any(same_value(a, x) for a in cos_mul.args)
-            if has_x and cos_mul is not sin_mul:
-                x_arg = operand(cos_mul) if same_value(operand(cos_mul), x) else operand(cos_mul, 1)
-                cos, sin = other_operand(cos_mul, x_arg), other_operand(sin_mul, rotated)
-                m = RopeMatch(x, cos, sin, layout, _last_size(x) or 0, add, layout)
-                m.nodes = nodes | {sin_mul, add, cos_mul, x_arg}
-                _check_tables(m, {"cos": cos, "sin": sin})
-                return m
-    raise Decline("rotated value does not feed x*cos + rot(x)*sin")
+def _linear_users(x: fx.Node) -> set[fx.Node]:
+    """Nodes reached from x through linear ops (bounded): the anchors of one rotation written in parts."""
+    seen: set[fx.Node] = set()
+    stack = [x]
+    while stack and len(seen) < _MAX_CLOSURE:
+        for user in stack.pop().users:
+            if user not in seen and _interpretable(user):
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
-def _check_tables(m: RopeMatch, tables: dict[str, Any]) -> None:
-    """cos/sin (or freqs) must broadcast against x without growing it, with one value per feature (pair)."""
-    x_val = tensor_val(m.x)
-    for name, table in tables.items():
-        t = tensor_val(table)
-        if x_val is None or t is None:
-            raise Decline(f"{name} is not a tensor")
-        width = x_val.shape[-1] // 2 if m.freqs is not None or m.half_tables else x_val.shape[-1]
-        if t.shape[-1] != width:
-            raise Decline(f"{name} has last dim {t.shape[-1]}; expected last dim {width}")
-        target = (*x_val.shape[:-1], width)
-        try:  # broadcasting must not grow x: the op's output has x's shape
-            grown = tuple(torch.broadcast_shapes(t.shape, target)) != target
-        except RuntimeError:
-            grown = True
-        if grown:
-            raise Decline(f"{name} of shape {list(t.shape)} does not broadcast to x of {list(x_val.shape)}")
+def _same_dtype_cast(user: fx.Node, node: fx.Node) -> bool:
+    """`type_as` / `to` that changes nothing (torchtune's `x_out.type_as(x)` in fp32)."""
+    return cast_source(user) is node and dtype_of(user) == dtype_of(node)
 
 
-def _match_split(anchor: fx.Node) -> RopeMatch:
-    """`cat(a·cos - b·sin, b·cos + a·sin)`: rotate-half RoPE of x (halves) or of x de-interleaved (pairs)."""
-    _, _, cos, sin, x, pairing, nodes = match_split_rotation(anchor)
-    source = "split_halves" if pairing == "halves" else "split_pairs"
-    m = RopeMatch(x, cos, sin, "rotate_half", _last_size(x) or 0, anchor, source, half_tables=True)
-    m.deinterleave, m.nodes = pairing == "pairs", nodes
-    _check_tables(m, {"cos": cos, "sin": sin})
-    return m
+def _site(ev: LinearEvaluator, output: fx.Node, m: _PairMap) -> RopeMatch:
+    cos, sin = table_of(m.cos), table_of(m.sin)
+    if cos is None or sin is None:
+        raise Decline("the rotated features read their coefficients from different tables")
+    if not cos.sources or not sin.sources:
+        raise Decline("a coefficient of the rotation is a constant, not a table")
+    nodes = _check_region(ev.x, output)
+    source = _source(nodes, m, cos)
+    width = len(ev.value(output).elems)
+    match = RopeMatch(ev.x, cos, sin, m.layout, m.rotary_dim, output, source, m.x_view, m.start, width, nodes)
+    return match
 
 
-# ------------------------------------------------------------------------------------------ complex form
-def _match_complex(vac: fx.Node) -> RopeMatch:
-    """view_as_real(view_as_complex(x.reshape(..., -1, 2)) * freqs).flatten(-2): interleaved pairs."""
-    pairs = operand(vac)
-    x = operand(pairs) if is_op(pairs, aten.view, aten.reshape, aten.unflatten) else None
-    size = _last_size(x)
-    if x is None or size is None or static_shape(pairs) != (*static_shape(x)[:-1], size // 2, 2):
-        raise Decline("view_as_complex input is not x split into (real, imag) pairs")
-    mul = single_user(vac)
-    if not is_op(mul, aten.mul) or mul is None:
-        raise Decline("complex value is not multiplied by freqs_cis")
-    freqs = other_operand(mul, vac)
-    real = single_user(mul)
-    flat = single_user(real) if real is not None and is_op(real, aten.view_as_real) else None
-    if real is None or flat is None or not _is_unpair(flat, x):
-        raise Decline("complex product is not flattened back to x's shape")
-    freqs_val = tensor_val(freqs)
-    if freqs_val is None or not freqs_val.dtype.is_complex:
-        raise Decline("complex multiplier is not a complex tensor")
-    m = RopeMatch(x, None, None, "interleaved", size, flat, "complex", freqs=freqs)
-    m.nodes = {pairs, vac, mul, real, flat}
-    _check_tables(m, {"freqs_cis": freqs})
-    return m
+def _source(nodes: set[fx.Node], m: _PairMap, cos: Table) -> str:
+    """How the model spelled it: complex, matrix (a 2×2 table per pair), split_pairs (even/odd features in, halves
+    out), split_halves (per-pair tables on the halves), else the layout."""
+    if any(is_op(n, aten.view_as_complex) for n in nodes):
+        return "complex"
+    if m.matrix:
+        return "matrix"
+    if m.x_view == "deinterleave":
+        return "split_pairs"
+    half = m.rotary_dim // 2
+    if m.layout == "rotate_half" and cos.indices[:half] == cos.indices[half:]:
+        return "split_halves"
+    return m.layout
 
 
-def _is_unpair(flat: fx.Node, x: fx.Node) -> bool:
-    return is_op(flat, aten.flatten, aten.view, aten.reshape) and static_shape(flat) == static_shape(x)
+def _last_size(node: fx.Node) -> int:
+    return int(tensor_val(node).shape[-1])  # type: ignore[union-attr]
 
 
-# ---------------------------------------------------------------------------------------- partial rotary
-def _extend_partial(m: RopeMatch) -> None:
-    """cat([rope(x[..., :r]), x[..., r:]], -1) is one rope over x with rotary_dim r."""
-    view = last_dim_view(m.x)
-    cat = single_user(m.output)
-    if view is None or view[1:3] != (0, m.rotary_dim) or view[3] != 1 or cat is None:
-        return
-    base, size = view[0], _last_size(view[0])
-    parts = operand(cat)
-    if not is_op(cat, aten.cat) or len(parts) != 2 or parts[0] is not m.output:
-        return
-    rest = last_dim_view(parts[1])
-    if size is None or rest != (base, m.rotary_dim, size, 1) or not is_last_dim(cat, arg(cat, 1, "dim", 0)):
-        return
-    m.nodes |= {cat} | view_nodes(m.x) | view_nodes(parts[1])
-    m.x, m.output = base, cat
+def _shape_of(node: fx.Node) -> tuple[Any, ...]:
+    return tuple(static_dim(d) for d in tensor_val(node).shape)  # type: ignore[union-attr]
 
 
-def _check_region(m: RopeMatch) -> None:
-    """Everything between x and the output must belong to the pattern and be read only inside it."""
-    region = region_between(m.output.graph, [m.x], m.output)
-    order = node_order(m.output.graph)
-    extra = sorted(region - m.nodes, key=order.__getitem__)
-    if extra:
-        raise Decline(f"{op_name(extra[0])} between x and the rope output is not part of the rotation")
-    escaping = sorted(escaping_nodes(region, m.output), key=order.__getitem__)
+def _check_region(x: fx.Node, output: fx.Node) -> set[fx.Node]:
+    """Everything between x and the output belongs to the rotation; none of it may be read elsewhere (a read of
+    its dtype only, `type_as(y, x.float())`, does not count)."""
+    region = region_between(output.graph, [x], output)
+    order = node_order(output.graph)
+    escaping = [n for n in region if n is not output and any(_reads_value(u, n) for u in n.users if u not in region)]
     if escaping:
-        raise Decline(f"intermediate {op_name(escaping[0])} is used outside the rope")
+        raise Decline(f"intermediate {op_name(min(escaping, key=order.__getitem__))} is used outside the rope")
+    return region
+
+
+def _reads_value(user: fx.Node, node: fx.Node) -> bool:
+    return not (is_op(user, aten.type_as) and user.args[0] is not node)
+
+
+# ----------------------------------------------------------------------------------------- the pair map
+def _pair_map(lin: Linear, size: int) -> _PairMap:
+    """Check that `lin` rotates pairs of x's features; raises Decline with the reason it does not."""
+    if lin.complex or any(e is None for e in lin.elems):
+        raise Decline("the rotated value is not assembled yet")
+    elems: list[tuple[tuple[int, Coef], ...]] = list(lin.elems)  # type: ignore[arg-type]
+    x_view, start, sigma = _own_features(elems, size)
+    position = {f: j for j, f in enumerate(sigma)}
+    partners: list[int] = []
+    for j, elem in enumerate(elems):
+        others = [k for k, _ in elem if k != sigma[j]]
+        if others and others[0] not in position:
+            raise Decline(_INCOMPLETE)
+        partners.append(position[others[0]] if others else -1)
+    r = sum(p >= 0 for p in partners)
+    if r == 0 or r % 2 or any(p < 0 for p in partners[:r]):
+        raise Decline("the rotated features are not the leading ones of x")
+    _check_tail(elems[r:], sigma[r:])
+    if x_view == "deinterleave" and r != len(elems):
+        raise Decline("a partial rotary of de-interleaved features")
+    layout = _layout(partners[:r])
+    first = [j for j in range(r) if (j < r // 2 if layout == "rotate_half" else j % 2 == 0)]
+    coef = [{k: c for k, c in elem} for elem in elems[:r]]
+    self_c = [coef[j][sigma[j]] for j in range(r)]
+    partner_c = [coef[j][sigma[partners[j]]] for j in range(r)]
+    matrix = all(_is_matrix(self_c, partner_c, j, partners[j]) for j in first)
+    if not matrix:
+        for j in first:
+            _check_rotation(self_c, partner_c, j, partners[j], sigma)
+    sin = [partner_c[j].times(-1.0 if j in set(first) else 1.0) for j in range(r)]
+    return _PairMap(x_view, start, layout, r, self_c, sin, matrix)
+
+
+def _own_features(elems: list[tuple[tuple[int, Coef], ...]], size: int) -> tuple[str, int, list[int]]:
+    """How output feature j reads its own feature σ(j) of x: x whole, a slice of it, or x de-interleaved."""
+    n = len(elems)
+    hypotheses: list[tuple[str, int, list[int]]] = []
+    if n == size:
+        hypotheses.append(("whole", 0, list(range(n))))
+        if n % 2 == 0:
+            hypotheses.append(("deinterleave", 0, [2 * j if j < n // 2 else 2 * (j - n // 2) + 1 for j in range(n)]))
+    else:
+        hypotheses += [("slice", k, [k + j for j in range(n)]) for k, _ in elems[0] if k + n <= size]
+    for view, start, sigma in hypotheses:
+        if all(any(k == sigma[j] for k, _ in e) for j, e in enumerate(elems)):
+            return view, start, sigma
+    if n < size and any(len(e) == 2 for e in elems):
+        raise Decline(_INCOMPLETE)  # e.g. the even outputs of an interleaved rotation, before they are stacked
+    raise Decline("the output's features are not x's own features in order")
+
+
+def _check_tail(elems: list[tuple[tuple[int, Coef], ...]], sigma: list[int]) -> None:
+    for elem, own in zip(elems, sigma, strict=True):
+        (_, c), *_ = elem
+        if c != ONE:
+            raise Decline(f"feature {own} is scaled but not rotated")
+
+
+def _layout(partners: list[int]) -> RopeLayout:
+    r = len(partners)
+    if all(partners[j] == (j + r // 2) % r for j in range(r)):
+        return "rotate_half"
+    if all(partners[j] == j ^ 1 for j in range(r)):
+        return "interleaved"
+    raise Decline("features are paired neither by halves nor by neighbours")
+
+
+def _is_matrix(self_c: list[Coef], partner_c: list[Coef], f: int, s: int) -> bool:
+    """The pair's four coefficients are the four entries of one 2×2 block of a table ([..., d/2, 2, 2]): the pair's
+    rotation matrix, whose signs are in its values (HiDream, Kandinsky)."""
+    entries = [tuple(resolve(x) for x in c.factors) for c in (self_c[f], self_c[s], partner_c[f], partner_c[s])]
+    if any(len(e) != 1 for e in entries):
+        return False
+    factors = [e[0] for e in entries]
+    if len({(x.node, x.block, x.part) for x in factors}) != 1 or factors[0].block[-2:] != (2, 2):
+        return False
+    return len({x.index // 4 for x in factors}) == 1 and {x.index % 4 for x in factors} == {0, 1, 2, 3}
+
+
+def _check_rotation(self_c: list[Coef], partner_c: list[Coef], f: int, s: int, sigma: list[int]) -> None:
+    """Both features of a pair scale themselves by one table, and their partner terms have opposite signs."""
+    pair = f"({sigma[f]}, {sigma[s]})"
+    if _tables(self_c[f]) != _tables(self_c[s]) or self_c[f].scale != self_c[s].scale:
+        raise Decline(f"not a rotation: features {pair} scale themselves by different tables")
+    if _tables(partner_c[f]) != _tables(partner_c[s]):
+        raise Decline(f"not a rotation: features {pair} scale their partners by different tables")
+    if partner_c[f].scale != -partner_c[s].scale:
+        raise Decline(f"not a rotation: the partner terms of features {pair} have the same sign")
+
+
+def _tables(c: Coef) -> tuple[tuple[fx.Node, tuple[int, ...], int], ...]:
+    return tuple(sorted(((f.node, f.block, f.part) for f in map(resolve, c.factors)), key=lambda t: t[0].name))

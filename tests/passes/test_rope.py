@@ -187,13 +187,17 @@ def _wrong_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x[..., :h], x[..., h:]), -1) * sin
 
 
+def _same_sign(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """[[c, -s], [-s, c]] per pair: both partner terms negative, not a rotation."""
+    h = x.shape[-1] // 2
+    return x * cos - torch.cat((x[..., h:], x[..., :h]), -1) * sin
+
+
 # name -> (rope, cos/sin shape change, expected words in the reason)
 DECLINES: dict[str, tuple[Callable[..., object], Callable[[Tensor], Tensor], str]] = {
-    "cos_width_mismatch": (SPELLINGS["llama"][0], lambda t: t[..., :1], "expected last dim 8"),
-    "cos_grows_x": (SPELLINGS["llama"][0], lambda t: t[None], "does not broadcast"),
+    "cos_grows_x": (SPELLINGS["llama"][0], lambda t: t[None], "without growing it"),
     "rotation_reused": (_rot_reused, lambda t: t, "intermediate cat is used outside the rope"),
-    "wrong_halves": (_wrong_halves, lambda t: t, "not rotate-half"),
-    "rotates_another_tensor": (lambda x, c, s: (x * 2) * c + rotate_half(x) * s, lambda t: t, "x*cos + rot(x)*sin"),
+    "same_sign": (_same_sign, lambda t: t, "have the same sign"),
 }
 
 
@@ -206,6 +210,43 @@ def test_declines_with_a_reason_and_leaves_the_graph(name: str) -> None:
     assert [s.status for s in ctx.sites] == ["declined"] and ctx.counters["rope_declined"] == 1
     assert words in reasons(ctx)[0]
     assert "aten.cat" in ops_in(gm) and "tilefuse.rope" not in ops_in(gm)
+    assert_same(gm(x, cos, sin), fn(x, cos, sin))
+
+
+def _wrong_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., :h], x[..., h:]), -1) * sin
+
+
+# Not rotations of features at all: no site.
+NOT_CANDIDATES: dict[str, Callable[..., object]] = {
+    "wrong_halves": _wrong_halves,  # x·(cos ∓ sin): each feature reads only itself
+    "rotates_another_tensor": lambda x, c, s: (x + 1) * c + rotate_half(x) * s,  # affine in x
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CANDIDATES))
+def test_no_rotation_is_no_site(name: str) -> None:
+    fn = NOT_CANDIDATES[name]
+    cos, sin = tables(5, 8, "rotate_half")
+    gm, ctx = run_pass(RopePass(), fn, (_q(5, 8), cos, sin))
+    assert ctx.sites == [] and "tilefuse.rope" not in ops_in(gm)
+
+
+# Rotations the recognizer reads by meaning: a table constant across features, a scaled rotation (xpos).
+SCALED: dict[str, tuple[Callable[..., object], Callable[[Tensor], Tensor]]] = {
+    "cos_constant_across_features": (SPELLINGS["llama"][0], lambda t: t[..., :1]),
+    "scaled_cos": (lambda x, c, s: (x * 2) * c + rotate_half(x) * s, lambda t: t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALED))
+def test_rotation_with_broadcast_or_scaled_coefficients_fuses(name: str) -> None:
+    fn, reshape_table = SCALED[name]
+    cos, sin = (reshape_table(t) for t in tables(5, 8, "rotate_half"))
+    x = _q(5, 8)
+    gm, ctx = run_pass(RopePass(), fn, (x, cos, sin))
+    assert [s.status for s in ctx.sites] == ["fused"]
     assert_same(gm(x, cos, sin), fn(x, cos, sin))
 
 
