@@ -5,6 +5,7 @@ Face, diffusers, torchtune, x-transformers, timm, litgpt, nanoGPT, hand-written 
 tilefuse pipeline must make of it: which sites fuse, which are declined (look-alikes that are not the meaning).
 `check` compiles the entry with the tilefuse backend, compares its output and gradients with eager, and counts the
 fused ops that actually executed (torch.profiler), so a rewrite that the report claims but that never runs fails.
+Outputs must keep eager's strides too: code after a fused site may view them.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def check(spelling: Spelling) -> dict[str, list[Any]]:
     assert len(got) == len(expected)
     for a, e in zip(got, expected, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, e.shape, a.dtype, e.dtype)
+        assert a.stride() == e.stride(), ("output strides differ from eager's", a.stride(), e.stride())
         torch.testing.assert_close(a, e, atol=spelling.atol, rtol=spelling.rtol)
 
     report = backend.report
