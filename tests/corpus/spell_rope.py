@@ -119,8 +119,8 @@ def _kandinsky(x: Tensor, rope: Tensor) -> Tensor:
 
 
 def _wan(x: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
-    """diffusers transformer_wan: the rotated halves written in place into an empty buffer. Not followed yet (no
-    functional form of writes through views): declined once, with that reason."""
+    """diffusers transformer_wan: the rotated halves written in place into an empty buffer through step-2 slices
+    (canonicalized to their interleaving stack)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
     out = torch.empty_like(x)
@@ -294,8 +294,8 @@ SPELLINGS = [
            check_specs=_layout("interleaved", "matrix")),
     _entry("kandinsky_matrix_sum", "diffusers", _kandinsky, (_matrix(_A),), fused={"rope": 1},
            check_specs=_layout("interleaved", "matrix")),
-    _entry("wan_written_in_place", "diffusers", _wan, tuple(t[None, :, None] for t in _pairs(_A)),
-           declined={"rope": 1}, train=False),
+    _entry("wan_written_in_place", "diffusers", _wan, tuple(t[None, :, None] for t in _pairs(_A)), fused={"rope": 1},
+           check_specs=_layout("interleaved")),
     _torchtune("torchtune.modules.position_embeddings", "RotaryPositionalEmbeddings", "interleaved"),
     _torchtune("torchtune.models.llama3_1._position_embeddings", "Llama3ScaledRoPE", "interleaved"),
     _torchtune("torchtune.models.phi3._position_embeddings", "Phi3RotaryPositionalEmbeddings", "rotate_half"),

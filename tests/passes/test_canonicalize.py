@@ -1,6 +1,7 @@
 """CanonicalizePass: each rewrite fires where it is exact (and the rewritten graph computes the same bits), and
-leaves the graph alone where it is not: in-place ops on inputs or read through an older alias, einsums that are
-not batched matmuls, constant fills that would change a result's shape or dtype."""
+leaves the graph alone where it is not: in-place ops on inputs or read through an older alias, an empty buffer
+written through overlapping views or read before it is whole, einsums that are not batched matmuls, constant
+fills that would change a result's shape or dtype."""
 
 from __future__ import annotations
 
@@ -150,6 +151,29 @@ def widening_in_place(x: Tensor, y: Tensor) -> Tensor:
     return s
 
 
+def overlapping_writes(x: Tensor) -> Tensor:
+    out = torch.empty_like(x)
+    out[:, 0:4] = x[:, :4] * 2.0
+    out[:, 3:6] = x[:, 3:] + 1.0  # column 3 written twice: no cat of the two holds that
+    return out * 1.5
+
+
+def read_between_writes(x: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(x)
+    out[:, 0::2] = x[:, 1::2]
+    first = out[:, 0::2] * 1.0  # reads the buffer before it is whole
+    out[:, 1::2] = x[:, 0::2]
+    return out, first
+
+
+def source_mutated_between_writes(x: Tensor) -> Tensor:
+    out = torch.empty_like(x)
+    out[:, 0::2] = x[:, 0::2]  # the values x holds now, not after the add_ below
+    x.add_(1.0)
+    out[:, 1::2] = x[:, 1::2]
+    return out
+
+
 def through_eval_dropout(x: Tensor) -> Tensor:
     s = x + 1.0
     p = torch.nn.functional.dropout(s, 0.1, training=False)  # returns s itself, though its schema says new
@@ -173,6 +197,9 @@ def through_type_as(x: Tensor) -> Tensor:
         (transposed_alias_returned, "aten.add_"),
         (view_mutated, "aten.zero_"),
         (widening_in_place, "aten.mul_"),
+        (overlapping_writes, "aten.copy_"),
+        (read_between_writes, "aten.copy_"),
+        (source_mutated_between_writes, "aten.copy_"),
     ],
 )
 def test_unsafe_in_place_is_left_alone(fn: Callable[..., Any], survivor: str) -> None:
