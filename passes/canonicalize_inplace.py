@@ -252,8 +252,10 @@ def _assemble(buf: fx.Node, writes: list[_Write], form: str) -> fx.Node | None:
 
 def _as_written(write: _Write, buf: fx.Node) -> fx.Node | None:
     """The source of `write` as `copy_` stores it: cast to `buf`'s dtype, broadcast to the view's shape."""
-    src, view = write.copy.args[1], write.copy.args[0].meta.get("val")
-    value, target = src.meta.get("val"), buf.meta["val"]
+    src, dst = write.copy.args[1], write.copy.args[0]
+    if not isinstance(src, fx.Node) or not isinstance(dst, fx.Node):
+        return None
+    view, value, target = dst.meta.get("val"), src.meta.get("val"), buf.meta["val"]
     if not isinstance(value, torch.Tensor) or not isinstance(view, torch.Tensor) or value.device != target.device:
         return None
     if value.dtype != target.dtype:

@@ -282,7 +282,9 @@ def _piece(ev: LinearEvaluator, node: fx.Node) -> Linear:
         pieces = p.chunk(parent.args[1], dim)  # type: ignore[arg-type]
     else:
         pieces = p.split(parent.args[1], dim)  # type: ignore[arg-type]
-    result = _gathered(lin, pieces[index])  # type: ignore[call-overload]
+    if not isinstance(index, int):
+        raise NotLinear("getitem with a non-integer index")
+    result = _gathered(lin, pieces[index])
     if result.trail != ev.trail_of(node):
         raise NotLinear("unexpected shape")
     return result
