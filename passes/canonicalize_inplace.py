@@ -167,7 +167,8 @@ def assemble_tiled_writes(buf: fx.Node) -> int:
     for write in writes:
         view = write.copy.args[0]
         buf.graph.erase_node(write.copy)
-        buf.graph.erase_node(view)
+        if isinstance(view, fx.Node):
+            buf.graph.erase_node(view)
     if not buf.users:
         buf.graph.erase_node(buf)
     return 1
@@ -191,7 +192,8 @@ def _writes_before_reads(buf: fx.Node) -> list[_Write]:
 
 def _write_through(view: fx.Node, buf: fx.Node) -> _Write | None:
     """The write when `view` is a slice or select of `buf`'s static axis whose only use is an unused `copy_`."""
-    size = buf.meta.get("val").shape if isinstance(buf.meta.get("val"), torch.Tensor) else None
+    buf_val = buf.meta.get("val")
+    size = buf_val.shape if isinstance(buf_val, torch.Tensor) else None
     copy = next(iter(view.users)) if len(view.users) == 1 else None
     if size is None or copy is None or copy.target is not aten.copy_.default or copy.users:
         return None

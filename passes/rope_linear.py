@@ -281,7 +281,7 @@ def _piece(ev: LinearEvaluator, node: fx.Node) -> Linear:
     elif is_op(parent, aten.chunk):
         pieces = p.chunk(parent.args[1], dim)  # type: ignore[arg-type]
     else:
-        pieces = p.split(parent.args[1], dim)  # type: ignore[arg-type]
+        pieces = p.split(parent.args[1], dim)
     if not isinstance(index, int):
         raise NotLinear("getitem with a non-integer index")
     result = _gathered(lin, pieces[index])
