@@ -161,9 +161,12 @@ def _peel_baddbmm(node: fx.Node, ops: list[tuple[str, Any]], match: AttentionMat
     if alpha is None:
         raise Decline(f"baddbmm alpha {kwargs.get('alpha')} is not a scalar")
     if beta != 0.0:
-        ops.append(("add", node.args[0]))
+        bias = node.args[0]
+        if not isinstance(bias, fx.Node):
+            raise Decline("baddbmm's input is not a tensor of the graph")
+        ops.append(("add", bias))
         if beta != 1.0:
-            match.bias_betas[node.args[0]] = beta
+            match.bias_betas[bias] = beta
     if alpha != 1.0:
         ops.append(("scale", (alpha, 1)))
     return node
