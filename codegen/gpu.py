@@ -46,8 +46,8 @@ def attention_with_lse(
         kind, config = _attention_config(inputs, flags, backward=False)
         layout: dict[str, Any] = {} if out_order is None else {"out_order": out_order}
         if kind == "attention_decode" and config is not None:
-            return attention_decode_triton(inputs, flags, **_decode_knobs(config), **layout)
-        return attention_triton(inputs, flags, **(_tile_knobs(config) if config is not None else {}), **layout)
+            return attention_decode_triton(inputs, flags, **config.decode_knobs(), **layout)
+        return attention_triton(inputs, flags, **(config.attention_knobs() if config is not None else {}), **layout)
     except ValueError as err:
         _fallback("attention", err)
         return cpu.attention_with_lse(inputs, flags)
@@ -79,17 +79,6 @@ def _attention_config(
     return kind, registry.config_for_launch(key)
 
 
-def _tile_knobs(config: TileConfig) -> dict[str, int]:
-    """The FA2 forward's and the backward's knobs."""
-    return dict(block_m=config.block_m, block_n=config.block_n, num_warps=config.num_warps,
-                num_stages=config.num_stages)  # fmt: skip
-
-
-def _decode_knobs(config: TileConfig) -> dict[str, int | None]:
-    return dict(block_n=config.block_n, num_splits=config.num_splits, num_warps=config.num_warps,
-                num_stages=config.num_stages)  # fmt: skip
-
-
 def attention_backward(
     grad_out: Tensor, inputs: ref.AttnInputs, flags: ref.AttnFlags, out: Tensor, lse: Tensor,
     grad_lse: Tensor | None = None,
@@ -100,7 +89,7 @@ def attention_backward(
 
     try:
         _, config = _attention_config(inputs, flags, backward=True)
-        knobs = _tile_knobs(config) if config is not None else {}
+        knobs = config.attention_knobs() if config is not None else {}
         return attention_backward_triton(grad_out, inputs, flags, out, lse, grad_lse, **knobs)
     except ValueError as err:
         _fallback("attention_backward", err)

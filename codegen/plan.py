@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import triton
 
@@ -58,6 +58,26 @@ def _static(name: str, value: int | None) -> int:
     return value
 
 
+class AttentionKnobs(TypedDict, total=False):
+    """The knobs the FA2 forward and backward launchers take (`TileConfig.attention_knobs`); a knob left out takes
+    the launcher's default."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+class DecodeKnobs(TypedDict, total=False):
+    """The knobs the split-KV decode launcher takes (`TileConfig.decode_knobs`); a knob left out takes the
+    launcher's default."""
+
+    block_n: int
+    num_splits: int | None
+    num_warps: int
+    num_stages: int
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Launch knobs; a plan describes exactly the knobs it is given (`launcher_config` gives each family's defaults).
@@ -77,6 +97,16 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int | None = None
+
+    def attention_knobs(self) -> AttentionKnobs:
+        """The keyword arguments of the FA2 forward and backward launchers."""
+        return AttentionKnobs(block_m=self.block_m, block_n=self.block_n, num_warps=self.num_warps,
+                              num_stages=self.num_stages)  # fmt: skip
+
+    def decode_knobs(self) -> DecodeKnobs:
+        """The keyword arguments of the split-KV decode launcher."""
+        return DecodeKnobs(block_n=self.block_n, num_splits=self.num_splits, num_warps=self.num_warps,
+                           num_stages=self.num_stages)  # fmt: skip
 
 
 class _DecodeCosts(NamedTuple):

@@ -172,11 +172,6 @@ def _reference_backward(grad: Any, inputs: Any, flags: Any) -> tuple[Any, Any, A
     return grads[0], grads[1], grads[2]
 
 
-def _attention_knobs(config: TileConfig) -> dict[str, int]:
-    return {"block_m": config.block_m, "block_n": config.block_n, "num_warps": config.num_warps,
-            "num_stages": config.num_stages}  # fmt: skip
-
-
 def _attention_case(spec: AttentionSpec, kind: str, device: str) -> KernelCase:
     from tilefuse.codegen import reference as ref
     from tilefuse.codegen.attention_bwd import attention_backward_triton
@@ -193,21 +188,19 @@ def _attention_case(spec: AttentionSpec, kind: str, device: str) -> KernelCase:
         gradients = _reference_backward(grad.float(), golden, flags)
 
         def backward(config: TileConfig) -> tuple[Any, ...]:
-            return attention_backward_triton(grad, inputs, flags, out, lse, None, **_attention_knobs(config))
+            return attention_backward_triton(grad, inputs, flags, out, lse, None, **config.attention_knobs())
 
         return KernelCase(backward, gradients, ("dq", "dk", "dv"), tolerance)
     expected = (_reference_forward(golden, flags),)
     if kind == "attention_decode":
 
         def decode(config: TileConfig) -> tuple[Any, ...]:
-            knobs = {"block_n": config.block_n, "num_splits": config.num_splits, "num_warps": config.num_warps,
-                     "num_stages": config.num_stages}  # fmt: skip
-            return attention_decode_triton(inputs, flags, **knobs)[:1]
+            return attention_decode_triton(inputs, flags, **config.decode_knobs())[:1]
 
         return KernelCase(decode, expected, ("out",), tolerance)
 
     def forward(config: TileConfig) -> tuple[Any, ...]:
-        return attention_forward_triton(inputs, flags, **_attention_knobs(config))[:1]
+        return attention_forward_triton(inputs, flags, **config.attention_knobs())[:1]
 
     return KernelCase(forward, expected, ("out",), tolerance)
 
