@@ -83,10 +83,10 @@ class Linear:
 
 
 def _positions(trail: tuple[int, ...]) -> torch.Tensor:
-    return torch.arange(_numel(trail), dtype=torch.int64).reshape(trail)
+    return torch.arange(numel(trail), dtype=torch.int64).reshape(trail)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
         n *= s
@@ -167,7 +167,7 @@ class LinearEvaluator:
         for packets, rule in _RULES:
             if (node.target is operator.getitem and packets == ("getitem",)) or is_op(node, *packets):
                 result = rule(self, node)
-                if _numel(result.trail) > MAX_ELEMENTS:
+                if numel(result.trail) > MAX_ELEMENTS:
                     raise NotLinear("too many elements")
                 return result
         raise NotLinear(f"{node.name} is not a linear op on the trailing axes")
@@ -220,7 +220,7 @@ def _reshaped(ev: LinearEvaluator, node: fx.Node) -> Linear:
     if lin.complex:
         raise NotLinear("reshape of a complex value")
     trail = ev.trail_of(node)
-    if _numel(trail) != len(lin.elems):
+    if numel(trail) != len(lin.elems):
         raise NotLinear("reshape moves elements across x's leading axes")
     return Linear(trail, lin.elems)
 
@@ -241,18 +241,23 @@ def _indexed(fn: Callable[[torch.Tensor, fx.Node, LinearEvaluator], torch.Tensor
     return rule
 
 
-def _select(p: torch.Tensor, node: fx.Node, ev: LinearEvaluator) -> torch.Tensor:
-    return p.select(ev.trailing_dim(node.args[0], node.args[1]), node.args[2])  # type: ignore[arg-type]
-
-
-def _slice(p: torch.Tensor, node: fx.Node, ev: LinearEvaluator) -> torch.Tensor:
-    dim = ev.trailing_dim(node.args[0], arg(node, 1, "dim", 0))
+def viewed(p: torch.Tensor, node: fx.Node, dim: int) -> torch.Tensor:
+    """`p` as the select or slice `node` views its input, on axis `dim` of p; NotLinear for a symbolic index."""
+    if is_op(node, aten.select):
+        index = arg(node, 2, "index", None)
+        if not isinstance(index, int):
+            raise NotLinear("symbolic select")
+        return p.select(dim, index)
     start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
     if not all(v is None or isinstance(v, int) for v in (start, end, step)):
         raise NotLinear("symbolic slice")
     index = [slice(None)] * p.dim()
     index[dim] = slice(start, end, step)
     return p[tuple(index)]
+
+
+def _select_or_slice(p: torch.Tensor, node: fx.Node, ev: LinearEvaluator) -> torch.Tensor:
+    return viewed(p, node, ev.trailing_dim(node.args[0], arg(node, 1, "dim", 0)))
 
 
 def _permute(p: torch.Tensor, node: fx.Node, ev: LinearEvaluator) -> torch.Tensor:
@@ -430,7 +435,7 @@ def _reduced(ev: LinearEvaluator, node: fx.Node) -> Linear:
         raise NotLinear("sum over all axes")
     axes = sorted({ev.trailing_dim(node.args[0], d) for d in dims})
     kept = [d for d in range(len(lin.trail)) if d not in axes]
-    p = _positions(lin.trail).permute(kept + axes).reshape(-1, _numel(tuple(lin.trail[d] for d in axes)))
+    p = _positions(lin.trail).permute(kept + axes).reshape(-1, numel(tuple(lin.trail[d] for d in axes)))
     elems = tuple(_summed(*(lin.elems[int(i)] for i in row)) for row in p)
     return Linear(ev.trail_of(node), elems)
 
@@ -455,8 +460,7 @@ _RULES: list[tuple[tuple[Any, ...], Callable[[LinearEvaluator, fx.Node], Linear]
         (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.flatten, aten.unsqueeze, aten.squeeze),
         _reshaped,
     ),
-    ((aten.select,), _indexed(_select)),
-    ((aten.slice,), _indexed(_slice)),
+    ((aten.select, aten.slice), _indexed(_select_or_slice)),
     ((aten.permute, aten.transpose), _indexed(_permute)),
     (("getitem",), _piece),
     ((aten.cat, aten.stack), _joined),

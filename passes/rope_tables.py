@@ -15,7 +15,7 @@ from typing import Any
 import torch.fx as fx
 
 from .graph import aten, insert_call, is_op, static_dim, tensor_val
-from .rope_linear import Coef, Factor
+from .rope_linear import Coef, Factor, NotLinear, numel, viewed
 
 _Item = tuple[int, float]  # (flat index in the table's trailing block, scale)
 
@@ -65,27 +65,13 @@ def resolve(factor: Factor) -> Factor:
 def _view_index(node: fx.Node, block: tuple[int, ...], axis: int, factor: Factor) -> int | None:
     import torch
 
-    positions = torch.arange(_numel(block)).reshape(block)
-    if is_op(node, aten.select):
-        view = positions.select(axis, node.args[2])  # type: ignore[arg-type]
-    else:
-        start, end = (node.args[i] if len(node.args) > i else None for i in (2, 3))
-        step = node.args[4] if len(node.args) > 4 else 1
-        if not all(v is None or isinstance(v, int) for v in (start, end, step)):
-            return None
-        index = [slice(None)] * positions.dim()
-        index[axis] = slice(start, end, step)
-        view = positions[tuple(index)]
+    try:
+        view = viewed(torch.arange(numel(block)).reshape(block), node, axis)
+    except NotLinear:
+        return None
     if tuple(view.shape) != factor.block:
         return None
     return int(view.flatten()[factor.index])
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def table_of(coefs: list[Coef]) -> Table | None:
