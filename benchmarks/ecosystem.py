@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from tilefuse.benchmarks.harness import executed_ops, output_tensors
 from tilefuse.compiler.backend import TilefuseBackend
 from tilefuse.compiler.options import Options
 
@@ -348,40 +349,17 @@ def _tokens(batch: int = 2, seq: int = 16) -> Tensor:
     return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
-def torchtune_llama3() -> Built:
-    from torchtune.models.llama3._component_builders import llama3
+def _torchtune(family: str, train: bool = False, **options: Any) -> Case:
+    """A torchtune decoder from its component builder `torchtune.models.<family>._component_builders.<family>`."""
 
-    torch.manual_seed(0)
-    return _ready(llama3(**_TT, intermediate_dim=64)), (_tokens(),), {}
+    def build() -> Built:
+        import importlib
 
+        builder = getattr(importlib.import_module(f"torchtune.models.{family}._component_builders"), family)
+        torch.manual_seed(0)
+        return _ready(builder(**_TT, intermediate_dim=64, **options)), (_tokens(),), {}
 
-def torchtune_llama3_1() -> Built:
-    from torchtune.models.llama3_1._component_builders import llama3_1
-
-    torch.manual_seed(0)
-    return _ready(llama3_1(**_TT, intermediate_dim=64)), (_tokens(),), {}
-
-
-def torchtune_qwen2() -> Built:
-    from torchtune.models.qwen2._component_builders import qwen2
-
-    torch.manual_seed(0)
-    return _ready(qwen2(**_TT, intermediate_dim=64)), (_tokens(),), {}
-
-
-def torchtune_phi3() -> Built:
-    from torchtune.models.phi3._component_builders import phi3
-
-    torch.manual_seed(0)
-    return _ready(phi3(**_TT, intermediate_dim=64)), (_tokens(),), {}
-
-
-def torchtune_gemma2() -> Built:
-    from torchtune.models.gemma2._component_builders import gemma2
-
-    torch.manual_seed(0)
-    model = gemma2(**_TT, head_dim=8, intermediate_dim=64, sliding_window_size=8)
-    return _ready(model), (_tokens(),), {}
+    return Case(f"torchtune:{family}", "torchtune", build, train=train)
 
 
 def torchtune_t5_encoder() -> Built:
@@ -424,11 +402,11 @@ CASES: dict[str, Case] = {
         Case("diffusers:Wan", "diffusers", wan),
         Case("diffusers:CogVideoX", "diffusers", cogvideox),
         Case("diffusers:LTXVideo", "diffusers", ltx),
-        Case("torchtune:llama3", "torchtune", torchtune_llama3, train=True),
-        Case("torchtune:llama3_1", "torchtune", torchtune_llama3_1),
-        Case("torchtune:qwen2", "torchtune", torchtune_qwen2),
-        Case("torchtune:phi3", "torchtune", torchtune_phi3),
-        Case("torchtune:gemma2", "torchtune", torchtune_gemma2),
+        _torchtune("llama3", train=True),
+        _torchtune("llama3_1"),
+        _torchtune("qwen2"),
+        _torchtune("phi3"),
+        _torchtune("gemma2", head_dim=8, sliding_window_size=8),
         Case("torchtune:t5_encoder", "torchtune", torchtune_t5_encoder),
         _xt("decoder-rotary-flash", rotary_pos_emb=True, attn_flash=True, train=True),
         _xt("decoder-rotary", rotary_pos_emb=True),
@@ -455,19 +433,6 @@ CASES: dict[str, Case] = {
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
-def _outputs(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _outputs(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _outputs(v)]
-    sample = getattr(value, "sample", None)  # diffusers' output dataclasses
-    if sample is None and hasattr(value, "latent_dist"):
-        sample = value.latent_dist.mean
-    return _outputs(sample) if sample is not None else []
-
-
 def _max_diff(got: list[Tensor], expected: list[Tensor]) -> float:
     if len(got) != len(expected) or any(a.shape != e.shape for a, e in zip(got, expected, strict=False)):
         return math.inf
@@ -477,13 +442,6 @@ def _max_diff(got: list[Tensor], expected: list[Tensor]) -> float:
 
 def _scale(values: list[Tensor]) -> float:
     return max((float(v.detach().abs().max()) for v in values), default=0.0)
-
-
-def _executed(fn: Callable[[], Any]) -> tuple[Any, Counter[str]]:
-    """Run fn under torch.profiler; count the tilefuse:: ops that executed (forward and backward)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        result = fn()
-    return result, Counter(e.name for e in prof.events() if e.name.startswith("tilefuse::"))
 
 
 def _sites(backend: TilefuseBackend, expected: Counter[str]) -> dict[str, Row]:
@@ -552,11 +510,11 @@ def inference(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any])
     compiled = torch.compile(model, backend=backend)
     row: Row = {}
     with torch.no_grad():
-        expected = _outputs(model(*inputs, **kwargs))
+        expected = output_tensors(model(*inputs, **kwargs))
         start = time.perf_counter()
-        got = _outputs(compiled(*inputs, **kwargs))
+        got = output_tensors(compiled(*inputs, **kwargs))
         row["compile_s"] = round(time.perf_counter() - start, 2)
-        _, ops = _executed(lambda: compiled(*inputs, **kwargs))
+        _, ops = executed_ops(lambda: compiled(*inputs, **kwargs))
     row.update(out_diff=_max_diff(got, expected), out_scale=_scale(expected), executed=dict(ops))
     return backend, row
 
@@ -570,12 +528,12 @@ def training(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) 
     eager, ours = copy.deepcopy(model), copy.deepcopy(model)
     backend = TilefuseBackend(Options(inner="eager"))
     compiled = torch.compile(ours, backend=backend)
-    expected = _outputs(eager(*inputs, **kwargs))
+    expected = output_tensors(eager(*inputs, **kwargs))
     _loss(expected).backward()
-    got = _outputs(compiled(*inputs, **kwargs))
+    got = output_tensors(compiled(*inputs, **kwargs))
     _loss(got).backward()
     grad_diff, grad_scale = _grad_diff(ours, eager)
-    _, ops = _executed(lambda: _loss(_outputs(compiled(*inputs, **kwargs))).backward())
+    _, ops = executed_ops(lambda: _loss(output_tensors(compiled(*inputs, **kwargs))).backward())
     return backend, {"out_diff": _max_diff(got, expected), "out_scale": _scale(expected), "grad_diff": grad_diff,
                      "grad_scale": grad_scale, "executed": dict(ops)}  # fmt: skip
 

@@ -13,6 +13,7 @@ import logging
 import re
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -343,3 +344,26 @@ def configure_dynamo() -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, 1024)
+
+
+def output_tensors(value: Any) -> list[Tensor]:
+    """The tensors of a model's output, in order: nested tuples, lists and dicts (Hugging Face's ModelOutput is a
+    dict) and diffusers' output dataclasses (`.sample`, or an AutoencoderKL's `.latent_dist` by its mean)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in output_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in output_tensors(v)]
+    sample = getattr(value, "sample", None)
+    if sample is None and hasattr(value, "latent_dist"):
+        sample = value.latent_dist.mean
+    return output_tensors(sample) if sample is not None else []
+
+
+def executed_ops(fn: Callable[[], Any]) -> tuple[Any, Counter[str]]:
+    """Run fn under torch.profiler: (its result, how many times each tilefuse:: op executed, forward and backward)
+    — what ran, not what the fusion report says."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, Counter(e.name for e in prof.events() if e.name.startswith("tilefuse::"))

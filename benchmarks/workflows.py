@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tilefuse.benchmarks.harness import executed_ops
 from tilefuse.compiler.backend import TilefuseBackend
 from tilefuse.compiler.options import Options
 from tilefuse.compiler.presets import load_model
@@ -33,17 +34,6 @@ Row = dict[str, Any]
 def _backend(**options: Any) -> TilefuseBackend:
     options.setdefault("inner", "eager")
     return TilefuseBackend(Options.from_any(None, **options))
-
-
-def _executed_ops(fn: Callable[[], Any]) -> tuple[Any, Counter[str]]:
-    """Run fn under torch.profiler; count the tilefuse:: ops that executed (forward and backward)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        result = fn()
-    counts: Counter[str] = Counter()
-    for event in prof.events():
-        if event.name.startswith("tilefuse::"):
-            counts[event.name] += 1
-    return result, counts
 
 
 def _fused(backend: TilefuseBackend) -> dict[str, str]:
@@ -98,7 +88,7 @@ def _training_row(model: nn.Module, inputs: tuple[Any, ...], **options: Any) -> 
     loss_eager = _train_step(eager, inputs)
     loss = _train_step(compiled, inputs)  # compiles: profiled below on a second step
     grad_diff = _grad_diff(compiled_model, eager)
-    _, ops = _executed_ops(lambda: _train_step(compiled, inputs))
+    _, ops = executed_ops(lambda: _train_step(compiled, inputs))
     return {
         "fused": _fused(backend),
         "executed": dict(ops),
@@ -116,7 +106,7 @@ def _inference_row(model: nn.Module, inputs: tuple[Any, ...], **options: Any) ->
     with torch.no_grad():
         expected = model(*inputs)
         got = compiled(*inputs)  # compiles: profiled below on a second call
-        _, ops = _executed_ops(lambda: compiled(*inputs))
+        _, ops = executed_ops(lambda: compiled(*inputs))
     return {
         "fused": _fused(backend),
         "executed": dict(ops),

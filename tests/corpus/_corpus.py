@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tilefuse.benchmarks.harness import executed_ops, output_tensors
 from tilefuse.compiler.backend import TilefuseBackend
 from tilefuse.compiler.options import Options
 
@@ -60,28 +61,12 @@ def _floating(values: Sequence[Any]) -> list[Tensor]:
     return [v for v in values if isinstance(v, Tensor) and v.is_floating_point()]
 
 
-def _outputs(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _outputs(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _outputs(v)]
-    return [t for t in _outputs(getattr(value, "sample", None) or ())]  # diffusers' output dataclasses
-
-
 def _loss(outputs: list[Tensor], weights: list[Tensor]) -> Tensor:
     return sum((o.float() * w).sum() for o, w in zip(outputs, weights, strict=True))  # type: ignore[return-value]
 
 
 def _params(fn: Any) -> list[Tensor]:
     return [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, nn.Module) else []
-
-
-def _executed(fn: Callable[[], Any]) -> tuple[Any, Counter[str]]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        result = fn()
-    return result, Counter(e.name for e in prof.events() if e.name.startswith("tilefuse::"))
 
 
 def check(spelling: Spelling) -> dict[str, list[Any]]:
@@ -99,8 +84,8 @@ def check(spelling: Spelling) -> dict[str, list[Any]]:
     eager_in = [v.detach().clone().requires_grad_(train) if isinstance(v, Tensor) and v.is_floating_point() else v
                 for v in inputs]  # fmt: skip
     with torch.set_grad_enabled(train):
-        expected = _outputs(fn(*eager_in))
-        got, ops = _executed(lambda: _outputs(compiled(*ours_in)))
+        expected = output_tensors(fn(*eager_in))
+        got, ops = executed_ops(lambda: output_tensors(compiled(*ours_in)))
     assert len(got) == len(expected)
     for a, e in zip(got, expected, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, e.shape, a.dtype, e.dtype)
