@@ -19,6 +19,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph import (
     aliases_of,
+    arg,
     aten,
     insert_call,
     insert_equivalent,
@@ -212,12 +213,16 @@ def _write_through(view: fx.Node, buf: fx.Node) -> _Write | None:
         )
     if view.target is not aten.slice.Tensor:
         return None
-    dim, start, stop, step = (list(view.args[1:]) + [0, None, None, 1][len(view.args) - 1 :])[:4]
+    # through arg() (Any): fx's recursive Argument type passed to slice() makes mypy's overload search explode
+    dim, start, stop, step = (arg(view, i, name, default) for i, name, default in _SLICE_ARGS)
     n = static_dim(size[dim]) if isinstance(dim, int) else None
     if n is None or not isinstance(dim, int) or not all(a is None or isinstance(a, int) for a in (start, stop, step)):
         return None
     start, stop, step = slice(start, stop, step).indices(n)
     return _Write(copy, dim % len(size), start, stop, step)
+
+
+_SLICE_ARGS = ((1, "dim", 0), (2, "start", None), (3, "end", None), (4, "step", 1))
 
 
 def _tiling(writes: list[_Write], buf: fx.Node) -> str | None:
