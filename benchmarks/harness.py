@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger("tilefuse.benchmarks")
 
@@ -31,6 +32,15 @@ STATUSES = ("ok", "check_failed", "unavailable", "error", "oom")
 # Allowed max |out - ref| / max |ref| per dtype (attention/norm outputs and gradients; fp32/fp64 contenders
 # are checked against an fp64 reference on CPU).
 TOLERANCE = {torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float32: 1e-3, torch.float64: 1e-8}
+
+# The op that carries out a fused site of each kind, to tell from `executed_ops` that it ran: a norm may be fused
+# with its residual add, and RoPE on q and k may be absorbed into the attention op.
+EXECUTED_OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("tilefuse::attention",),
+    "rmsnorm": ("tilefuse::rms_norm", "tilefuse::add_rms_norm"),
+    "layernorm": ("tilefuse::layer_norm", "tilefuse::add_layer_norm"),
+    "rope": ("tilefuse::rope", "tilefuse::attention"),
+}
 
 
 class Unavailable(Exception):
@@ -367,3 +377,38 @@ def executed_ops(fn: Callable[[], Any]) -> tuple[Any, Counter[str]]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         result = fn()
     return result, Counter(e.name for e in prof.events() if e.name.startswith("tilefuse::"))
+
+
+# ------------------------------------------------------------------------------ comparing a compiled model with eager
+
+
+def perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
+    """`module` with every parameter moved by seeded noise, in place: norm weights of ones and biases of zeros
+    would hide a fused op that drops them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+def weighted_loss(outputs: Sequence[Tensor], seed: int = 1) -> Tensor:
+    """A scalar whose gradient reaches every output element with its own seeded weight (fp32): equal outputs give
+    equal gradients on both sides of a comparison, and no element's gradient is hidden by a sum or a mean."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float32) for o in outputs]
+    terms = [(o.float() * w.to(o.device)).sum() for o, w in zip(outputs, weights, strict=True)]
+    return sum(terms, torch.zeros((), device=terms[0].device if terms else "cpu"))
+
+
+def grad_diff(ours: nn.Module, eager: nn.Module) -> tuple[float, float]:
+    """The largest parameter-gradient difference between two twins of a model, and eager's largest gradient; the
+    difference is inf where one side has a gradient the other lacks."""
+    worst, scale = 0.0, 0.0
+    for a, e in zip(ours.parameters(), eager.parameters(), strict=True):
+        if (a.grad is None) != (e.grad is None):
+            return math.inf, scale
+        if a.grad is not None and e.grad is not None:
+            worst = max(worst, float((a.grad.double() - e.grad.double()).abs().max()))
+            scale = max(scale, float(e.grad.abs().max()))
+    return worst, scale

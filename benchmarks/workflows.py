@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tilefuse.benchmarks.harness import executed_ops
+from tilefuse.benchmarks.harness import executed_ops, grad_diff
 from tilefuse.compiler.backend import TilefuseBackend
 from tilefuse.compiler.options import Options
 from tilefuse.compiler.presets import load_model
@@ -56,17 +56,6 @@ def _max_diff(a: Any, b: Any) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max())
 
 
-def _grad_diff(model_a: nn.Module, model_b: nn.Module) -> float:
-    worst = 0.0
-    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
-        if pa.grad is None and pb.grad is None:
-            continue
-        if (pa.grad is None) != (pb.grad is None):
-            return math.inf  # a gradient one side has and the other lacks
-        worst = max(worst, _max_diff(pa.grad, pb.grad))
-    return worst
-
-
 def _twin(model: nn.Module) -> nn.Module:
     import copy
 
@@ -87,13 +76,13 @@ def _training_row(model: nn.Module, inputs: tuple[Any, ...], **options: Any) -> 
     compiled = torch.compile(compiled_model, backend=backend)
     loss_eager = _train_step(eager, inputs)
     loss = _train_step(compiled, inputs)  # compiles: profiled below on a second step
-    grad_diff = _grad_diff(compiled_model, eager)
+    worst_grad_diff, _ = grad_diff(compiled_model, eager)
     _, ops = executed_ops(lambda: _train_step(compiled, inputs))
     return {
         "fused": _fused(backend),
         "executed": dict(ops),
         "out_diff": _max_diff(loss, loss_eager),
-        "grad_diff": grad_diff,
+        "grad_diff": worst_grad_diff,
         "fallbacks": len(backend.report.fallbacks),
     }
 

@@ -225,3 +225,42 @@ def test_rope_cases_time_the_prepass_alternative_outside_the_peers() -> None:
     assert records["tilefuse"]["best_peer"] == records["tilefuse_prepass"]["best_peer"] == "eager"
     plain = bench.run_suite("attention", _ctx(contenders=ctx.contenders, case_filter="^fwd bf16 d64 N64 causal$"))
     assert {r["contender"] for r in plain["records"]} == {"tilefuse", "eager"}
+
+
+# ------------------------------------------------------------------------------- ecosystem and workflow checks
+def _ecosystem_run(**site: Any) -> dict[str, Any]:
+    """One inference run of the survey (benchmarks/ecosystem.py) as `measure` records it, with one rmsnorm row."""
+    rmsnorm = {"expected": 4, "found": 4, "fused": 4, "declined": {}, **site}
+    return {"fallbacks": [], "sites": {"rmsnorm": rmsnorm}, "executed": {"tilefuse::rms_norm": rmsnorm["fused"]},
+            "out_diff": 0.0, "out_scale": 1.0}  # fmt: skip
+
+
+def test_ecosystem_problems_count_the_model_sites_apart_from_look_alikes() -> None:
+    """A declined look-alike makes the report's count match the model's: the site it stands in for is still told
+    missing, besides the decline; a fully fused model has no problem."""
+    from tilefuse.benchmarks import ecosystem
+
+    assert ecosystem.problems(_ecosystem_run()) == []
+    found = ecosystem.problems(_ecosystem_run(fused=3, declined={"not a norm: mean over axis 1": 1}))
+    assert "rmsnorm: 1 of 4 sites neither fused nor truly declined (4 in the report)" in found
+    assert "rmsnorm: 1 declined: not a norm: mean over axis 1" in found
+    extra = ecosystem.problems(_ecosystem_run(found=5, fused=5))
+    assert extra == ["rmsnorm: the report lists 5 sites, the model holds 4"]
+
+
+def test_workflow_grad_diff_flags_a_gradient_one_twin_lacks() -> None:
+    """harness.grad_diff (ecosystem and workflows): 0 for twins given the same weighted loss, inf when one side has
+    a gradient the other lacks."""
+    import copy
+
+    from tilefuse.benchmarks.harness import grad_diff, perturbed, weighted_loss
+
+    torch.manual_seed(0)
+    model = perturbed(torch.nn.LayerNorm(8))
+    twin, x = copy.deepcopy(model), torch.randn(3, 8)
+    weighted_loss([model(x)]).backward()
+    weighted_loss([twin(x)]).backward()
+    worst, scale = grad_diff(twin, model)
+    assert worst == 0.0 and scale > 0.0
+    twin.bias.grad = None
+    assert grad_diff(twin, model)[0] == float("inf")

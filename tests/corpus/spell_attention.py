@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _corpus import Spelling, perturbed
+from _corpus import Spelling
 from torch import Tensor, nn
+
+from tilefuse.benchmarks.harness import perturbed
 
 B, H, N, D = 2, 4, 6, 8
 TEXT = 5

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _corpus import Spelling, perturbed
+from _corpus import Spelling
 from torch import Tensor, nn
+
+from tilefuse.benchmarks.harness import perturbed
 
 B, H, N, D = 2, 4, 12, 8
 WINDOW = 4
@@ -244,13 +246,13 @@ SPELLINGS = [
     # litgpt
     Spelling("sliding_window", "litgpt", lambda: (LitgptSdpa(), _qkv()),
              **_fused(causal=True, window=WINDOW, mask="none")),
-    # diffusers
+    # diffusers: -10000 does not absorb the scores (a fully padded row is a softmax of them in eager): additive
     Spelling("padding_mask_baddbmm", "diffusers",
              lambda: (DiffusersPadded(sdpa=False), (torch.randn(B, N, H * D), torch.randn(B, N, H * D), _padding())),
-             **_fused(causal=False, mask="key_padding")),
+             **_fused(causal=False, mask="additive")),
     Spelling("padding_mask_sdpa", "diffusers",
              lambda: (DiffusersPadded(sdpa=True), (torch.randn(B, N, H * D), torch.randn(B, N, H * D), _padding())),
-             **_fused(causal=False, mask="key_padding")),
+             **_fused(causal=False, mask="additive")),
     # negatives: look-alikes that are not the meaning
     Spelling("symmetric_window", "hand", _plain(symmetric_window), **_fused(causal=False, window=None, mask="boolean")),
     Spelling("causal_shifted_by_one", "hand", _plain(causal_shifted), **_fused(causal=False, mask="boolean")),

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
-from _corpus import Spelling, perturbed
+from _corpus import Spelling
 from torch import Tensor, nn
+
+from tilefuse.benchmarks.harness import perturbed
 
 B, N, D = 2, 6, 16
 
@@ -107,7 +108,8 @@ def _xt_norms() -> tuple[nn.Module, tuple[Any, ...]]:
 
 
 def _xt_real() -> tuple[nn.Module, tuple[Any, ...]]:
-    xt = pytest.importorskip("x_transformers.x_transformers")
+    import x_transformers.x_transformers as xt
+
     norms = (xt.RMSNorm(D), xt.RMSNorm(D, unit_offset=True), xt.ScaleNorm(D), xt.SimpleRMSNorm(D), xt.LayerNorm(D))
     return perturbed(Stack(*norms)), (_x(),)
 
@@ -144,7 +146,6 @@ class LitgptRMSNorm(nn.Module):
 
 
 def _torchtune_real() -> tuple[nn.Module, tuple[Any, ...]]:
-    pytest.importorskip("torchtune")
     from torchtune.models.gemma.rms_norm import GemmaRMSNorm
     from torchtune.modules import RMSNorm
     from torchtune.modules.layer_norm import Fp32LayerNorm
@@ -199,7 +200,6 @@ def _diffusers_norms() -> tuple[nn.Module, tuple[Any, ...]]:
 
 
 def _diffusers_real() -> tuple[nn.Module, tuple[Any, ...]]:
-    pytest.importorskip("diffusers")
     from diffusers.models.normalization import FP32LayerNorm, LpNorm, RMSNorm
 
     norms = (

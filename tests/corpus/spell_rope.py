@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _corpus import Spelling, perturbed
+from _corpus import Spelling
 from torch import Tensor, nn
+
+from tilefuse.benchmarks.harness import perturbed
 
 B, S, H, D = 2, 5, 2, 8
 
