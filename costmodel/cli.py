@@ -4,6 +4,7 @@ table. `eval` prints JSON with --json, else rich tables."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,11 +13,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ..specs import spec_from_dict
 from .records import MeasurementRecord, read_records
 
 log = logging.getLogger("tilefuse.costmodel")
@@ -122,19 +125,30 @@ def run_collect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Spec fields added after data was first split, with the value that leaves a Spec's meaning unchanged: left out
-# of the split's hash at that value, so adding them did not move any existing Spec to the other side.
-_LATER_FIELDS = {"dynamic_scalars": [], "sinks": False}
-
-
 def held_out_spec(spec_json: str, fraction: float) -> bool:
-    """Deterministic by the Spec's JSON: the same Specs are held out on every machine and every run."""
-    fields = json.loads(spec_json)
-    for name, default in _LATER_FIELDS.items():
-        if fields.get(name, default) == default:
-            fields.pop(name, None)
+    """Deterministic by the Spec: the same Specs are held out on every machine and every run. The hash reads only
+    the fields away from their defaults, so a field added to a Spec class later (with a default that keeps the old
+    meaning) moves no Spec to the other side, whether its record was written before the field existed or after."""
+    fields = _non_default_fields(spec_from_dict(json.loads(spec_json)))
     digest = int(hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8], 16)
     return digest / 0xFFFFFFFF < fraction
+
+
+def _non_default_fields(spec: Any) -> dict[str, Any]:
+    """A Spec's kind and the fields whose value is not the dataclass default; nested Specs (an attention's RoPE)
+    the same way."""
+    out: dict[str, Any] = {"kind": spec.kind}
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if value != _default(field):
+            out[field.name] = _non_default_fields(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default  # MISSING (equal to no value) for a field without a default
 
 
 def training_subset(records: Sequence[MeasurementRecord], fraction: float, gpu: str | None) -> list[MeasurementRecord]:
