@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 # A dimension is an int when static and None when the captured graph treats it as dynamic.
 Dim = int | None
@@ -22,8 +22,27 @@ CausalAlign = Literal["top_left", "bottom_right"]
 EpsMode = Literal["mean_square", "clamp_norm", "add_norm"]
 
 ROPE_LAYOUTS: tuple[str, ...] = ("rotate_half", "interleaved")
-EPS_MODES: tuple[str, ...] = ("mean_square", "clamp_norm", "add_norm")  # the op's eps_mode argument indexes this
+EPS_MODES: tuple[EpsMode, ...] = get_args(EpsMode)  # the norm ops' and kernels' eps_mode code indexes this
 MASK_KINDS: tuple[str, ...] = ("none", "additive", "boolean", "key_padding")
+
+
+def check_eps_mode(mode: str) -> EpsMode:
+    """`mode` when it names an eps placement (NormSpec.eps_mode), else ValueError."""
+    if mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {mode!r}")
+    return mode
+
+
+def eps_mode_code(mode: str) -> int:
+    """The integer the norm ops and kernels take for `mode`: its place in EPS_MODES."""
+    return EPS_MODES.index(check_eps_mode(mode))
+
+
+def eps_mode_name(code: int) -> EpsMode:
+    """The eps placement an integer code stands for (the inverse of `eps_mode_code`), else ValueError."""
+    if not 0 <= code < len(EPS_MODES):
+        raise ValueError(f"eps_mode code must index {EPS_MODES}, got {code}")
+    return EPS_MODES[code]
 
 
 @dataclass(frozen=True)

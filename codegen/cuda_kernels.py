@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..specs import EPS_MODES
+from ..specs import eps_mode_name
 from . import custom_ops as ops
 from . import gpu
 from . import reference as ref
@@ -58,7 +58,7 @@ def _rope_backward_cuda(
 def _rms_norm_cuda(
     x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, eps_mode: int = 0, norm_scale: float = 1.0
 ) -> Tensor:
-    mode = EPS_MODES[eps_mode]
+    mode = eps_mode_name(eps_mode)
     return gpu.norm(x, weight, None, None, eps, weight_offset, True, mode, norm_scale)[0].contiguous()
 
 
@@ -76,7 +76,7 @@ def _add_rms_norm_cuda(
     x: Tensor, residual: Tensor, weight: Tensor | None, eps: float, weight_offset: float, eps_mode: int = 0,
     norm_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return _with_sum(gpu.norm(x, weight, None, residual, eps, weight_offset, True, EPS_MODES[eps_mode], norm_scale))
+    return _with_sum(gpu.norm(x, weight, None, residual, eps, weight_offset, True, eps_mode_name(eps_mode), norm_scale))
 
 
 def _add_layer_norm_cuda(
@@ -89,7 +89,8 @@ def _norm_backward_cuda(
     grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool, eps_mode: int = 0,
     norm_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    dx, dweight, dbias = gpu.norm_backward(grad, x, weight, eps, weight_offset, rms, EPS_MODES[eps_mode], norm_scale)
+    mode = eps_mode_name(eps_mode)
+    dx, dweight, dbias = gpu.norm_backward(grad, x, weight, eps, weight_offset, rms, mode, norm_scale)
     empty = x.new_empty((0,))
     return dx.contiguous(), (dweight if dweight is not None else empty).contiguous(), dbias.to(x.dtype).contiguous()
 

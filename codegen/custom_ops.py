@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.types import Number
 
-from ..specs import EPS_MODES
+from ..specs import eps_mode_name
 from . import cpu
 from . import reference as ref
 from .attention_args import check_attention_mask, mask_dtype_problem
@@ -82,14 +82,31 @@ def attention(
 
 
 @attention.register_fake
-def _attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *args: Any) -> tuple[Tensor, Tensor]:
+def _attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    scale: Number,
+    causal: bool,
+    bottom_right: bool,
+    window: int,
+    softcap: Number,
+    rope_layout: int,
+    rotary_dim: int,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
+    out_order: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
     if mask is not None:  # a bad mask fails the compile (then the graph runs unfused), not the run
         problem = mask_dtype_problem(mask.dtype)
         if problem is not None:
             raise TypeError(problem)
         if all(isinstance(n, int) for n in (*q.shape, *k.shape, *mask.shape)):  # symbolic sizes: checked at run time
             check_attention_mask(mask, q.shape[:3], k.shape[2])
-    out_order = args[12] if len(args) > 12 else None  # alibi_slopes ... rng, out_order
     out = empty_in_order((*q.shape[:-1], v.shape[-1]), out_order, dtype=torch.result_type(q, v), device=q.device)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -246,7 +263,7 @@ def rms_norm(
 ) -> Tensor:
     """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32; `eps_mode` (an index into
     specs.EPS_MODES) and `norm_scale` place eps as NormSpec says (F.normalize clamps the norm, ...)."""
-    mode = _eps_mode(eps_mode)
+    mode = eps_mode_name(eps_mode)
     return cpu.norm(x, weight, None, float(eps), weight_offset, True, mode, norm_scale).contiguous()
 
 
@@ -263,7 +280,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """s = x + residual; returns (rms_norm(s), s)."""
     total = (x + residual).contiguous()
-    mode = _eps_mode(eps_mode)
+    mode = eps_mode_name(eps_mode)
     return cpu.norm(total, weight, None, float(eps), weight_offset, True, mode, norm_scale).contiguous(), total
 
 
@@ -282,18 +299,12 @@ def norm_backward(
     norm_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dweight, dbias); statistics are recomputed from x. dweight is empty when there is no weight."""
-    mode = _eps_mode(eps_mode)
+    mode = eps_mode_name(eps_mode)
     _, mean, rstd = ref.norm_forward(x, weight, None, float(eps), weight_offset, rms, mode, norm_scale)
     dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms, float(eps), mode,
                                            norm_scale)  # fmt: skip
     empty = x.new_empty((0,))
     return _contiguous(dx, dweight if dweight is not None else empty, dbias.to(x.dtype))  # type: ignore[return-value]
-
-
-def _eps_mode(code: int) -> str:
-    if not 0 <= code < len(EPS_MODES):
-        raise ValueError(f"eps_mode must index specs.EPS_MODES {EPS_MODES}, got {code}")
-    return EPS_MODES[code]
 
 
 def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:

@@ -12,11 +12,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..specs import EPS_MODES
+from ..specs import eps_mode_code
 from . import emit
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-EPS_MODE_CODES = {mode: code for code, mode in enumerate(EPS_MODES)}  # the kernels' EPS_MODE constexpr
 # Programs of the backward on CPU (interpreter): few, so each one reduces several rows into its partial sums.
 _CPU_BACKWARD_PROGRAMS = 4
 # Widest row a program holds whole, in registers (the backward also keeps a dweight/dbias accumulator that wide):
@@ -29,7 +28,8 @@ DEFAULT_CHUNK = 4096
 
 @triton.jit
 def _inverse_norm(mean_square, eps, norm_scale, EPS_MODE: tl.constexpr):  # type: ignore[no-untyped-def]
-    """rstd of a row from its mean square (reference.inverse_norm), stat = norm_scale·sqrt(mean_square)."""
+    """rstd of a row from its mean square (reference.inverse_norm), stat = norm_scale·sqrt(mean_square). EPS_MODE is
+    specs.eps_mode_code's: 0 mean_square, 1 clamp_norm, 2 add_norm."""
     if EPS_MODE == 0:
         rstd = 1.0 / tl.sqrt(mean_square * (norm_scale * norm_scale) + eps)
     elif EPS_MODE == 1:
@@ -276,12 +276,6 @@ def _check_param(name: str, t: Tensor | None, x: Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({x.shape[-1]},)")
 
 
-def _eps_mode_code(eps_mode: str) -> int:
-    if eps_mode not in EPS_MODE_CODES:
-        raise ValueError(f"eps_mode must be one of {sorted(EPS_MODE_CODES)}, got {eps_mode!r}")
-    return EPS_MODE_CODES[eps_mode]
-
-
 def _unit_stride(t: Tensor | None) -> Tensor | None:
     """A weight or bias with unit stride (a copy only when it has another): the kernels index it by column."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -367,7 +361,7 @@ def norm_forward_triton(
     `block`: columns a row program holds at once (`row_block`; a row wider than that runs in chunks of it);
     `num_warps` per row program (a power of two <= 32); None: `default_warps` of the block. `eps_mode` and
     `norm_scale`: where eps goes (specs.NormSpec)."""
-    mode = _eps_mode_code(eps_mode)
+    mode = eps_mode_code(eps_mode)
     _check_tensor("x", x, x.device)
     _check_param("weight", weight, x)
     _check_param("bias", bias, x)
@@ -433,7 +427,7 @@ def norm_backward_triton(
     """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32), parameter grads reduced over all rows.
     `programs` slices the rows (each program writes one partial dweight/dbias row; None: one per SM), `num_warps`
     and `block` as in the forward; `eps` is read only by eps_mode clamp_norm and add_norm."""
-    mode = _eps_mode_code(eps_mode)
+    mode = eps_mode_code(eps_mode)
     _check_tensor("x", x, x.device)
     _check_tensor("grad", grad, x.device)
     if grad.shape != x.shape:

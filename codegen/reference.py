@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..specs import check_eps_mode
 from .philox import uniform
 
 ROPE_ROTATE_HALF = 0
@@ -365,25 +366,24 @@ def norm_forward(
 
 def inverse_norm(mean_square: Tensor, eps: float, eps_mode: str, norm_scale: float) -> Tensor:
     """rstd from a row's mean square: eps added to stat², clamping stat, or added to stat (stat = scale·RMS)."""
-    if eps_mode == "mean_square":
+    mode = check_eps_mode(eps_mode)
+    if mode == "mean_square":
         return torch.rsqrt(mean_square * (norm_scale * norm_scale) + eps)
     stat = mean_square.sqrt() * norm_scale
-    if eps_mode == "clamp_norm":
+    if mode == "clamp_norm":
         return 1.0 / stat.clamp_min(eps)
-    if eps_mode == "add_norm":
-        return 1.0 / (stat + eps)
-    raise ValueError(f"eps_mode must be one of mean_square, clamp_norm, add_norm; got {eps_mode!r}")
+    return 1.0 / (stat + eps)  # add_norm
 
 
 def projection_gain(centered: Tensor, eps: float, eps_mode: str, norm_scale: float) -> Tensor | float:
     """The backward's x̂·Σ(g·w·x̂)/width term is scaled by this: norm_scale², times 0 where F.normalize's clamp holds
     (rstd is constant there; torch's clamp_min passes the gradient where stat >= eps) or 1 + eps/stat for an
     added eps (d rstd/d stat = -rstd², not -rstd³·stat)."""
-    gain = norm_scale * norm_scale
-    if eps_mode == "mean_square":
+    gain, mode = norm_scale * norm_scale, check_eps_mode(eps_mode)
+    if mode == "mean_square":
         return gain
     stat = (centered * centered).mean(dim=-1, keepdim=True).sqrt() * norm_scale
-    if eps_mode == "clamp_norm":
+    if mode == "clamp_norm":
         return torch.where(stat >= eps, gain, 0.0)
     return gain * (1.0 + eps / torch.where(stat > 0, stat, 1.0))  # a zero row has x̂ = 0: keep the factor finite
 

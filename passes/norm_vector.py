@@ -34,8 +34,9 @@ from .norm_match import (
 
 
 @dataclass
-class _Division:
-    """x / f(stat): the nodes from the statistic to the normalized value, and where eps went."""
+class VectorNorm:
+    """x / f(stat), a tensor divided by its own norm: the nodes from the statistic to the normalized value, and
+    where eps went. Found once per anchor by `vector_norm_site`, then described by `match_vector_norm`."""
 
     stat: fx.Node  # linalg_vector_norm or sqrt
     x: fx.Node  # what the statistic was taken of
@@ -44,17 +45,20 @@ class _Division:
     eps_mode: EpsMode = "mean_square"
     eps: float = 0.0
     nodes: set[fx.Node] = field(default_factory=set)
+    centered: tuple[fx.Node, fx.Node] | None = None  # (input, mean) when x = input - mean under sqrt, without eps
+
+    @property
+    def kind(self) -> NormKind:
+        return "layernorm" if self.centered is not None else "rmsnorm"
 
 
 # ------------------------------------------------------------------------------------------------ anchors
-def vector_norm_kind(node: fx.Node) -> NormKind | None:
-    """The norm kind when `node` is the statistic of a tensor divided by its own norm, else None."""
-    division = _division(node)
-    if division is None:
-        return None
-    if is_op(node, aten.sqrt) and centered_parts(division.x) is not None and division.eps_mode == "mean_square":
-        return "layernorm"  # (x - mean) / sqrt(mean((x - mean)²)): a LayerNorm with eps 0
-    return "rmsnorm"
+def vector_norm_site(node: fx.Node) -> VectorNorm | None:
+    """The division when `node` is the statistic of a tensor divided by its own norm, else None."""
+    site = _division(node)
+    if site is not None and is_op(node, aten.sqrt) and site.eps_mode == "mean_square":
+        site.centered = centered_parts(site.x)  # (x - mean) / sqrt(mean((x - mean)²)): a LayerNorm with eps 0
+    return site
 
 
 def _statistic_input(node: fx.Node) -> fx.Node | None:
@@ -80,16 +84,12 @@ def _constant_factor(node: fx.Node, source: fx.Node) -> float | None:
     return 1.0 / value if is_op(node, aten.div) else value
 
 
-def _users(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
-
-
-def _follow_factors(node: fx.Node, d: _Division, eps_too: bool) -> fx.Node:
+def _follow_factors(node: fx.Node, d: VectorNorm, eps_too: bool) -> fx.Node:
     """Walk through constant factors applied to the divisor (eps_too: after eps was added, which they scale)."""
     moved = True
     while moved:
         moved = False
-        for user in _users(node):
+        for user in node.users:
             factor = _constant_factor(user, node)
             if factor is not None:
                 d.factor *= factor
@@ -100,10 +100,10 @@ def _follow_factors(node: fx.Node, d: _Division, eps_too: bool) -> fx.Node:
     return node
 
 
-def _eps_step(node: fx.Node, d: _Division) -> fx.Node:
+def _eps_step(node: fx.Node, d: VectorNorm) -> fx.Node:
     """Absorb `clamp_min(norm, eps)` / `clamp(norm, min=eps)` or `norm + eps`; eps is rounded to the 16-bit dtype
     the clamp or add runs in (F.normalize's 1e-12 is 0 in float16)."""
-    for user in _users(node):
+    for user in node.users:
         eps, mode = _eps_of(user, node)
         if mode is not None and eps is not None:
             dtype = dtype_of(user)
@@ -124,9 +124,9 @@ def _eps_of(user: fx.Node, node: fx.Node) -> tuple[float | None, EpsMode | None]
     return None, None
 
 
-def _divides(divisor: fx.Node, x: fx.Node, d: _Division) -> fx.Node | None:
+def _divides(divisor: fx.Node, x: fx.Node, d: VectorNorm) -> fx.Node | None:
     """The node computing x / divisor (or x * reciprocal(divisor)) for the statistic's own input x."""
-    for user in _users(divisor):
+    for user in divisor.users:
         if is_op(user, aten.expand, aten.expand_as) and user.args[0] is divisor:
             found = _divides(user, x, d)
             if found is not None:
@@ -135,14 +135,14 @@ def _divides(divisor: fx.Node, x: fx.Node, d: _Division) -> fx.Node | None:
         if user.target is aten.div.Tensor and user.args[1] is divisor and _numerator(user.args[0], x, d):
             return user
         if is_op(user, aten.reciprocal):
-            for mul in _users(user):
+            for mul in user.users:
                 if is_op(mul, aten.mul) and _numerator(other_operand(mul, user), x, d):
                     d.nodes.add(user)
                     return mul
     return None
 
 
-def _numerator(node: Any, x: fx.Node, d: _Division) -> bool:
+def _numerator(node: Any, x: fx.Node, d: VectorNorm) -> bool:
     """Whether `node` is x, or c · x for a positive constant c (folded like a factor on the output)."""
     if same_input(node, x):
         return True
@@ -157,11 +157,11 @@ def _numerator(node: Any, x: fx.Node, d: _Division) -> bool:
     return False
 
 
-def _division(stat: fx.Node) -> _Division | None:
+def _division(stat: fx.Node) -> VectorNorm | None:
     x = _statistic_input(stat)
     if x is None:
         return None
-    d = _Division(stat, x, stat, nodes={stat})
+    d = VectorNorm(stat, x, stat, nodes={stat})
     stages = (
         lambda n: _follow_factors(n, d, eps_too=False),
         lambda n: _eps_step(n, d),
@@ -181,20 +181,17 @@ def _division(stat: fx.Node) -> _Division | None:
 
 
 # ----------------------------------------------------------------------------------------------- matching
-def match_vector_norm(stat: fx.Node, kind: NormKind) -> NormMatch:
-    """Describe the norm whose statistic is `stat` (see `vector_norm_kind`); raises Decline when it cannot fuse."""
-    d = _division(stat)
-    if d is None:
-        raise Decline("the norm does not divide its own input")  # not reached: vector_norm_kind said it does
+def match_vector_norm(d: VectorNorm) -> NormMatch:
+    """Describe the norm `vector_norm_site` found; raises Decline when it cannot fuse."""
     base = _base_scale(d)
     output = _fold_output_factors(d)
+    kind: NormKind = "rmsnorm"
     x, norm_scale = d.x, d.factor * base
-    if kind == "layernorm" and not math.isclose(norm_scale, 1.0, rel_tol=1e-12):
-        kind = "rmsnorm"  # the LayerNorm op has no norm_scale: an RMSNorm of the centered input, centering outside
-    if kind == "layernorm":
-        x, mean = centered_parts(d.x) or (d.x, d.x)
+    # The LayerNorm op has no norm_scale: with one, an RMSNorm of the centered input, centering left outside.
+    if d.centered is not None and math.isclose(norm_scale, 1.0, rel_tol=1e-12):
+        kind, norm_scale = "layernorm", 1.0
+        x, mean = d.centered
         d.nodes |= {d.x, mean}
-        norm_scale = 1.0
     m = NormMatch(kind, x, [], d.eps, norm_width(x), eps_mode=d.eps_mode, norm_scale=norm_scale)
     output = affine_tail(output, m, d.nodes)
     m.outputs = [output]
@@ -202,7 +199,7 @@ def match_vector_norm(stat: fx.Node, kind: NormKind) -> NormMatch:
     return m
 
 
-def _base_scale(d: _Division) -> float:
+def _base_scale(d: VectorNorm) -> float:
     """The statistic over RMS(x): sqrt(width) for a 2-norm or a root sum of squares, 1 for a root mean square."""
     stat = d.stat
     if is_op(stat, aten.linalg_vector_norm):
@@ -227,7 +224,7 @@ def _check_last_dim(stat: fx.Node, x: fx.Node, dims: Any, keepdim: bool) -> None
         raise Decline("statistics are reduced without keepdim")
 
 
-def _fold_output_factors(d: _Division) -> fx.Node:
+def _fold_output_factors(d: VectorNorm) -> fx.Node:
     """Fold positive constant factors on the normalized value (`* sqrt(d)`) into norm_scale and eps: s · x / f(stat,
     eps) = x / f(stat / s, eps / s)."""
     node = d.normalized

@@ -13,12 +13,12 @@ import torch.fx as fx
 
 from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
 from ..codegen.reference import compute_dtype
-from ..specs import EPS_MODES, NormSpec
+from ..specs import NormSpec, eps_mode_code
 from .base import Decline, FixableDecline, PassContext, PassResult
 from .graph import aten, dtype_of, getitem, insert_call, replace_with, static_shape, tensor_val
 from .match_common import cast_source, dtype_name, erase_dead, node_order, operand, strip_widening_casts
 from .norm_match import NormKind, NormMatch, match_norm, norm_anchor_kind
-from .norm_vector import match_vector_norm, vector_norm_kind
+from .norm_vector import VectorNorm, match_vector_norm, vector_norm_site
 from .out_layout import keep_layout
 from .scalars import ScalarArg
 
@@ -37,10 +37,10 @@ class NormPass:
         modified = False
         live = set(gm.graph.nodes)
         for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
-            kind = _anchor_kind(node) if node in live else None
-            if kind is None or not ctx.is_enabled(kind):
+            anchor = _anchor(node) if node in live else None
+            if anchor is None or not ctx.is_enabled(anchor.kind):
                 continue
-            replaced = _fuse_site(gm, node, kind, ctx)
+            replaced = _fuse_site(gm, anchor, ctx)
             if replaced is not None:
                 modified = True
                 live -= erase_dead(gm.graph, replaced)  # later sites' legality checks see only live users
@@ -51,25 +51,36 @@ class NormPass:
         return PassResult(gm, modified)
 
 
-def _anchor_kind(node: fx.Node) -> NormKind | None:
+@dataclass(frozen=True)
+class _Anchor:
+    """The node a norm candidate is matched from, its kind, and for a vector norm the division found with it."""
+
+    node: fx.Node
+    kind: NormKind
+    vector: VectorNorm | None = None
+
+    def match(self) -> NormMatch:
+        return match_vector_norm(self.vector) if self.vector is not None else match_norm(self.node, self.kind)
+
+
+def _anchor(node: fx.Node) -> _Anchor | None:
     """A norm op, 1/sqrt of a variance, or a vector norm divided into its own input (norm_vector.py)."""
-    return vector_norm_kind(node) or norm_anchor_kind(node)
+    vector = vector_norm_site(node)
+    if vector is not None:
+        return _Anchor(node, vector.kind, vector)
+    kind = norm_anchor_kind(node)
+    return _Anchor(node, kind) if kind is not None else None
 
 
-def _match(anchor: fx.Node, kind: NormKind) -> NormMatch:
-    if vector_norm_kind(anchor) is not None:
-        return match_vector_norm(anchor, kind)
-    return match_norm(anchor, kind)
-
-
-def _fuse_site(gm: fx.GraphModule, anchor: fx.Node, kind: NormKind, ctx: PassContext) -> set[fx.Node] | None:
+def _fuse_site(gm: fx.GraphModule, anchor: _Anchor, ctx: PassContext) -> set[fx.Node] | None:
     """Rewrite one candidate; returns the nodes it made redundant, or None when it declined."""
+    kind = anchor.kind
     try:
-        match = _match(anchor, kind)
+        match = anchor.match()
     except Decline as decline:
-        ctx.declined(kind, anchor, decline.reason, decline.spec)
+        ctx.declined(kind, anchor.node, decline.reason, decline.spec)
         if isinstance(decline, FixableDecline):
-            ctx.advise(decline.key, f"{kind} {anchor.name} not fused: {decline.reason}", decline.fix)
+            ctx.advise(decline.key, f"{kind} {anchor.node.name} not fused: {decline.reason}", decline.fix)
         return None
     if not match.outputs:  # a native_layer_norm whose normalized output is unused: nothing to replace
         return None
@@ -186,7 +197,7 @@ def _op(m: NormMatch, plan: _Plan) -> torch._ops.OpOverload:
 def _op_args(m: NormMatch, plan: _Plan) -> tuple[object, ...]:
     inputs = plan.residual or (plan.x,)
     if m.kind == "rmsnorm":
-        return (*inputs, plan.weight, m.eps_arg, m.weight_offset, EPS_MODES.index(m.eps_mode), m.norm_scale)
+        return (*inputs, plan.weight, m.eps_arg, m.weight_offset, eps_mode_code(m.eps_mode), m.norm_scale)
     return (*inputs, plan.weight, plan.bias, m.eps_arg)
 
 

@@ -19,7 +19,7 @@ import torch
 from _sm90 import compile_in_child
 from torch import Tensor
 
-from tilefuse.codegen import emit
+from tilefuse.codegen import custom_ops, emit
 from tilefuse.codegen import reference as ref
 from tilefuse.codegen.norm_kernels import (
     DEFAULT_CHUNK,
@@ -30,6 +30,7 @@ from tilefuse.codegen.norm_kernels import (
     row_block,
 )
 from tilefuse.codegen.rope_kernels import rope_backward_triton, rope_forward_triton
+from tilefuse.specs import EPS_MODES, eps_mode_code, eps_mode_name
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
@@ -111,6 +112,24 @@ def test_norm_eps_placements(placement: tuple[str, float | None, float], case: t
     variant, width, block, dtype = case
     norm_scale = width**0.5 if scale is None else scale
     _check_norm(variant, 7, width, dtype, block, 3, (eps, mode, norm_scale), tiny_rows=True)
+
+
+def test_an_unknown_eps_mode_is_refused_everywhere() -> None:
+    """specs.EPS_MODES is the one table of eps placements: the launchers and the reference read names from it, the
+    ops an index into it, and each refuses anything else (the reference's backward once took any name for add_norm)."""
+    x, zeros, ones = torch.randn(3, 8), torch.zeros(3, 1), torch.ones(3, 1)
+    assert [eps_mode_name(eps_mode_code(mode)) for mode in EPS_MODES] == list(EPS_MODES)
+    refusals = [
+        lambda: norm_forward_triton(x, None, None, None, EPS, 0.0, True, eps_mode="l2"),
+        lambda: norm_backward_triton(x, x, None, None, ones, 0.0, True, eps=EPS, eps_mode="l2"),
+        lambda: ref.norm_forward(x, None, None, EPS, 0.0, True, "l2"),
+        lambda: ref.norm_backward(x, x, None, zeros, ones, 0.0, True, EPS, "l2"),
+        lambda: custom_ops.rms_norm(x, None, EPS, 0.0, len(EPS_MODES)),
+        lambda: custom_ops.norm_backward(x, x, None, EPS, 0.0, True, -1),
+    ]
+    for refusal in refusals:
+        with pytest.raises(ValueError, match="eps_mode"):
+            refusal()
 
 
 def _check_norm(variant: tuple[bool, float, bool, bool, bool], rows: int, width: int, dtype: torch.dtype,
