@@ -16,7 +16,7 @@ import torch.fx as fx
 from .attention_match import CASTS, VIEWS, score_contraction
 from .attention_sinks import match_sinks
 from .base import Decline
-from .canonicalize_einsum import einsum_as_matmul, read_contraction
+from .canonicalize_einsum import einsum_as_matmul, read_contraction, read_einsum
 from .canonicalize_softmax import without_row_shift
 from .graph import aten, is_op, ndim, single_user
 
@@ -64,12 +64,11 @@ def _pv_einsum(probs: fx.Node) -> fx.Node | None:
     return None
 
 
-def _contracts_last_axis(einsum: fx.Node, probs: fx.Node) -> bool:
-    equation, operands = einsum.args
-    if not isinstance(equation, str) or not isinstance(operands, (list, tuple)) or len(operands) != 2:
+def _contracts_last_axis(node: fx.Node, probs: fx.Node) -> bool:
+    """Whether `node`'s matmul reading has `probs` as its left operand, contracted over its last axis."""
+    einsum = read_einsum(node)
+    form = read_contraction(einsum.equation, einsum.ranks) if einsum is not None else None
+    if einsum is None or form is None:
         return False
-    if operands[0] is not probs and operands[1] is not probs:
-        return False
-    form = read_contraction(equation, (ndim(operands[0]), ndim(operands[1])))
-    left_is_probs = (operands[1] if form is not None and form.swapped else operands[0]) is probs
-    return form is not None and left_is_probs and form.labels[0][-1] == form.c
+    left = einsum.operands[1] if form.swapped else einsum.operands[0]
+    return left is probs and form.labels[0][-1] == form.c

@@ -134,26 +134,37 @@ class CanonicalizePass:
         functionalized = functionalize(gm.graph)
         ctx.counters["canonicalize_functionalized"] += functionalized
         modified = functionalized > 0
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function":
-                modified = self._rewrite(gm.graph, node, ctx) or modified
+        nodes = list(gm.graph.nodes)
+        visited = set(nodes)
+        for node in nodes:
+            if node.op != "call_function":
+                continue
+            if is_op(node, aten._assert_tensor_metadata) and not node.users:
+                # torch.export's dtype/shape checks before casts: facts the fake metadata already holds.
+                gm.graph.erase_node(node)
+                modified = True
+                continue
+            replacement = _rewrite(node, ctx)
+            modified = modified or replacement is not None
+            # A node a rewrite inserted is in no list taken before: its own rewrites run now (torch.multiply(x, 1.0)
+            # becomes mul(x, 1.0), which is then x).
+            while replacement is not None and replacement not in visited:
+                visited.add(replacement)
+                replacement = _rewrite(replacement, ctx)
         modified = gm.graph.eliminate_dead_code() or modified
         if modified:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
 
-    @staticmethod
-    def _rewrite(graph: fx.Graph, node: fx.Node, ctx: PassContext) -> bool:
-        if is_op(node, aten._assert_tensor_metadata) and not node.users:
-            # torch.export's dtype/shape checks before casts: facts the fake metadata already holds.
-            graph.erase_node(node)
-            return True
-        for counter, rewrite in _REWRITES:
-            replacement = rewrite(node)
-            if replacement is not None:
-                node.replace_all_uses_with(replacement)
-                graph.erase_node(node)
-                ctx.counters[counter] += 1
-                return True
-        return False
+
+def _rewrite(node: fx.Node, ctx: PassContext) -> fx.Node | None:
+    """Replace `node` by the result of the first rewrite that fires on it; that result, or None when none fires."""
+    for counter, rewrite in _REWRITES:
+        replacement = rewrite(node)
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            node.graph.erase_node(node)
+            ctx.counters[counter] += 1
+            return replacement
+    return None

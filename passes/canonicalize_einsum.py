@@ -24,40 +24,12 @@ from .graph import aten, insert_call, insert_equivalent, is_op, tensor_val
 ELLIPSIS = "..."
 
 
-@dataclass(frozen=True)
-class MatmulForm:
-    """An einsum equation read as `P m c, P c n -> P m n` (or `P n c` for the second operand when transposed)."""
-
-    batch: tuple[str, ...]
-    transposed: bool
-
-
 def _labels(term: str) -> tuple[str, ...] | None:
     """Labels of one operand: letters, with at most one leading ellipsis kept as a single label."""
     rest = term.removeprefix(ELLIPSIS)
     if not rest.isalpha() or not rest.isascii():
         return None
     return ((ELLIPSIS,) if rest != term else ()) + tuple(rest)
-
-
-def parse_matmul(equation: str) -> MatmulForm | None:
-    """The batched-matmul reading of `equation`, or None when its output is not exactly batch + the two free dims."""
-    lhs, arrow, out = equation.replace(" ", "").partition("->")
-    terms = lhs.split(",")
-    if not arrow or len(terms) != 2:
-        return None
-    a, b, o = (_labels(t) for t in (*terms, out))
-    if a is None or b is None or o is None or len(a) < 2 or any(len(set(x)) != len(x) for x in (a, b, o)):
-        return None
-    batch, (m, c) = a[:-2], a[-2:]
-    if o[:-2] != batch or b[:-2] != batch or len(o) != len(a) or len(b) != len(a) or o[-2] != m:
-        return None
-    n = o[-1]
-    if len({m, c, n}) != 3 or {m, c, n} & set(batch):
-        return None
-    if b[-2:] == (c, n):
-        return MatmulForm(batch, transposed=False)
-    return MatmulForm(batch, transposed=True) if b[-2:] == (n, c) else None
 
 
 def _same_bmm(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> bool:
@@ -72,15 +44,12 @@ def _same_bmm(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> bool:
 
 def einsum_to_matmul(node: fx.Node) -> fx.Node | None:
     """Insert the matmul form of the einsum `node` (not yet replacing it); None when the einsum stays."""
-    if not is_op(node, aten.einsum) or len(node.args) != 2 or node.kwargs.get("path") is not None:
+    einsum = read_einsum(node)
+    form = matmul_form(einsum.equation, einsum.ranks) if einsum is not None else None
+    if einsum is None or form is None:
         return None
-    equation, operands = node.args
-    form = parse_matmul(equation) if isinstance(equation, str) else None
-    if form is None or not isinstance(operands, (list, tuple)) or len(operands) != 2:
-        return None
-    a, b = operands
-    av, bv = tensor_val(a), tensor_val(b)
-    if av is None or bv is None or not _same_bmm(av, bv, form.transposed):
+    (a, b), (av, bv) = einsum.operands, einsum.values
+    if not _same_bmm(av, bv, form.transposed):
         return None
     rhs: Any = b
     if form.transposed:
@@ -147,6 +116,32 @@ def _terms(equation: str, ranks: tuple[int, int]) -> tuple[tuple[str, ...], ...]
     return a, b, ((*ellipsis, *o[1:]) if o[:1] == (ELLIPSIS,) else o)
 
 
+@dataclass(frozen=True)
+class Einsum:
+    """A two-operand einsum node's equation, operands and their fake values."""
+
+    equation: str
+    operands: tuple[Any, Any]
+    values: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return self.values[0].dim(), self.values[1].dim()
+
+
+def read_einsum(node: Any) -> Einsum | None:
+    """`node` as a two-operand einsum whose operands have fake values (no contraction `path` given), or None."""
+    if not is_op(node, aten.einsum) or len(node.args) != 2 or node.kwargs.get("path") is not None:
+        return None
+    equation, operands = node.args
+    if not isinstance(equation, str) or not isinstance(operands, (list, tuple)) or len(operands) != 2:
+        return None
+    a, b = tensor_val(operands[0]), tensor_val(operands[1])
+    if a is None or b is None:
+        return None
+    return Einsum(equation, (operands[0], operands[1]), (a, b))
+
+
 def read_contraction(equation: str, ranks: tuple[int, int]) -> ContractionForm | None:
     """The matmul reading of a two-operand einsum of operands of these ranks, or None when it is not one matmul
     (a repeated label, a label summed away alone, no contracted label or more than one)."""
@@ -167,14 +162,38 @@ def read_contraction(equation: str, ranks: tuple[int, int]) -> ContractionForm |
     return ContractionForm(swapped, batch, m, contracted[0], n, (a, b), out)
 
 
-def _arrange(graph: fx.Graph, node: Any, labels: tuple[str, ...], target: tuple[str, ...]) -> Any:
+def matmul_form(equation: str, ranks: tuple[int, int]) -> ContractionForm | None:
+    """`read_contraction` of an einsum that already is `[*batch, m, c] @ [*batch, c, n]` (or `[*batch, n, c]`,
+    transposed): output written out as [*batch, m, n], no permute, operands in order; else None."""
+    form = read_contraction(equation, ranks) if "->" in equation else None
+    if form is None or form.swapped:
+        return None
+    batch, (left, right) = form.batch, form.labels
+    if left != (*batch, form.m, form.c) or form.out != (*batch, form.m, form.n):
+        return None
+    return form if right in ((*batch, form.c, form.n), (*batch, form.n, form.c)) else None
+
+
+class _Inserter:
+    """insert_call at the graph's insertion point, keeping the nodes it inserted in order."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.inserted: list[fx.Node] = []
+
+    def __call__(self, target: Any, args: tuple[Any, ...]) -> fx.Node:
+        self.inserted.append(insert_call(self.graph, target, args))
+        return self.inserted[-1]
+
+
+def _arrange(call: _Inserter, node: Any, labels: tuple[str, ...], target: tuple[str, ...]) -> Any:
     """`node` (axes `labels`) permuted to `target`'s order, size-1 axes inserted for labels it lacks."""
     perm = [labels.index(x) for x in target if x in labels]
     if perm != sorted(perm):
-        node = insert_call(graph, aten.permute.default, (node, perm))
+        node = call(aten.permute.default, (node, perm))
     for index, label in enumerate(target):
         if label not in labels:
-            node = insert_call(graph, aten.unsqueeze.default, (node, index))
+            node = call(aten.unsqueeze.default, (node, index))
     return node
 
 
@@ -204,28 +223,19 @@ def einsum_as_matmul(node: fx.Node) -> MatmulReading | None:
     Equal in real arithmetic, not bit for bit (einsum may fold the axes into another bmm), and a broadcast batch
     axis makes matmul copy the expanded operand: for a caller that then replaces the site (attention), which
     undoes the reading where it does not."""
-    if not is_op(node, aten.einsum) or len(node.args) != 2 or node.kwargs.get("path") is not None:
+    einsum = read_einsum(node)
+    form = read_contraction(einsum.equation, einsum.ranks) if einsum is not None else None
+    if einsum is None or form is None:
         return None
-    equation, operands = node.args
-    if not isinstance(equation, str) or not isinstance(operands, (list, tuple)) or len(operands) != 2:
-        return None
-    values = [tensor_val(x) for x in operands]
-    if values[0] is None or values[1] is None:
-        return None
-    form = read_contraction(equation, (values[0].dim(), values[1].dim()))
-    if form is None:
-        return None
-    left, right = operands[::-1] if form.swapped else operands
-    graph, mark = node.graph, list(node.graph.nodes)
-    with graph.inserting_before(node):
-        out = _matmul_of(graph, form, left, right)
-    before = set(mark)
-    reading = MatmulReading(node, out, [n for n in graph.nodes if n not in before], tuple(operands))
-    if not _same_shape(tensor_val(out), tensor_val(node)):
+    left, right = einsum.operands[::-1] if form.swapped else einsum.operands
+    with node.graph.inserting_before(node):
+        inserted = _matmul_of(node.graph, form, left, right)
+    reading = MatmulReading(node, inserted[-1], inserted, einsum.operands)
+    if not _same_shape(tensor_val(reading.output), tensor_val(node)):
         reading.undo()
         return None
-    node.replace_all_uses_with(out)
-    node.args = (equation, [])
+    node.replace_all_uses_with(reading.output)
+    node.args = (einsum.equation, [])
     return reading
 
 
@@ -235,16 +245,18 @@ def _same_shape(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True))
 
 
-def _matmul_of(graph: fx.Graph, form: ContractionForm, left: Any, right: Any) -> fx.Node:
+def _matmul_of(graph: fx.Graph, form: ContractionForm, left: Any, right: Any) -> list[fx.Node]:
+    """Insert the permutes and the matmul computing `form`; the nodes inserted, in order (the last is the result)."""
+    call = _Inserter(graph)
     a_labels, b_labels = form.labels
-    lhs = _arrange(graph, left, a_labels, (*form.batch, form.m, form.c))
+    lhs = _arrange(call, left, a_labels, (*form.batch, form.m, form.c))
     if form.transposed:
-        rhs = _arrange(graph, right, b_labels, (*form.batch, form.n, form.c))
-        rhs = insert_call(graph, aten.transpose.int, (rhs, -2, -1))
+        rhs = _arrange(call, right, b_labels, (*form.batch, form.n, form.c))
+        rhs = call(aten.transpose.int, (rhs, -2, -1))
     else:
-        rhs = _arrange(graph, right, b_labels, (*form.batch, form.c, form.n))
-    out = insert_call(graph, aten.matmul.default, (lhs, rhs))
+        rhs = _arrange(call, right, b_labels, (*form.batch, form.c, form.n))
+    out = call(aten.matmul.default, (lhs, rhs))
     order = (*form.batch, form.m, form.n)
     if order != form.out:
-        out = insert_call(graph, aten.permute.default, (out, [order.index(x) for x in form.out]))
-    return out
+        call(aten.permute.default, (out, [order.index(x) for x in form.out]))
+    return call.inserted

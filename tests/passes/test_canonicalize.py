@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tilefuse.compiler.capture import capture
 from tilefuse.passes.base import PassContext
 from tilefuse.passes.canonicalize import CanonicalizePass
-from tilefuse.passes.canonicalize_einsum import MatmulForm, parse_matmul
+from tilefuse.passes.canonicalize_einsum import matmul_form
 from tilefuse.passes.canonicalize_inplace import functional_variant
 from tilefuse.passes.graph import aten, constant_fill, scalar_operand, scalar_value
 
@@ -253,27 +253,32 @@ def test_generated_in_place_programs_keep_their_values(steps: list[str]) -> None
 
 # ------------------------------------------------------------------------------------------------------ einsum
 @pytest.mark.parametrize(
-    ("equation", "form"),
+    ("equation", "rank", "transposed"),
     [
-        ("bhqd,bhkd->bhqk", MatmulForm(("b", "h"), transposed=True)),
-        ("bhqk,bhkd->bhqd", MatmulForm(("b", "h"), transposed=False)),
-        ("bqd,bkd->bqk", MatmulForm(("b",), transposed=True)),
-        ("...qd,...kd->...qk", MatmulForm(("...",), transposed=True)),
-        ("ZNIJ,ZNJK->ZNIK", MatmulForm(("Z", "N"), transposed=False)),
-        (" b h i d , b h j d -> b h i j ", MatmulForm(("b", "h"), transposed=True)),
-        ("bhqd,bhkd->bhkq", None),  # the output transposed
-        ("bhqd,bhkd->bhq", None),  # a reduction
-        ("bhqd,bhkd", None),  # implicit output
-        ("bhqd,bhqd->bhq", None),
-        ("bhqd,hbkd->bhqk", None),  # batch dims in another order
-        ("bhqq,bhqd->bhqd", None),  # a diagonal
-        ("bhdq,bhkd->bhqk", None),  # the first operand transposed
-        ("b...qd,b...kd->b...qk", None),  # an ellipsis not in front
-        ("bhqd,bhkd,bhke->bhqe", None),
+        ("bhqd,bhkd->bhqk", 4, True),
+        ("bhqk,bhkd->bhqd", 4, False),
+        ("bqd,bkd->bqk", 3, True),
+        ("...qd,...kd->...qk", 4, True),
+        ("ZNIJ,ZNJK->ZNIK", 4, False),
+        (" b h i d , b h j d -> b h i j ", 4, True),
+        ("bhqd,bhkd->bhkq", 4, None),  # the output transposed
+        ("bhqd,bhkd->bhq", 4, None),  # a reduction
+        ("bhqd,bhkd", 4, None),  # implicit output
+        ("bhqd,bhqd->bhq", 4, None),
+        ("bhqd,hbkd->bhqk", 4, None),  # batch dims in another order
+        ("bhqq,bhqd->bhqd", 4, None),  # a diagonal
+        ("bhdq,bhkd->bhqk", 4, None),  # the first operand transposed
+        ("bhkd,bhqk->bhqd", 4, None),  # the operands swapped
+        ("b...qd,b...kd->b...qk", 5, None),  # an ellipsis not in front
+        ("bhqd,bhkd,bhke->bhqe", 4, None),
     ],
 )
-def test_parse_matmul(equation: str, form: MatmulForm | None) -> None:
-    assert parse_matmul(equation) == form
+def test_matmul_form(equation: str, rank: int, transposed: bool | None) -> None:
+    """The einsums that already are `[*batch, m, c] @ [*batch, c, n]` (or `[*batch, n, c]`, transposed)."""
+    form = matmul_form(equation, (rank, rank))
+    assert (form.transposed if form is not None else None) == transposed
+    if form is not None:
+        assert form.out == (*form.batch, form.m, form.n) and not form.swapped
 
 
 def einsum_of(equation: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -304,7 +309,8 @@ def test_matmul_einsum_becomes_matmul_with_the_same_bits(
     gm, ctx = canonicalize(fn, inputs)
     assert ctx.counters["canonicalize_einsum"] == 1
     assert "aten.einsum" not in ops_in(gm) and "aten.matmul" in ops_in(gm)
-    assert ("aten.transpose" in ops_in(gm)) == parse_matmul(equation).transposed  # type: ignore[union-attr]
+    form = matmul_form(equation, (len(a_shape), len(b_shape)))
+    assert form is not None and ("aten.transpose" in ops_in(gm)) == form.transposed
     assert_same_bits(gm, fn, inputs)
 
 
@@ -461,3 +467,20 @@ def test_alias_ops_take_their_short_names() -> None:
     assert {"aten.sub", "aten.gt", "aten.mul", "aten.neg"} <= ops_in(gm)
     assert not {"aten.subtract", "aten.greater", "aten.multiply", "aten.negative"} & ops_in(gm)
     torch.testing.assert_close(gm(*inputs), fn(*inputs), rtol=0, atol=0)
+
+
+def test_an_alias_replacement_goes_through_the_other_rewrites() -> None:
+    """The short-named op an alias becomes is rewritten in turn: `torch.multiply(x, 1.0)` goes like `x * 1.0`, and
+    a softmax written with `torch.divide` becomes `softmax` like one written with `/`."""
+
+    def fn(x: Tensor) -> Tensor:
+        e = (x - x.amax(-1, keepdim=True)).exp()
+        return torch.divide(e, e.sum(-1, keepdim=True)) + torch.multiply(x, 1.0)
+
+    inputs = (randn(4, 33, seed=5),)
+    assert {"aten.multiply", "aten.divide"} <= ops_in(capture(fn, inputs))
+    gm, ctx = canonicalize(fn, inputs)
+    assert ctx.counters["canonicalize_alias"] == 2
+    assert ctx.counters["canonicalize_removed"] == 1 and ctx.counters["canonicalize_softmax"] == 1
+    assert not {"aten.mul", "aten.div", "aten.multiply", "aten.divide"} & ops_in(gm), gm.code
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
