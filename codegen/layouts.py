@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
 
 
 def _hint(x: Any) -> int:
@@ -52,9 +52,14 @@ def _significant(shape: Sequence[Any], strides: Sequence[Any]) -> list[tuple[int
     return [(d, _hint(s)) for d, (n, s) in enumerate(zip(shape, strides, strict=True)) if _hint(n) != 1]
 
 
-def same_layout(a: Tensor, b: Tensor) -> bool:
-    """Whether a and b have one shape and the same strides on every dim of size > 1 (what views depend on)."""
-    return tuple(a.shape) == tuple(b.shape) and _significant(a.shape, a.stride()) == _significant(b.shape, b.stride())
+def provably_same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b have one shape and the same strides on every dim that can exceed size 1 (what views depend
+    on; dtype and device aside), for every value their symbolic sizes can take: agreement at the example sizes is
+    not enough, and nothing is guarded on (`statically_known_true`). On real tensors: plain equality."""
+    if a.dim() != b.dim() or not all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)):
+        return False
+    strides = zip(a.shape, a.stride(), b.stride(), strict=True)
+    return all(statically_known_true(n == 1) or statically_known_true(x == y) for n, x, y in strides)
 
 
 def in_order(t: Tensor, order: Sequence[int] | None) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..codegen.layouts import dim_order, inverse_order, same_layout
+from ..codegen.layouts import dim_order, inverse_order, provably_same_layout
 from .graph import aten, insert_call, tensor_val
 
 
@@ -34,10 +34,11 @@ def output_order(replaced: fx.Node, ndim: int, first_dim_split: bool = False) ->
 
 
 def keep_layout(graph: fx.Graph, new: fx.Node, old: fx.Node) -> fx.Node:
-    """`new`, or a copy of it laid out as `old` where their strides differ on a dim of size > 1 and old is dense;
-    inserted after `new`."""
+    """`new`, or a copy of it laid out as `old` where their strides may differ on a dim of size > 1 and old is dense;
+    inserted after `new`. The strides count as equal only when they are for every value of the symbolic sizes
+    (`provably_same_layout`; a dtype difference is `replace_with`'s concern)."""
     new_val, old_val = tensor_val(new), tensor_val(old)
-    if new_val is None or old_val is None or same_layout(new_val, old_val):
+    if new_val is None or old_val is None or provably_same_layout(new_val, old_val):
         return new
     order = dim_order(old_val) or (list(range(old_val.dim())) if old_val.is_contiguous() else None)
     if order is None or tuple(new_val.shape) != tuple(old_val.shape):

@@ -168,7 +168,7 @@ def test_out_order_lays_out_the_output(op: Callable[..., Tensor]) -> None:
     values and gradients, for a grad in that layout or another, are those of the contiguous call."""
     from torch._subclasses import FakeTensorMode
 
-    from tilefuse.codegen.layouts import dim_order, same_layout
+    from tilefuse.codegen.layouts import dim_order, provably_same_layout
 
     order = [0, 2, 1, 3]  # [B, N, H, D] memory seen as [B, H, N, D]
     gen = torch.Generator().manual_seed(5)
@@ -188,6 +188,30 @@ def test_out_order_lays_out_the_output(op: Callable[..., Tensor]) -> None:
     assert dim_order(laid_out) == order and plain.is_contiguous()
     with FakeTensorMode() as mode:
         fake = op(mode.from_tensor(x), mode.from_tensor(cos), mode.from_tensor(sin), order)
-    assert same_layout(fake, laid_out) and fake.stride() == laid_out.stride()
+    assert provably_same_layout(fake, laid_out) and fake.stride() == laid_out.stride()
     torch.testing.assert_close(laid_out, plain, atol=0, rtol=0)
     torch.testing.assert_close(dx, dx_plain, atol=1e-6, rtol=1e-6)
+
+
+def test_a_layout_is_the_same_only_when_it_is_for_every_size() -> None:
+    """keep_layout (passes/out_layout.py) skips its copy on `provably_same_layout`: symbolic sizes laid out alike
+    are the same layout; one that agrees only at the example sizes is not (a data-dependent size's example is 1,
+    which would hide the strides of its dim)."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from tilefuse.codegen.layouts import empty_in_order, provably_same_layout
+
+    env = ShapeEnv()
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 4)
+    real = torch.empty(B, N, HQ, D)
+    with FakeTensorMode(shape_env=env, static_shapes=False) as mode:
+        x = mode.from_tensor(real, source=ConstantSource("x"), symbolic_context=dynamic).transpose(1, 2)
+        assert not all(isinstance(n, int) for n in x.shape)
+        assert provably_same_layout(empty_in_order(x.shape, [0, 2, 1, 3], dtype=x.dtype, device=x.device), x)
+        assert not provably_same_layout(torch.empty(x.shape), x)
+        rows = env.create_unbacked_symint()
+        torch._check(rows >= 0)
+        assert not provably_same_layout(torch.empty(rows, 4), torch.empty_strided((rows, 4), (1, rows)))
+        assert provably_same_layout(torch.empty(rows, 4), torch.empty_strided((rows, 4), (4, 1)))
