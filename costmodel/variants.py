@@ -15,7 +15,7 @@ from typing import Any
 
 from tilefuse.codegen import compile_check
 from tilefuse.codegen.plan import TiledPlan
-from tilefuse.specs import EPS_MODES, AttentionSpec, NormSpec, RopeSpec
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, eps_mode_code
 
 _POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 _ROPE_LAYOUT = {"rotate_half": 0, "interleaved": 1}
@@ -152,7 +152,7 @@ def _norm_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.KernelVarian
     pointers.update(Y=_pointer(spec.out_dtype), MEAN="*fp32", RSTD="*fp32")
     consts = {_norm_size(plan): block, "RMS": spec.norm == "rmsnorm", "HAS_WEIGHT": spec.has_weight,
               "HAS_BIAS": spec.has_bias, "HAS_RESIDUAL": spec.residual,
-              "EPS_MODE": EPS_MODES.index(spec.eps_mode)}  # fmt: skip
+              "EPS_MODE": eps_mode_code(spec.eps_mode)}  # fmt: skip
     name = f"{spec.norm}_fwd_width{spec.width}_w{plan.config.num_warps}{_chunk_suffix(plan)}"
     ints = {"width": spec.width}
     kernel = compile_check._norm_fwd_chunked if plan.norm_chunked else compile_check._norm_fwd
@@ -192,7 +192,7 @@ def _norm_backward_variant(plan: TiledPlan, spec: NormSpec) -> compile_check.Ker
     pointers = {n: _pointer(spec.dtype) for n in ("G", "X", "W", "DX")}
     pointers |= {n: "*fp32" for n in ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")}
     consts = {_norm_size(plan): block, "RMS": spec.norm == "rmsnorm", "HAS_WEIGHT": spec.has_weight,
-              "EPS_MODE": EPS_MODES.index(spec.eps_mode)}  # fmt: skip
+              "EPS_MODE": eps_mode_code(spec.eps_mode)}  # fmt: skip
     ints = {"rows": rows, "width": spec.width, "rows_per_program": -(-rows // programs)}
     name = f"{spec.norm}_bwd_width{spec.width}_w{plan.config.num_warps}_p{programs}{_chunk_suffix(plan)}"
     kernel = compile_check._norm_bwd_chunked if plan.norm_chunked else compile_check._norm_bwd
