@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .autotune.registry import launch_config
 from .codegen import custom_ops as _custom_ops  # registers torch.ops.tilefuse
 from .codegen.attention_args import check_attention_mask
+from .codegen.launch_configs import launch_config
 from .codegen.plan import TileConfig
 
 _ops = torch.ops.tilefuse

@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tilefuse.codegen.launch_configs import bucket_dim
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 from .space import KERNEL_FAMILIES, family, kernel_family, spec_families
 
-DYNAMIC = "dyn"
 # Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
 _IGNORED = {
     "attention": ("scale", "source", "softcap", "dropout_p", "mask_shape", "dynamic_scalars", "sinks"),
@@ -28,15 +28,6 @@ _IGNORED = {
 # kernel sees neither the bias nor the residual add of its forward).
 _IGNORED_BY_KERNEL = {"norm_backward": ("has_bias", "residual")}
 _ATTENTION_DIMS = ("batch", "q_heads", "kv_heads", "q_len", "kv_len")
-
-
-def bucket_dim(dim: int | None) -> int | str:
-    """Shape dims bucket to the next power of two (1, 2, 4, ..., 17 → 32); a dynamic dim stays "dyn"."""
-    if dim is None:
-        return DYNAMIC
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-        raise ValueError(f"a shape dim must be an int >= 0 or None, got {dim!r}")
-    return 1 if dim <= 1 else 1 << (dim - 1).bit_length()
 
 
 def spec_bucket(spec: Spec) -> dict[str, Any]:

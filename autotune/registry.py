@@ -3,23 +3,22 @@
 At compile time the backend calls `resolve_sites` once per graph: for every fused site's Spec and every kernel family
 the site launches (attention: its forward or decode kernel and its backward; norm: forward and backward; RoPE) it
 looks the tuning database up (no search inside torch.compile unless autotune="measure" on a GPU); a miss takes the
-cost model's choice, logs it and stores it back as a "model" record so the next compile is a hit. The launchers ask
-`config_for_launch` with a launch key (autotune/launch_keys.py). Nothing here may fail a compile: errors are logged
-and leave the launcher's default in place.
+cost model's choice, logs it and stores it back as a "model" record so the next compile is a hit. The launchers read
+the table `register` writes (codegen/launch_configs.py) by launch key. Nothing here may fail a compile: errors are
+logged and leave the launcher's default in place.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tilefuse.codegen.launch_configs import clear_launch_configs, set_launch_config, spec_launch_key
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.costmodel.hardware import GPUSpec, current_gpu, get_gpu
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
@@ -40,34 +39,6 @@ class Choice:
 
 _lock = threading.Lock()
 _choices: dict[tuple[Spec, str], Choice] = {}  # (Spec, kernel family) → choice
-_by_launch: dict[tuple[Any, ...], TileConfig] = {}  # the same choices, keyed as a launcher can see them
-_override: contextvars.ContextVar[TileConfig | None] = contextvars.ContextVar("tilefuse_tile_config", default=None)
-
-
-@contextlib.contextmanager
-def launch_config(config: TileConfig | None) -> Iterator[None]:
-    """Within the block, FA2 attention forward launches use `config` (tilefuse.ops.attention's `config=`)."""
-    token = _override.set(config)
-    try:
-        yield
-    finally:
-        _override.reset(token)
-
-
-def active() -> bool:
-    """Whether any launch may get a config (the launchers' fast path: nothing chosen, no key to compute)."""
-    return bool(_by_launch) or _override.get() is not None
-
-
-def config_for_launch(key: tuple[Any, ...]) -> TileConfig | None:
-    """The config for a launch with this launch key (autotune/launch_keys.py): an explicit `launch_config` for the
-    FA2 forward, else the one chosen at compile time for a site with that key, else None (the launcher's default)."""
-    if key[0] == "attention":
-        explicit = _override.get()
-        if explicit is not None:
-            return explicit
-    with _lock:
-        return _by_launch.get(key)
 
 
 def config_for(spec: Spec, kind: str | None = None) -> TileConfig | None:
@@ -82,21 +53,20 @@ def config_for(spec: Spec, kind: str | None = None) -> TileConfig | None:
 
 def register(spec: Spec, config: TileConfig, source: str, kind: str | None = None) -> None:
     """Make `config` the choice for kernel family `kind` (default: the Spec's forward family) of `spec`."""
-    from .launch_keys import spec_launch_key
     from .space import kernel_family
 
     kind = kind or kernel_family(spec)
     key = spec_launch_key(spec, kind)
     with _lock:
         _choices[(spec, kind)] = Choice(config, source)
-        if key is not None:
-            _by_launch[key] = config
+    if key is not None:
+        set_launch_config(key, config)
 
 
 def clear() -> None:
     with _lock:
         _choices.clear()
-        _by_launch.clear()
+    clear_launch_configs()
 
 
 def snapshot() -> dict[tuple[Spec, str], Choice]:

@@ -2,8 +2,8 @@
 
 Each launcher raises ValueError for a case its kernel does not cover (RoPE inside attention, fp64, ...); the
 op then runs the reference implementation on the GPU, so a site never fails for lack of a kernel. Every launch takes
-the knobs the autotune registry chose at compile time for its kernel family and launch key (autotune/launch_keys.py):
-one dict lookup, skipped when nothing was chosen; the launcher's defaults otherwise.
+the knobs chosen at compile time for its kernel family and launch key (codegen/launch_configs.py, which autotune
+fills): one dict lookup, skipped when nothing was chosen; the launcher's defaults otherwise.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu, launch_configs
 from . import reference as ref
+from .launch_configs import attention_key, norm_key, rope_key
 from .layouts import inverse_order, permuted_rows
 
 if TYPE_CHECKING:
@@ -57,12 +58,9 @@ def _attention_config(
     inputs: ref.AttnInputs, flags: ref.AttnFlags, backward: bool
 ) -> tuple[str | None, TileConfig | None]:
     """(kernel family, chosen config or None) of this attention launch; (None, None) when nothing was chosen."""
-    from ..autotune import registry
-
     q, k, v = inputs.q, inputs.k, inputs.v
-    if not registry.active() or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0:
+    if not launch_configs.active() or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0:
         return None, None  # no config to find (or a shape the launcher rejects with a clear error)
-    from ..autotune.launch_keys import attention_key
     from .attention_decode import use_decode
 
     group = q.shape[1] // k.shape[1]
@@ -76,7 +74,7 @@ def _attention_config(
         kind, q.shape[-1], v.shape[-1], q.dtype, group, q.shape[2], k.shape[2], flags.causal, flags.window > 0,
         flags.softcap > 0, inputs.alibi_slopes is not None, inputs.mask is not None, rope, flags.dropout_p > 0,
     )  # fmt: skip
-    return kind, registry.config_for_launch(key)
+    return kind, launch_configs.config_for_launch(key)
 
 
 def attention_backward(
@@ -120,16 +118,13 @@ _TOLD_REFERENCE_GRADS: set[str] = set()
 
 def _norm_config(kind: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
                  rms: bool) -> TileConfig | None:  # fmt: skip
-    from ..autotune import registry
-
-    if not registry.active() or x.dim() == 0 or x.shape[-1] == 0:
+    if not launch_configs.active() or x.dim() == 0 or x.shape[-1] == 0:
         return None
-    from ..autotune.launch_keys import norm_key
 
     width = x.shape[-1]
     key = norm_key(kind, rms, width, x.numel() // width, x.dtype, weight is not None, bias is not None,
                    residual is not None)  # fmt: skip
-    return registry.config_for_launch(key)
+    return launch_configs.config_for_launch(key)
 
 
 def norm(
@@ -173,13 +168,12 @@ def norm_backward(
 
 def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> dict[str, int]:
     """block_rows and num_warps chosen at compile time for this RoPE launch (forward and backward share them)."""
-    from ..autotune import registry
-
-    if not registry.active() or x.dim() == 0 or x.shape[-1] == 0:
+    if not launch_configs.active() or x.dim() == 0 or x.shape[-1] == 0:
         return {}
-    from ..autotune.launch_keys import rope_key
 
-    config = registry.config_for_launch(rope_key(layout, x.shape[-1], rotary_dim, x.numel() // x.shape[-1], dtype))
+    config = launch_configs.config_for_launch(
+        rope_key(layout, x.shape[-1], rotary_dim, x.numel() // x.shape[-1], dtype)
+    )
     return {} if config is None else {"block_rows": config.block_m, "num_warps": config.num_warps}
 
 

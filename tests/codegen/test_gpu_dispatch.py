@@ -144,8 +144,7 @@ def test_attention_launch_uses_the_config_chosen_at_compile_time(monkeypatch: py
 
 def test_an_explicit_launch_config_wins_over_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """tilefuse.ops.attention(config=...) scopes a TileConfig around the op; the launcher takes it."""
-    from tilefuse.autotune import registry
-    from tilefuse.codegen import attention_decode
+    from tilefuse.codegen import attention_decode, launch_configs
     from tilefuse.codegen.plan import TileConfig
 
     seen: list[dict[str, int]] = []
@@ -157,7 +156,7 @@ def test_an_explicit_launch_config_wins_over_the_registry(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(attention_decode, "attention_forward_triton", spy)
     q, k, v = _qkv(torch.Generator().manual_seed(0))
-    with registry.launch_config(TileConfig(32, 16, 4, 2)):
+    with launch_configs.launch_config(TileConfig(32, 16, 4, 2)):
         gpu.attention_with_lse(ref.AttnInputs(q, k, v), ref.AttnFlags(0.25))
     gpu.attention_with_lse(ref.AttnInputs(q, k, v), ref.AttnFlags(0.25))
     assert seen == [{"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2}, {}]
