@@ -29,6 +29,7 @@ from .positions import (
     same_size,
     shape_of,
     slice_dim,
+    structure_holds,
 )
 
 # Axis roles: batch, head, query, key; "BH" is batch and head folded into one axis (3-D bmm spellings) and "X" a
@@ -82,7 +83,7 @@ def match_alibi(
     if frame.roles[-1] != "K" or not same_size(shape[-1], kv_len):
         return None  # broadcast along the keys: constant per row, nothing for ALiBi to carry
     inner = _see_through(frame, heads)
-    if not is_op(inner.node, aten.mul):
+    if not is_op(inner.node, aten.mul) or not structure_holds(inner.node):
         return None
     a, b = inner.node.args[:2]
     verdicts = [_product(inner, s, p, upper) for s, p in ((a, b), (b, a))]
@@ -95,6 +96,8 @@ def _see_through(frame: _Frame, heads: int | None) -> _Frame:
     """Walk inward through casts, negation, size-1 views, row-preserving slices and head-folding reshapes."""
     while True:
         node = frame.node
+        if not structure_holds(node):  # written in place after it was made: its op no longer says what it holds
+            return frame
         if is_op(node, *CASTS) and _is_float(node):  # a float cast only rounds the bias
             inner: _Frame | None = replace(frame, node=node.args[0])
         elif is_op(node, aten.neg):

@@ -19,15 +19,15 @@ from .graph import arg, aten, insert_call, is_op, may_require_grad, static_dim, 
 from .head_fold import split_heads, unfold_heads
 from .masks import (
     MaskFacts,
+    added_fill_masks,
     analyze_keep,
     classify,
     constant_fill,
     distance_upper,
     is_bool,
-    is_very_negative,
     keep_from_additive,
 )
-from .positions import shape_of
+from .positions import shape_of, structure_holds
 
 
 @dataclass
@@ -127,8 +127,11 @@ def _sort_biases(match: AttentionMatch, facts: MaskFacts, kv_len: Any) -> tuple[
 def _split_bias(node: fx.Node) -> tuple[list[tuple[fx.Node, bool]], list[fx.Node]]:
     """A bias as keep-masks and additive terms: `where(pred, 0, -inf)`, `masked_fill(x, m, -inf)` and
     `where(pred, x, -inf)` hold a keep-mask (Falcon adds ALiBi into its causal mask), and adds of two tensors
-    split into their terms. Adding -inf (or a fill at most NEG_FILL_LIMIT) masks a score whatever else is added.
+    split into their terms. Adding -inf (or a fill that absorbs the scores, masks.absorbs_scores) masks a score
+    whatever else is added.
     Copies that keep values and dtype (T5 under SDPA makes its combined mask `.contiguous()`) are looked through."""
+    if not structure_holds(node):  # written in place after it was made: read as it is
+        return [], [node]
     if is_op(node, aten.contiguous, aten.clone, aten.alias) and isinstance(node.args[0], fx.Node):
         return _split_bias(node.args[0])
     keep = keep_from_additive(node)
@@ -148,15 +151,16 @@ def _split_bias(node: fx.Node) -> tuple[list[tuple[fx.Node, bool]], list[fx.Node
 
 
 def _masked_term(node: fx.Node) -> tuple[tuple[fx.Node, bool], fx.Node] | None:
-    """((pred, negated), x) for masked_fill(x, pred, -inf), where(pred, x, -inf) or where(pred, -inf, x)."""
+    """((pred, negated), x) for masked_fill(x, pred, -inf), where(pred, x, -inf) or where(pred, -inf, x), -inf or
+    another fill that absorbs the scores."""
     args: tuple[Any, ...] = node.args
-    if is_op(node, aten.masked_fill) and is_very_negative(args[2]) and isinstance(args[1], fx.Node):
+    if is_op(node, aten.masked_fill) and added_fill_masks(args[2], node) and isinstance(args[1], fx.Node):
         return ((args[1], True), args[0]) if isinstance(args[0], fx.Node) else None
     if not is_op(node, aten.where) or len(args) != 3 or not isinstance(args[0], fx.Node):
         return None
-    if is_very_negative(args[2]) and isinstance(args[1], fx.Node) and not is_bool(args[1]):
+    if added_fill_masks(args[2], node) and isinstance(args[1], fx.Node) and not is_bool(args[1]):
         return (args[0], False), args[1]
-    if is_very_negative(args[1]) and isinstance(args[2], fx.Node) and not is_bool(args[2]):
+    if added_fill_masks(args[1], node) and isinstance(args[2], fx.Node) and not is_bool(args[2]):
         return (args[0], True), args[2]
     return None
 
@@ -191,6 +195,8 @@ def _unrepeated_heads(graph: fx.Graph, node: fx.Node) -> fx.Node:
     (diffusers' `prepare_attention_mask` repeats a padding mask per head), so the op reads [B, 1, ...]."""
     heads, source = split_heads(node), node.args[0] if node.args else None
     if heads is None or not is_op(source, aten.repeat_interleave) or not isinstance(source, fx.Node):
+        return node
+    if not structure_holds(node) or not structure_holds(source):  # written in place: x is not what it holds
         return node
     x, repeats, dim = source.args[0], source.args[1] if len(source.args) > 1 else None, arg(source, 2, "dim")
     shape = shape_of(x)

@@ -202,9 +202,14 @@ def _aliased_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def writers_of(node: fx.Node) -> set[fx.Node]:
+    """Every op of the graph that writes the storage `node` shares with its base and the base's aliases."""
+    return {user for alias in aliases_of(storage_root(node)) for user in alias.users if writes(user, alias)}
+
+
 def is_mutated(node: fx.Node) -> bool:
     """True when some op of the graph writes the storage `node` shares with its base and the base's aliases."""
-    return any(writes(user, alias) for alias in aliases_of(storage_root(node)) for user in alias.users)
+    return bool(writers_of(node))
 
 
 # Ops each of whose output elements is an element of their first input (converted to the output dtype).
@@ -245,7 +250,7 @@ def constant_fill(x: Any) -> float | None:
         return float(x) if isinstance(x, (bool, int, float)) else None
     if is_mutated(x):
         return None
-    return _stored(_fill_source_value(x), dtype_of(x))
+    return stored(_fill_source_value(x), dtype_of(x))
 
 
 def _fill_source_value(x: fx.Node) -> float | None:
@@ -260,7 +265,7 @@ def _fill_source_value(x: fx.Node) -> float | None:
     return constant_fill(x.args[0]) if is_op(x, *_SAME_VALUES) else None
 
 
-def _stored(value: float | None, dtype: torch.dtype | None) -> float | None:
+def stored(value: float | None, dtype: torch.dtype | None) -> float | None:
     """`value` converted to `dtype` the way filling a tensor of that dtype converts it; None when unsure."""
     if value is None or dtype is None or dtype.is_complex:
         return None

@@ -1,5 +1,5 @@
-"""Additive masks read by the values they hold: a float mask whose every element is 0 or a large negative fill is a
-keep-mask (kept where 0), whatever ops build it.
+"""Additive masks read by the values they hold: a float mask whose every element is 0 or a fill that masks a score
+out (masks.absorbs_scores) is a keep-mask (kept where 0), whatever ops build it.
 
 Two readings: a mask computed from constants alone has one value, computed at compile time (litgpt's sliding
 window, torchtune Gemma2's mask); a mask read from data may still hold only a few values, followed through casts,
@@ -15,10 +15,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph import aten, constant_fill, is_op, scalar_operand, tensor_val
+from .graph import aten, constant_fill, is_op, scalar_operand, stored, tensor_val
 from .positions import CASTS, SHAPE_VIEWS, constant_value, written_later
 
 MAX_DEPTH = 12  # ops followed from the mask towards its sources
+MAX_CONSTANT_VALUES = 16  # a constant mask with more distinct values is no keep-mask worth reading
 
 _VALUE_PRESERVING = (*CASTS, *SHAPE_VIEWS, aten.unsqueeze, aten.expand, aten.repeat, aten.repeat_interleave,
                      aten.slice, aten.permute, aten.transpose)  # fmt: skip
@@ -31,17 +32,18 @@ _ARITHMETIC: dict[Any, Callable[[float, float], float]] = {
 }
 
 
-def only_keep_values(node: fx.Node, fill_limit: float) -> bool:
-    """Whether the float tensor `node` holds only 0 (kept) and values <= `fill_limit` (masked out: -inf,
-    finfo.min, -2.38e38, -1e4...), and 0 somewhere it can."""
+def only_keep_values(node: fx.Node, is_fill: Callable[[float], bool]) -> bool:
+    """Whether the float tensor `node` holds only 0 (kept) and values `is_fill` accepts (masked out), and 0
+    somewhere it can (a constant's value may be all masked)."""
     val = tensor_val(node)
     if val is None or not val.is_floating_point():
         return False
     value = constant_value(node)
     if value is not None:
-        return bool(((value == 0) | (value <= fill_limit)).all())
+        distinct = torch.unique(value)
+        return distinct.numel() <= MAX_CONSTANT_VALUES and all(v == 0 or is_fill(v) for v in distinct.tolist())
     values = value_set(node, MAX_DEPTH)
-    return values is not None and 0.0 in values and all(v == 0 or v <= fill_limit for v in values)
+    return values is not None and 0.0 in values and all(v == 0 or is_fill(v) for v in values)
 
 
 def value_set(node: Any, depth: int) -> frozenset[float] | None:
@@ -66,7 +68,7 @@ def value_set(node: Any, depth: int) -> frozenset[float] | None:
         values = frozenset(-v for v in inner) if inner is not None else None
     elif is_op(node, *_ARITHMETIC) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
         values = _arithmetic_values(node, depth)
-    return _stored(values, val.dtype)
+    return _stored_set(values, val.dtype)
 
 
 def _arithmetic_values(node: fx.Node, depth: int) -> frozenset[float] | None:
@@ -85,10 +87,10 @@ def _arithmetic_values(node: fx.Node, depth: int) -> frozenset[float] | None:
         return None
 
 
-def _stored(values: frozenset[float] | None, dtype: torch.dtype) -> frozenset[float] | None:
-    """The values as a tensor of `dtype` stores them (float32 rounds; -1e39 becomes -inf); None for other dtypes."""
-    if values is None or not (dtype.is_floating_point or dtype == torch.bool):
+def _stored_set(values: frozenset[float] | None, dtype: torch.dtype) -> frozenset[float] | None:
+    """The values as a tensor of `dtype` stores them (float32 rounds; -1e39 becomes -inf); None when one is not
+    known (graph.stored)."""
+    if values is None:
         return None
-    if dtype == torch.bool:
-        return frozenset(float(v != 0) for v in values)
-    return frozenset(float(torch.tensor(v, dtype=torch.float64).to(dtype)) for v in values)
+    out = [stored(v, dtype) for v in values]
+    return frozenset(v for v in out if v is not None) if None not in out else None

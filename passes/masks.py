@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .buffer_masks import band_from_value, band_of
-from .graph import arg, aten, constant_fill, is_op, ndim, scalar_value, static_shape
+from .graph import arg, aten, constant_fill, dtype_of, is_op, ndim, scalar_value, static_shape, stored
 from .mask_values import only_keep_values
 from .positions import CASTS as _CASTS
 from .positions import (
@@ -30,12 +30,14 @@ from .positions import (
     shape_of,
     slice_dim,
     slice_start,
+    structure_holds,
     written_later,
 )
 
 __all__ = ["index_expr", "is_full_slice"]  # re-exported: the attention matcher reads them from here
 
-# Fill values at or below this count as "masked out" (HF uses finfo.min; older code -1e4 or -1e9).
+# Fill values at or below this count as "masked out" where they replace a score (HF uses finfo.min; older code -1e4
+# or -1e9). A fill added to the scores must absorb them as well (absorbs_scores).
 NEG_FILL_LIMIT = -1e4
 
 
@@ -82,7 +84,7 @@ def analyze_keep(node: Any, negate: bool = False) -> MaskFacts:
 def _analyze(node: Any, negate: bool) -> MaskFacts:
     if not isinstance(node, fx.Node) or (_is_all_true(node) and not negate):
         return MaskFacts()
-    if written_later(node):  # its structure says what it was built as, not what the site reads
+    if not structure_holds(node):  # its structure says what it was built as, not what the site reads
         return MaskFacts(data=[(node, negate)])
     for packet, name in _COMPARE.items():
         if is_op(node, packet):
@@ -119,7 +121,7 @@ def _analyze(node: Any, negate: bool) -> MaskFacts:
 def _from_value(node: fx.Node, negate: bool) -> MaskFacts:
     """A mask whose value is known and a band: a module buffer (a registered `tril(ones)`, proven and guarded by
     buffer_masks) or a tensor computed from constants alone (positions.constant_value); else a data atom."""
-    band = band_of(node, negate)
+    band = band_of(node, negate) if not written_later(node) else None  # the graph writes the buffer it was given
     if band is None:
         value = constant_value(node)
         band = band_from_value(value, negate) if value is not None else None
@@ -258,26 +260,49 @@ def _triangle(node: fx.Node) -> Constraint | None:
 
 # ------------------------------------------------------------------------------------------ additive masks
 def keep_from_additive(node: fx.Node) -> tuple[fx.Node, bool] | None:
-    """(pred, negated) when `node` is where(pred, 0, -big) (or swapped), triu/tril of a -big constant, or any
-    tensor computed from constants alone whose every value is 0 or -big (read as: kept where 0)."""
-    if is_op(node, aten.tril, aten.triu) and is_very_negative(constant_fill(node.args[0])):
-        return node, True  # -big (masked) where the triangle is nonzero
-    if only_keep_values(node, NEG_FILL_LIMIT):
+    """(pred, negated) when `node` is where(pred, 0, fill) (or swapped), triu/tril of a fill constant, or any tensor
+    whose every value is 0 or a fill (read as: kept where 0), for a fill that absorbs the scores (absorbs_scores);
+    a mask with another fill stays additive."""
+    dtype = dtype_of(node)
+    if only_keep_values(node, lambda v: absorbs_scores(v, dtype)):  # value reading checks writes itself
         return node, True
+    if not structure_holds(node):
+        return None
+    if is_op(node, aten.tril, aten.triu) and added_fill_masks(node.args[0], node):
+        return node, True  # the fill (masked) where the triangle is nonzero
     if not is_op(node, aten.where) or len(node.args) != 3:
         return None
     pred, a, b = node.args
     if not isinstance(pred, fx.Node):
         return None
-    va, vb = constant_fill(a), constant_fill(b)  # a constant branch only broadcasts the mask: still a keep-mask
-    if va == 0.0 and vb is not None and vb <= NEG_FILL_LIMIT:
+    va, vb = (stored(constant_fill(x), dtype) for x in (a, b))  # a constant branch only broadcasts the mask
+    if va == 0.0 and absorbs_scores(vb, dtype):
         return pred, False
-    if vb == 0.0 and va is not None and va <= NEG_FILL_LIMIT:
+    if vb == 0.0 and absorbs_scores(va, dtype):
         return pred, True
     return None
 
 
+def added_fill_masks(fill: Any, mask: fx.Node) -> bool:
+    """Whether `fill`, a number or constant tensor that fills part of the additive mask `mask`, masks out the
+    scores it is added to (absorbs_scores, in `mask`'s dtype)."""
+    dtype = dtype_of(mask)
+    return absorbs_scores(stored(constant_fill(fill), dtype), dtype)
+
+
+def absorbs_scores(fill: float | None, dtype: torch.dtype | None) -> bool:
+    """Whether adding `fill` (stored in `dtype`) masks a score out the way the fused op does, fully masked rows
+    included: -inf (eager gives NaN there, the op 0), or a value within a factor 2 of the most negative finite
+    `dtype` value (HF's finfo.min), which absorbs a score of any ordinary size, so eager's fully masked rows do not
+    depend on the scores and the op gives 0. A smaller fill like -1e4 masks partially masked rows only: eager's
+    fully masked rows stay a softmax of the scores, so such a mask is kept additive."""
+    if fill is None or dtype is None or not dtype.is_floating_point:
+        return False
+    return fill == -math.inf or fill <= torch.finfo(dtype).min / 2
+
+
 def is_very_negative(value: Any) -> bool:
+    """A fill that masks a score out where it replaces it (masked_fill or where on the scores)."""
     v = scalar_value(value)
     return v is not None and v <= NEG_FILL_LIMIT
 

@@ -16,18 +16,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .graph import (
-    aliases_of,
-    arg,
-    aten,
-    constant_fill,
-    is_op,
-    literal_tensor,
-    scalar_value,
-    storage_root,
-    tensor_val,
-    writes,
-)
+from .graph import arg, aten, constant_fill, is_op, literal_tensor, scalar_value, tensor_val, writers_of
 
 INT64_MAX = 2**63 - 1
 CASTS = (aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.lift_fresh_copy, aten.detach)
@@ -91,7 +80,7 @@ def index_expr(node: Any) -> Affine | None:
     """The node as an affine function of arange positions, or None when it is not one."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return Affine((), float(node), 0)
-    if not isinstance(node, fx.Node):
+    if not isinstance(node, fx.Node) or not structure_holds(node):
         return None
     if is_op(node, aten.arange):
         return _arange_expr(node)
@@ -112,7 +101,7 @@ def index_expr(node: Any) -> Affine | None:
         return _slice_expr(node)
     if is_op(node, *SHAPE_VIEWS):
         return _view_expr(node)
-    if is_op(node, aten.add, aten.sub, aten.subtract):  # einx spells a difference `subtract`
+    if is_op(node, aten.add, aten.sub):  # canonicalize turns `subtract` (einx) into `sub`
         return _add_expr(node)
     if is_op(node, aten.mul):
         return _mul_expr(node)
@@ -280,7 +269,7 @@ def _add_expr(node: fx.Node) -> Affine | None:
     a, b = index_expr(node.args[0]), index_expr(node.args[1])
     if a is None or b is None or not isinstance(alpha, (int, float)):
         return None
-    sign = float(alpha) * (-1.0 if is_op(node, aten.sub, aten.subtract) else 1.0)
+    sign = float(alpha) * (-1.0 if is_op(node, aten.sub) else 1.0)
     return a.combine(b, sign)
 
 
@@ -327,20 +316,17 @@ def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
         seen[current] = None
         if literal_tensor(current) is None:
             pending.extend(current.all_input_nodes)
-    if any(not _writers(n) <= seen.keys() for n in seen):
+    if any(not writers_of(n) <= seen.keys() for n in seen):
         return None  # written by an op outside the computation (in-place ops inside it are replayed in order)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
 
 
-def _writers(node: fx.Node) -> set[fx.Node]:
-    return {user for alias in aliases_of(storage_root(node)) for user in alias.users if writes(user, alias)}
-
-
-def written_later(node: fx.Node) -> bool:
+def written_later(node: fx.Node, reader: fx.Node | None = None) -> bool:
     """Whether an op that `node` is not computed from writes its storage: a later reader may see another value
-    (in-place ops that build it, like `ones(n, n).triu_(1)`, are among what it is computed from)."""
-    writers = _writers(node) - {node}
+    (in-place ops that build it, like `ones(n, n).triu_(1)`, are among what it is computed from). A `reader` that
+    writes it is no such op: an in-place op reads its input before writing it."""
+    writers = writers_of(node) - {node, reader}
     if not writers:
         return False
     seen, pending = {node}, [node]
@@ -350,6 +336,20 @@ def written_later(node: fx.Node) -> bool:
                 seen.add(n)
                 pending.append(n)
     return not writers <= seen
+
+
+def structure_holds(node: Any) -> bool:
+    """Whether the op that made `node` and its arguments say what every reader of `node` reads, so a recognizer may
+    prove facts from them, and may hand the fused op an input of `node` to read in its place.
+
+    The one check before reading a mask's (or bias') structure: `node` must not be written after it is made, and
+    neither may its inputs, but by `node` itself (an input written before `node` read it is not what its own op
+    made; one written after would give the fused op, which reads it later, another value). Values computed by
+    replaying the in-place ops among a tensor's sources (`constant_value`) need no such check.
+    """
+    if not isinstance(node, fx.Node):
+        return True
+    return not written_later(node) and not any(written_later(n, node) for n in node.all_input_nodes)
 
 
 def _evaluable(node: fx.Node) -> bool:
