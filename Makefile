@@ -21,6 +21,7 @@ test: lint typecheck unit
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	mkdir -p $(MYPY_ROOT)
@@ -46,4 +47,4 @@ $(STAMP): $(VENV)/pyvenv.cfg pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf build $(STAMP) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build $(STAMP) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
