@@ -142,18 +142,18 @@ def render_report(console: Console, report: Any, title: str) -> None:
 # ------------------------------------------------------------------------------------------------ explain
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         help=f"a preset ({', '.join(PRESET_NAMES)}; hf: presets take @eager or @sdpa) "
         "or package.module:factory returning (model, example_inputs)",
     )
-    parser.add_argument("--batch", type=_positive_int, default=2, help="batch size of the example inputs")
-    parser.add_argument("--seq", type=_positive_int, default=16, help="sequence length of the example inputs")
+    parser.add_argument("--batch", type=positive_int, default=2, help="batch size of the example inputs")
+    parser.add_argument("--seq", type=positive_int, default=16, help="sequence length of the example inputs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -163,7 +163,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _import_explain() -> Callable[..., Any]:
+def import_explain() -> Callable[..., Any]:
     # The public entry point, wherever inside the package it is implemented.
     from .. import explain
 
@@ -175,7 +175,7 @@ def run_explain(args: argparse.Namespace) -> int:
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
     except (ValueError, TypeError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    report = _import_explain()(model, inputs)
+    report = import_explain()(model, inputs)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -224,7 +224,7 @@ def _run_demo_model() -> tuple[float, Any]:
         expected = model(*inputs)
         actual = compiled(*inputs)
     error = (actual.float() - expected.float()).abs().max().item()
-    return error, _import_explain()(model, inputs)
+    return error, import_explain()(model, inputs)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -257,7 +257,7 @@ def run_io_report(args: argparse.Namespace) -> int:
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
     except (ValueError, TypeError, ImportError) as err:
         return _fail(str(err), EXIT_USAGE)
-    rows = io_report(_import_explain()(model, inputs).sites)
+    rows = io_report(import_explain()(model, inputs).sites)
     if args.json:
         print(json.dumps({"model": args.model, "sites": [r.to_dict() for r in rows]}, indent=2))
         return EXIT_OK
@@ -310,13 +310,13 @@ def run_compile_check(args: argparse.Namespace) -> int:
 
 
 def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..autotune.cli import add_tune_arguments
+    from .tune_cli import add_tune_arguments
 
     add_tune_arguments(parser)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from ..autotune.cli import run_tune
+    from .tune_cli import run_tune
 
     return run_tune(args)
 
@@ -361,7 +361,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "explain",
         "show which attention, norm and RoPE sites of a model tilefuse fuses, and why not",
-        _add_model_arguments,
+        add_model_arguments,
         run_explain,
     ),
     Command(
@@ -373,7 +373,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "io-report",
         "HBM bytes of every fused site: fused kernel vs unfused graph vs the attention I/O lower bound",
-        _add_model_arguments,
+        add_model_arguments,
         run_io_report,
     ),
     Command(
