@@ -10,6 +10,8 @@ raises `NotLinear`: the node is not such a map, and callers leave it alone.
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch.fx as fx
 
 from .graph import arg, aten, is_op, scalar_value, static_dim, tensor_val
 from .match_common import cast_source, widens
+from .positions import same_size
 
 MAX_TERMS = 2  # a rotation reads a feature and its partner; more terms is some other linear map
 MAX_ELEMENTS = 1 << 16
@@ -83,14 +86,13 @@ class Linear:
 
 
 def _positions(trail: tuple[int, ...]) -> torch.Tensor:
-    return torch.arange(numel(trail), dtype=torch.int64).reshape(trail)
+    return torch.arange(math.prod(trail), dtype=torch.int64).reshape(trail)
 
 
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+@functools.lru_cache(maxsize=8)
+def _features(size: int) -> Linear:
+    """x itself: element k reads feature k (immutable, so every evaluator of an x this wide shares it)."""
+    return Linear((size,), tuple(((k, ONE),) for k in range(size)))
 
 
 def _gathered(lin: Linear, positions: torch.Tensor) -> Linear:
@@ -155,8 +157,7 @@ class LinearEvaluator:
     def value(self, node: Any) -> Linear:
         """`node` as a Linear value of x; raises NotLinear."""
         if node is self.x:
-            size = int(tensor_val(node).shape[-1])  # type: ignore[union-attr]
-            return Linear((size,), tuple(((k, ONE),) for k in range(size)))
+            return _features(int(tensor_val(node).shape[-1]))  # type: ignore[union-attr]
         if not isinstance(node, fx.Node) or not self.depends(node):
             raise NotLinear("does not read x")
         if node not in self._memo:
@@ -167,7 +168,7 @@ class LinearEvaluator:
         for packets, rule in _RULES:
             if (node.target is operator.getitem and packets == ("getitem",)) or is_op(node, *packets):
                 result = rule(self, node)
-                if numel(result.trail) > MAX_ELEMENTS:
+                if math.prod(result.trail) > MAX_ELEMENTS:
                     raise NotLinear("too many elements")
                 return result
         raise NotLinear(f"{node.name} is not a linear op on the trailing axes")
@@ -179,7 +180,7 @@ class LinearEvaluator:
             raise NotLinear("rank below x's leading axes")
         if t.is_complex():
             raise NotLinear("complex value outside view_as_complex")
-        if not all(_same_size(a, b) for a, b in zip(t.shape[: self.lead], x.shape[: self.lead], strict=True)):
+        if not all(same_size(a, b) for a, b in zip(t.shape[: self.lead], x.shape[: self.lead], strict=True)):
             raise NotLinear("x's leading axes change")
         trail = tuple(static_dim(d) for d in t.shape[self.lead :])
         if any(d is None for d in trail):
@@ -192,18 +193,6 @@ class LinearEvaluator:
         if not isinstance(dim, int) or not -rank <= dim < rank or dim % rank < self.lead:
             raise NotLinear("op on x's leading axes")
         return dim % rank - self.lead
-
-
-def _same_size(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    sa, sb = static_dim(a), static_dim(b)
-    if sa is not None and sb is not None:
-        return sa == sb
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
 
 
 # -------------------------------------------------------------------------------------------------- rules
@@ -220,7 +209,7 @@ def _reshaped(ev: LinearEvaluator, node: fx.Node) -> Linear:
     if lin.complex:
         raise NotLinear("reshape of a complex value")
     trail = ev.trail_of(node)
-    if numel(trail) != len(lin.elems):
+    if math.prod(trail) != len(lin.elems):
         raise NotLinear("reshape moves elements across x's leading axes")
     return Linear(trail, lin.elems)
 
@@ -355,7 +344,7 @@ def _table_indices(ev: LinearEvaluator, table: fx.Node, out: fx.Node, lin: Linea
     block = tuple(static_dim(d) for d in t.shape[max(t.dim() - n, 0) :])
     lead = t.shape[: t.dim() - len(block)]
     x_lead = tensor_val(ev.x).shape[: ev.lead]  # type: ignore[union-attr]
-    fits = all(_same_size(d, 1) or _same_size(d, e) for d, e in zip(reversed(lead), reversed(x_lead), strict=False))
+    fits = all(same_size(d, 1) or same_size(d, e) for d, e in zip(reversed(lead), reversed(x_lead), strict=False))
     if any(d is None for d in block) or len(lead) > ev.lead or not fits:
         shape, x_shape = list(t.shape), list(tensor_val(ev.x).shape)  # type: ignore[union-attr]
         raise TableGrowsX(
@@ -435,7 +424,7 @@ def _reduced(ev: LinearEvaluator, node: fx.Node) -> Linear:
         raise NotLinear("sum over all axes")
     axes = sorted({ev.trailing_dim(node.args[0], d) for d in dims})
     kept = [d for d in range(len(lin.trail)) if d not in axes]
-    p = _positions(lin.trail).permute(kept + axes).reshape(-1, numel(tuple(lin.trail[d] for d in axes)))
+    p = _positions(lin.trail).permute(kept + axes).reshape(-1, math.prod(tuple(lin.trail[d] for d in axes)))
     elems = tuple(_summed(*(lin.elems[int(i)] for i in row)) for row in p)
     return Linear(ev.trail_of(node), elems)
 

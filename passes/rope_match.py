@@ -32,6 +32,16 @@ _FORWARD = (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.fla
             aten.view_as_real, aten.alias)  # fmt: skip
 _INCOMPLETE = "a feature is paired with a feature outside the rotated value"
 _TRIG = (aten.cos, aten.sin, aten.polar, aten.exp)
+# The ops the evaluator interprets, and those whose outputs it reads through a getitem (a set: asked of every node
+# behind every anchor).
+_LINEAR_OPS = frozenset(p for packets, _ in _RULES for p in packets if p != "getitem") | {
+    aten.unbind, aten.chunk, aten.split, aten.split_with_sizes
+}  # fmt: skip
+# The ops that let an element read a feature of x other than the one at its own position. Without one behind the
+# anchor, element i of every value there reads feature i of x only (or copies of it, broadcast by a table to more
+# elements than x has, which no op there narrows back to a rotation of x), so no element reads a pair.
+_PAIRING = frozenset({aten.cat, aten.stack, aten.select, aten.slice, aten.permute, aten.transpose, aten.unbind,
+                      aten.chunk, aten.split, aten.split_with_sizes, aten.sum, aten.view_as_complex})  # fmt: skip
 
 
 @dataclass
@@ -142,39 +152,38 @@ def _looks_rotated(anchor: fx.Node) -> bool:
 
 def _x_candidates(anchor: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
     """Tensors behind `anchor` through linear ops, the likeliest x first: not a cos/sin, the furthest upstream (so
-    the site covers every op between x and its output)."""
+    the site covers every op between x and its output). None when no op behind the anchor pairs features: no x
+    is rotated there, and evaluating each tensor would be the cost of every residual add."""
     nodes: set[fx.Node] = set()
-    stack, seen = [anchor], {anchor}
+    stack, seen, pairs = [anchor], {anchor}, False
     while stack and len(seen) < _MAX_CLOSURE:
         node = stack.pop()
+        pairs |= _packet(node) in _PAIRING
         for parent in node.all_input_nodes:
             if parent not in seen:
                 seen.add(parent)
                 nodes.add(parent)
                 if _interpretable(parent):
                     stack.append(parent)
+    if not pairs and not stack:  # the whole closure was seen
+        return []
     candidates = [n for n in nodes if _is_real_tensor(n)]
     ranked = sorted(candidates, key=lambda n: (any(is_op(n, t) for t in _TRIG), order[n]))
     return ranked[:_MAX_CANDIDATES]
 
 
 def _interpretable(node: fx.Node) -> bool:
-    if node.target is operator.getitem or is_op(node, aten.unbind, aten.chunk, aten.split, aten.split_with_sizes):
-        return True
-    return any(is_op(node, *packets) for packets, _ in _RULES if packets != ("getitem",))
+    return node.target is operator.getitem or _packet(node) in _LINEAR_OPS
+
+
+def _packet(node: fx.Node) -> Any:
+    """The op `node` calls, all overloads as one (aten.add for aten.add.Tensor); None for a node calling none."""
+    return getattr(node.target, "overloadpacket", node.target) if node.op == "call_function" else None
 
 
 def _is_real_tensor(node: fx.Node) -> bool:
     t = tensor_val(node)
     return t is not None and t.dim() >= 1 and t.is_floating_point()
-
-
-def _numel(node: fx.Node) -> float:
-    n = 1.0
-    for d in tensor_val(node).shape:  # type: ignore[union-attr]
-        s = static_dim(d)
-        n *= float("inf") if s is None else s
-    return n
 
 
 # -------------------------------------------------------------------------------------------- the site

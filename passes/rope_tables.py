@@ -9,13 +9,13 @@ the model's own tensors, whatever layout the model stored them in.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch.fx as fx
 
 from .graph import aten, insert_call, is_op, static_dim, tensor_val
-from .rope_linear import Coef, Factor, NotLinear, numel, viewed
+from .rope_linear import Coef, Factor, NotLinear, viewed
 
 _Item = tuple[int, float]  # (flat index in the table's trailing block, scale)
 
@@ -66,7 +66,7 @@ def _view_index(node: fx.Node, block: tuple[int, ...], axis: int, factor: Factor
     import torch
 
     try:
-        view = viewed(torch.arange(numel(block)).reshape(block), node, axis)
+        view = viewed(torch.arange(math.prod(block)).reshape(block), node, axis)
     except NotLinear:
         return None
     if tuple(view.shape) != factor.block:
@@ -83,10 +83,6 @@ def table_of(coefs: list[Coef]) -> Table | None:
     sources = tuple(TableSource(n, b, p) for n, b, p in next(iter(keys)))
     indices = tuple(tuple(f.index for f in r) for r in resolved)
     return Table(sources, indices, tuple(c.scale for c in coefs))
-
-
-def table_key(table: Table) -> tuple[Any, ...]:
-    return (table.sources, table.indices, table.scales)
 
 
 # ------------------------------------------------------------------------------------------------- building

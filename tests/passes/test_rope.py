@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.fx as fx
 from _helpers import (
     assert_no_worse_than_eager,
     assert_same,
@@ -21,6 +22,7 @@ from _helpers import (
 from torch import Tensor
 
 from tilefuse.compiler.capture import dynamo_graph_to_aten
+from tilefuse.passes import rope_match
 from tilefuse.passes.base import PassContext
 from tilefuse.passes.manager import check_graph
 from tilefuse.passes.rope import RopePass
@@ -231,6 +233,49 @@ def test_no_rotation_is_no_site(name: str) -> None:
     cos, sin = tables(5, 8, "rotate_half")
     gm, ctx = run_pass(RopePass(), fn, (_q(5, 8), cos, sin))
     assert ctx.sites == [] and "tilefuse.rope" not in ops_in(gm)
+
+
+def _mlp_blocks(h: Tensor, w: Tensor, g: Tensor) -> Tensor:
+    """Residual adds, gated activations, scaled sums: anchors of the pass with nothing behind them to pair features."""
+    for _ in range(2):
+        y = h @ w
+        y = y * torch.sigmoid(y) * 0.5 + y.tanh() * 0.25 - y / 3
+        h = h + y * g
+    return h
+
+
+def _mlp_inputs() -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return _q(5, 8), torch.randn(8, 8, generator=g) / 4, torch.randn(8, generator=g)
+
+
+# name -> (function, its inputs, whether some x behind an anchor is evaluated)
+EVALUATED: dict[str, tuple[Callable[..., Tensor], Callable[[], tuple[Tensor, ...]], bool]] = {
+    "mlp_blocks": (_mlp_blocks, _mlp_inputs, False),
+    "llama": (SPELLINGS["llama"][0], lambda: (_q(5, 8), *tables(5, 8, "rotate_half")), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVALUATED))
+def test_candidates_are_evaluated_only_behind_an_op_that_pairs_features(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluating every tensor behind every add as a candidate x cost more than the rest of the pipeline on graphs
+    without RoPE; an anchor with no cat, stack, slice, unbind, sum or complex view behind it is no rotation."""
+    fn, inputs, evaluated = EVALUATED[name]
+    built: list[str] = []
+    real = rope_match.LinearEvaluator
+
+    def counting(x: fx.Node, order: dict[fx.Node, int]) -> rope_match.LinearEvaluator:
+        built.append(x.name)
+        return real(x, order)
+
+    monkeypatch.setattr(rope_match, "LinearEvaluator", counting)
+    args = inputs()
+    gm, ctx = run_pass(RopePass(), fn, args)
+    assert bool(built) == evaluated
+    assert [s.status for s in ctx.sites] == (["fused"] if evaluated else [])
+    assert_same(gm(*args), fn(*args))
 
 
 # Rotations the recognizer reads by meaning: a table constant across features, a scaled rotation (xpos).
