@@ -11,36 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 
 from .keys import TuningKey
 from .space import config_from_dict, config_to_dict
 
-# ok: measured; predicted: cost model only; the rest are failures, recorded and never chosen.
-TRIAL_STATUSES = ("ok", "predicted", "compile-fail", "oom", "timeout", "wrong-output", "infeasible", "error")
 # Which record wins when two searches stored a best config for one key: ground truth > measured > predicted.
 SOURCE_RANK = {"model": 1, "measure": 2, "exhaustive": 3}
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One config measured (or predicted). `latency_us` holds quantiles {"p20", "p50", "p80"} for measured runs."""
-
-    status: str
-    latency_us: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.status not in TRIAL_STATUSES:
-            raise ValueError(f"status={self.status!r}; expected one of {list(TRIAL_STATUSES)}")
-
-    @property
-    def median_us(self) -> float:
-        return float(self.latency_us.get("p50", math.inf)) if self.status == "ok" else math.inf
-
-    @classmethod
-    def ok(cls, p50_us: float, p20_us: float | None = None, p80_us: float | None = None) -> Measurement:
-        low, high = p20_us if p20_us is not None else p50_us, p80_us if p80_us is not None else p50_us
-        return cls("ok", {"p20": float(low), "p50": float(p50_us), "p80": float(high)})
 
 
 @dataclass(frozen=True)

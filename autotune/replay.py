@@ -32,10 +32,10 @@ from optuna.trial import TrialState
 
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.costmodel.hardware import GPUSpec, get_gpu
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, read_records
 from tilefuse.specs import Spec, spec_from_dict
 
-from .records import Measurement
 from .space import PARAMS, SearchSpace, build_space, config_from_dict, config_to_dict, default_config
 
 STRATEGIES: tuple[str, ...] = ("tilefuse", "tpe", "random", "exhaustive", "coordinate")

@@ -26,11 +26,12 @@ import optuna
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.costmodel.analytic import predict
 from tilefuse.costmodel.hardware import GPUSpec
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import Spec
 
 from .db import TuningDB
 from .keys import TuningKey, tuning_key
-from .records import SOURCE_RANK, Measurement, Trial, TuningRecord
+from .records import SOURCE_RANK, Trial, TuningRecord
 from .space import (
     SearchSpace,
     build_space,
@@ -115,7 +116,7 @@ def resolve_measure(target: str, kind: str = "attention") -> MeasureFn:
     """ "gpu" → the CUDA measurement of kernel family `kind`; "package.module:function" → that function (called as
     `fn(spec, config)`)."""
     if target == "gpu":
-        from .measure import gpu_measure
+        from tilefuse.costmodel.measure import gpu_measure
 
         return functools.partial(gpu_measure, kind=kind)
     module, _, name = target.partition(":")
@@ -183,7 +184,7 @@ def tune_spec(
     default_predicted = predict(plan_for(spec, default, kind), gpu).latency_us
     hit = _db_hit(db, key, spec, gpu, settings, kind)
     if hit is None and settings.mode != "model" and measure is None and settings.measure_target == "gpu":
-        from .measure import require_cuda
+        from tilefuse.costmodel.measure import require_cuda
 
         require_cuda()
     if hit is not None:

@@ -27,9 +27,10 @@ from optuna.storages._heartbeat import BaseHeartbeat  # not re-exported; the int
 from optuna.trial import FrozenTrial, TrialState
 
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import Spec
 
-from .records import Measurement, Trial
+from .records import Trial
 from .space import PARAMS, config_from_dict, config_to_dict
 
 log = logging.getLogger("tilefuse.autotune")

@@ -1,7 +1,7 @@
 """One kernel family's launch as a measurable case: seeded random inputs shaped like the Spec, a launch of the
 family's launcher with a config's knobs, and the fp32 reference outputs to check it against.
 
-Shared by the GPU measurement (`autotune.measure.gpu_measure`, device "cuda") and the interpreter timing of the
+Shared by the GPU measurement (`costmodel.measure.gpu_measure`, device "cuda") and the interpreter timing of the
 collection tests (`costmodel.collect.interpreter_measure`, device "cpu"): both go through `measure_case`.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 # Output check against the fp32 reference: |out - ref| <= ATOL·max(1, max|ref|) + RTOL·|ref|, per dtype.

@@ -98,7 +98,7 @@ def run_collect(args: argparse.Namespace) -> int:
     if args.interpret:  # tiny shapes and knob grids: the interpreter runs a launch in about a second
         gpu, measure, grid = get_gpu(args.gpu or "h100"), interpreter_measure, "tiny"
     else:
-        from tilefuse.autotune.measure import gpu_measure, require_cuda
+        from tilefuse.costmodel.measure import gpu_measure, require_cuda
 
         require_cuda()
         gpu, measure, grid = get_gpu(args.gpu) if args.gpu else current_gpu(), gpu_measure, args.shapes

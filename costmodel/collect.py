@@ -1,5 +1,5 @@
 """Collect measurement records: every Spec of a shape grid × every config of its search space, measured on the GPU
-(autotune.measure: output checked, do_bench quantiles) or refused by the constraints, appended to a record file.
+(costmodel.measure: output checked, do_bench quantiles) or refused by the constraints, appended to a record file.
 Resumable: records already in the file are skipped. `interpreter_measure` times the Triton interpreter on CPU at
 tiny shapes, for tests of the pipeline only; its records are marked `interpreted`.
 """
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.space import KERNEL_FAMILIES, build_space, kernel_family, plan_for
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import AttentionSpec, Spec
 
 from .analytic import predict

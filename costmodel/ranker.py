@@ -92,7 +92,7 @@ def model_for(gpu: GPUSpec) -> CostModel | None:
 
 def candidate_records(spec: Spec, configs: Sequence[TileConfig], gpu: GPUSpec, kind: str) -> list[MeasurementRecord]:
     """Unmeasured records of `configs` (analytic features only), the input a learned model scores."""
-    from tilefuse.autotune.records import Measurement
+    from tilefuse.costmodel.measure import Measurement
 
     from .collect import record_features
     from .records import make_record

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.space import KERNEL_FAMILIES, config_from_dict, config_to_dict, kernel_family, spec_families
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import Spec, spec_from_dict, spec_to_json
 
 RECORD_VERSION = 2  # 2: `family` (the kernel family measured); version-1 rows are attention forward records

@@ -13,8 +13,8 @@ import os
 import signal
 import time
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 
 OPTIMUM = TileConfig(128, 64, 8, 3)
 _calls = 0

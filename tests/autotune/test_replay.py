@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.replay import STRATEGIES, Group, groups_of, replay, replay_files, run_strategy
 from tilefuse.autotune.space import HEURISTIC_SPLITS, PARAMS, build_space, config_from_dict, infeasible_reasons
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.compiler import cli
 from tilefuse.costmodel.hardware import get_gpu
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, make_record, write_records
 from tilefuse.specs import AttentionSpec, NormSpec
 

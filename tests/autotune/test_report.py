@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.report import knob_importances, tune_report, write_report
 from tilefuse.autotune.search import TuneSettings, tune_spec
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.costmodel.hardware import get_gpu
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import NormSpec, Spec
 
 H100 = get_gpu("h100")

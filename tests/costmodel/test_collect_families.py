@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tilefuse.autotune.measure import gpu_measure
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.space import KERNEL_FAMILIES
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.compiler.cli import main
 from tilefuse.costmodel.cases import kernel_case
 from tilefuse.costmodel.collect import FAMILIES, TINY_CHOICES, collect, interpreter_measure, plan_tasks, shape_grid
 from tilefuse.costmodel.hardware import get_gpu
+from tilefuse.costmodel.measure import Measurement, gpu_measure
 from tilefuse.costmodel.records import MeasurementRecord, iter_records, make_record, write_records
 from tilefuse.specs import AttentionSpec, NormSpec
 

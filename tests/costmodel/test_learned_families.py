@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.space import KERNEL_FAMILIES, build_space
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.costmodel.collect import record_features
 from tilefuse.costmodel.evaluate import evaluation_report
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.learned import FEATURE_SCHEMA, LearnedModel, TrainSettings, record_vector, train
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, make_record
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.autotune.space import build_space
 from tilefuse.codegen.plan import TileConfig
 from tilefuse.compiler.cli import main
@@ -23,6 +22,7 @@ from tilefuse.costmodel.collect import collect, interpreter_measure, plan_tasks,
 from tilefuse.costmodel.evaluate import group_metrics, kendall_tau, spearman_rho
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.learned import LearnedModel
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, iter_records, make_record, read_records, write_records
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 

@@ -1,4 +1,4 @@
-"""The autotuner's GPU measurement (autotune.measure.gpu_measure) of a small attention Spec: each config's output is
+"""The autotuner's GPU measurement (costmodel.measure.gpu_measure) of a small attention Spec: each config's output is
 checked against the reference before it is timed, and every timing is finite. The CPU override measures through
 costmodel.collect.interpreter_measure, the same measure_case under the interpreter."""
 
@@ -9,8 +9,8 @@ import math
 from _kernel_watch import KernelWatch
 from _profile import ON_CPU, PROFILE
 
-from tilefuse.autotune.records import Measurement
 from tilefuse.codegen.plan import TileConfig
+from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import AttentionSpec
 
 D_SMALL = PROFILE.head_dims[0]
@@ -24,7 +24,7 @@ def _measure(spec: AttentionSpec, config: TileConfig) -> Measurement:
         from tilefuse.costmodel.collect import interpreter_measure
 
         return interpreter_measure(spec, config, "attention", repeats=2)
-    from tilefuse.autotune.measure import gpu_measure
+    from tilefuse.costmodel.measure import gpu_measure
 
     return gpu_measure(spec, config, "attention")
 
