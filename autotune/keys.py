@@ -79,9 +79,9 @@ _KERNELS: dict[str, tuple[str, str]] = {
     "attention": ("tilefuse.codegen.attention_fwd", "attention_fwd_kernel"),
     "attention_decode": ("tilefuse.codegen.attention_decode", "attention_decode_split_kernel"),
     "attention_backward": ("tilefuse.codegen.attention_bwd", "attention_bwd_dkdv_kernel"),
-    "norm": ("tilefuse.codegen.norm_kernels", "_norm_forward_kernel"),
-    "norm_backward": ("tilefuse.codegen.norm_kernels", "_norm_backward_kernel"),
-    "rope": ("tilefuse.codegen.rope_kernels", "_rope_kernel"),
+    "norm": ("tilefuse.codegen.norm_kernels", "norm_forward_kernel"),
+    "norm_backward": ("tilefuse.codegen.norm_kernels", "norm_backward_kernel"),
+    "rope": ("tilefuse.codegen.rope_kernels", "rope_kernel"),
 }
 
 

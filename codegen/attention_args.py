@@ -16,7 +16,7 @@ MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_tensors(inputs: AttnInputs) -> None:
+def check_tensors(inputs: AttnInputs) -> None:
     q, k, v = inputs.q, inputs.k, inputs.v
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -75,7 +75,7 @@ def _check_rope(inputs: AttnInputs, flags: AttnFlags) -> None:
                 ) from err
 
 
-def _check_extras(inputs: AttnInputs, flags: AttnFlags) -> None:
+def check_extras(inputs: AttnInputs, flags: AttnFlags) -> None:
     q = inputs.q
     _check_rope(inputs, flags)
     _check_dropout(inputs, flags)
@@ -121,7 +121,7 @@ def check_attention_mask(mask: Tensor | None, q_shape: Sequence[int], kv_len: in
         )
 
 
-def _broadcast_strides(t: Tensor | None, shape: tuple[int, ...]) -> tuple[Tensor | None, tuple[int, ...]]:
+def broadcast_strides(t: Tensor | None, shape: tuple[int, ...]) -> tuple[Tensor | None, tuple[int, ...]]:
     """t expanded (stride 0 on broadcast dims, no copy) to `shape`, and its strides; zeros when t is None."""
     if t is None:
         return None, (0,) * len(shape)
@@ -161,8 +161,8 @@ def rope_args(inputs: AttnInputs, flags: AttnFlags) -> RopeArgs:
     rope = _rope_active(inputs, flags)
     batch, q_heads, q_len = inputs.q.shape[:3]
     shape = (batch, q_heads, q_len, flags.rotary_dim)
-    cos, cos_strides = _broadcast_strides(inputs.cos if rope else None, shape)
-    sin, sin_strides = _broadcast_strides(inputs.sin if rope else None, shape)
+    cos, cos_strides = broadcast_strides(inputs.cos if rope else None, shape)
+    sin, sin_strides = broadcast_strides(inputs.sin if rope else None, shape)
     return RopeArgs(cos, sin, cos_strides, sin_strides, flags.rotary_dim if rope else 0,
                     flags.rope_layout if rope else ROPE_NONE)  # fmt: skip
 
@@ -186,7 +186,7 @@ def dropout_args(inputs: AttnInputs, flags: AttnFlags) -> tuple[Tensor | None, f
     return inputs.rng.to(inputs.q.device, non_blocking=True), flags.dropout_p, 1.0 / (1.0 - flags.dropout_p)
 
 
-def _check_backward_tensors(grad_out: Tensor, inputs: AttnInputs, out: Tensor, lse: Tensor) -> None:
+def check_backward_tensors(grad_out: Tensor, inputs: AttnInputs, out: Tensor, lse: Tensor) -> None:
     q, v = inputs.q, inputs.v
     out_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     for name, t in (("grad_out", grad_out), ("out", out)):
@@ -235,7 +235,7 @@ def backward_config(
     return BwdConfig(32, 64, 8, 1 if has_dropout else 2), BwdConfig(64 if has_mask else 32, 32, 8, 2)
 
 
-def _configs(
+def backward_configs(
     inputs: AttnInputs, flags: AttnFlags, knobs: tuple[int | None, int | None, int | None, int | None]
 ) -> tuple[BwdConfig, BwdConfig]:
     """The default configs with every knob the caller gave (not None) replacing it in both kernels."""
@@ -346,8 +346,8 @@ def _full_tiles(
     q_len: int, kv_len: int, block_m: int, block_n: int, flags: AttnFlags, device: torch.device, by_key: bool = False
 ) -> Tensor:
     """[query blocks or 1, key blocks] bool: tiles inside kv_len whose every pair causal and window keep, the same
-    notion as attention_tiles._unmasked_key_blocks (forward and dQ: rows past q_len do not count, their outputs are
-    not stored) and, by_key, _unmasked_query_blocks (dK/dV sums over a block's rows, so all must be real queries).
+    notion as attention_tiles.unmasked_key_blocks (forward and dQ: rows past q_len do not count, their outputs are
+    not stored) and, by_key, unmasked_query_blocks (dK/dV sums over a block's rows, so all must be real queries).
     One row (shared by every query block) when nothing depends on the query block."""
     starts_n = torch.arange(0, kv_len, block_n, device=device)
     full = (starts_n + block_n <= kv_len)[None, :]

@@ -19,12 +19,12 @@ from . import emit
 from .attention_args import (
     MAX_HEAD_DIM,
     BwdConfig,
-    _broadcast_strides,
-    _check_backward_tensors,
-    _check_extras,
-    _check_tensors,
-    _configs,
+    backward_configs,
     block_list_args,
+    broadcast_strides,
+    check_backward_tensors,
+    check_extras,
+    check_tensors,
     dropout_args,
     mask_block_list,
     rope_args,
@@ -33,20 +33,20 @@ from .attention_args import (
 from .attention_args import (
     backward_config as backward_config,
 )
-from .attention_fwd import LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, _Blocks, _interpreting, _pow2_block
+from .attention_fwd import LOG2E, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, BlockSizes, interpreting, pow2_block
 from .attention_tiles import (
-    _dot,
-    _dropout_keep,
-    _dropout_rows,
-    _listed_blocks,
-    _load_kt,
-    _load_row_stats,
-    _nth_block,
-    _recompute_scores,
-    _rope_grad_tile,
-    _rope_tile,
-    _unmasked_key_blocks,
-    _unmasked_query_blocks,
+    dropout_keep_tile,
+    dropout_rows,
+    listed_blocks,
+    load_kt,
+    load_row_stats,
+    nth_block,
+    recompute_scores,
+    rope_grad_tile,
+    rope_tile,
+    tile_dot,
+    unmasked_key_blocks,
+    unmasked_query_blocks,
 )
 from .reference import AttnFlags, AttnInputs
 
@@ -126,7 +126,7 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         for g in range(1, group):
             listed += tl.load(listed_at + g * stride_nh)
         kv_end = tl.where(listed > 0, kv_len, 0)
-    kt = _load_kt(
+    kt = load_kt(
         k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_end, head_dim,
         stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
     )  # fmt: skip
@@ -142,7 +142,7 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         hi = tl.minimum(hi, tl.minimum(start_n + BLOCK_N, kv_len) - 1 + window - pos_offset)
 
     num_blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 0)
-    i_lo, i_hi = _unmasked_query_blocks(
+    i_lo, i_hi = unmasked_query_blocks(
         lo, num_blocks, start_n, q_len, kv_len, window, pos_offset, BLOCK_M, BLOCK_N, CAUSAL, USE_WINDOW
     )  # query blocks lo / BLOCK_M + [i_lo, i_hi) run unmasked, the others masked
     blk_lo = lo // BLOCK_M
@@ -162,7 +162,7 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
         if SKIP_TILES:
             # This q head's list for the key block: full query blocks [0, p_hi) (all rows real) run clean.
-            idx_base, p_hi, n_masked = _listed_blocks(
+            idx_base, p_hi, n_masked = listed_blocks(
                 BlockIdx, BlockCount, off_b, off_h, tl.program_id(0), stride_ib, stride_ih, stride_im, stride_nb,
                 stride_nh, stride_nm,
             )  # fmt: skip
@@ -173,14 +173,14 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
         # list), 1 = the rest.
         for phase in tl.static_range(0 if MASK_KIND == 0 or SKIP_TILES else 1, 2):
             for block in range(0, p_hi - p_lo if phase == 0 else n_masked):
-                offs_m = _nth_block(block, blk_lo, p_lo, p_hi, idx_base, phase, SKIP_TILES) * BLOCK_M + offs_m0
+                offs_m = nth_block(block, blk_lo, p_lo, p_hi, idx_base, phase, SKIP_TILES) * BLOCK_M + offs_m0
                 q = tl.load(
                     q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim),
                     other=0.0,
                 )
                 if ROPE_LAYOUT >= 0:
-                    q = _rope_tile(
+                    q = rope_tile(
                         q, q_base, Cos + off_b * stride_cb + off_h * stride_ch,
                         Sin + off_b * stride_sb + off_h * stride_sh, offs_m[:, None], offs_d[None, :],
                         offs_m[:, None] < q_len, offs_d[None, :] < head_dim, stride_qm, stride_qd, stride_cn,
@@ -191,25 +191,25 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
                     mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < head_dim_v),
                     other=0.0,
                 )
-                lse, delta = _load_row_stats(Lse, Delta, off_b * num_q_heads + off_h, offs_m, q_len)
-                s, t = _recompute_scores(
+                lse, delta = load_row_stats(Lse, Delta, off_b * num_q_heads + off_h, offs_m, q_len)
+                s, t = recompute_scores(
                     q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
                     q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
                     CAUSAL, USE_WINDOW, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, UPCAST_DOT, phase == 1,
                 )  # fmt: skip
                 p = tl.exp2(s - lse[:, None])
-                dp = _dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
+                dp = tile_dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
                 p_dropped = p
                 if HAS_DROPOUT:  # dV takes the dropped P; dP gets the same mask and scale (delta needs none)
-                    seed, row_counter = _dropout_rows(Rng, (off_b * num_q_heads + off_h) * q_len + offs_m, kv_len)
-                    keep = _dropout_keep(seed, row_counter, offs_n, drop_p)
+                    seed, row_counter = dropout_rows(Rng, (off_b * num_q_heads + off_h) * q_len + offs_m, kv_len)
+                    keep = dropout_keep_tile(seed, row_counter, offs_n, drop_p)
                     p_dropped = tl.where(keep, p * drop_scale, 0.0)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
-                dv += _dot(tl.trans(p_dropped.to(do.dtype)), do, INPUT_PRECISION, UPCAST_DOT)
+                dv += tile_dot(tl.trans(p_dropped.to(do.dtype)), do, INPUT_PRECISION, UPCAST_DOT)
                 ds = p * (dp - delta[:, None])
                 if HAS_SOFTCAP:
                     ds = ds * (1.0 - t * t)
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST_DOT)
+                dk += tile_dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST_DOT)
 
     dk_ptrs = (
         DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -217,7 +217,7 @@ def attention_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]
     dk_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
     dk *= sm_scale
     if ROPE_LAYOUT >= 0:
-        dk = _rope_grad_tile(
+        dk = rope_grad_tile(
             dk, Cos + cos_off, Sin + sin_off, offs_n[:, None], offs_d[None, :], offs_n[:, None] < kv_end,
             offs_d[None, :] < head_dim, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim,
             ROPE_LAYOUT, BLOCK_N, BLOCK_D, SWAP_SPAN,
@@ -270,19 +270,19 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
     cos_off = off_b * stride_cb + off_h * stride_ch  # None-safe offsets: Cos/Sin are only offset under RoPE
     sin_off = off_b * stride_sb + off_h * stride_sh
     if ROPE_LAYOUT >= 0:
-        q = _rope_tile(
+        q = rope_tile(
             q, q_base, Cos + cos_off, Sin + sin_off, offs_m[:, None], offs_d[None, :], offs_m[:, None] < q_len,
             offs_d[None, :] < head_dim, stride_qm, stride_qd, stride_cn, stride_cd, stride_sn, stride_sd,
             rotary_dim, ROPE_LAYOUT,
         )  # fmt: skip
     do_ptrs = DO + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd
     do = tl.load(do_ptrs, mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < head_dim_v), other=0.0)
-    lse, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64), offs_m, q_len)
+    lse, delta = load_row_stats(Lse, Delta, pid_bh.to(tl.int64), offs_m, q_len)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
     if HAS_DROPOUT:
-        seed, row_counter = _dropout_rows(Rng, pid_bh.to(tl.int64) * q_len + offs_m, kv_len)
+        seed, row_counter = dropout_rows(Rng, pid_bh.to(tl.int64) * q_len + offs_m, kv_len)
 
     # Same key-block range as the forward.
     lo = 0
@@ -297,7 +297,7 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
     if SKIP_TILES:
         # The forward's list at this kernel's blocks: full key blocks [0, c_hi) run clean (rows past q_len may
         # see anything there: their dQ is not stored).
-        idx_base, c_hi, n_masked = _listed_blocks(
+        idx_base, c_hi, n_masked = listed_blocks(
             BlockIdx, BlockCount, off_b, off_h, tl.program_id(0), stride_ib, stride_ih, stride_im, stride_nb,
             stride_nh, stride_nm,
         )  # fmt: skip
@@ -306,7 +306,7 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
         c_lo = blk_lo
         c_hi = blk_lo
         if MASK_KIND == 0:  # unmasked key blocks, as in the forward, when every row is a real query
-            c_lo, c_hi = _unmasked_key_blocks(
+            c_lo, c_hi = unmasked_key_blocks(
                 blk_lo, blk_hi, start_m + pos_offset, start_m + BLOCK_M - 1 + pos_offset, kv_len, window,
                 BLOCK_N, CAUSAL, USE_WINDOW,
             )  # fmt: skip
@@ -320,8 +320,8 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
     # 1 = the rest.
     for phase in tl.static_range(0 if MASK_KIND == 0 or SKIP_TILES else 1, 2):
         for block in range(0, c_hi - c_lo if phase == 0 else n_masked):
-            offs_n = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
-            kt = _load_kt(
+            offs_n = nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
+            kt = load_kt(
                 k_base, Cos, Sin, kv_cos_off, kv_sin_off, offs_n, offs_d, kv_len, head_dim,
                 stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
             )  # fmt: skip
@@ -330,25 +330,25 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
                 mask=(offs_n[None, :] < kv_len) & (offs_dv[:, None] < head_dim_v),
                 other=0.0,
             )
-            s, t = _recompute_scores(
+            s, t = recompute_scores(
                 q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
                 q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
                 CAUSAL, USE_WINDOW, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, UPCAST_DOT, phase == 1,
             )  # fmt: skip
             p = tl.exp2(s - lse[:, None])
-            dp = _dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
+            dp = tile_dot(do, vt, INPUT_PRECISION, UPCAST_DOT)
             if HAS_DROPOUT:
-                dp = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), dp * drop_scale, 0.0)
+                dp = tl.where(dropout_keep_tile(seed, row_counter, offs_n, drop_p), dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dq += _dot(ds.to(q.dtype), tl.trans(kt), INPUT_PRECISION, UPCAST_DOT)
+            dq += tile_dot(ds.to(q.dtype), tl.trans(kt), INPUT_PRECISION, UPCAST_DOT)
 
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
     dq *= sm_scale
     if ROPE_LAYOUT >= 0:
-        dq = _rope_grad_tile(
+        dq = rope_grad_tile(
             dq, Cos + cos_off, Sin + sin_off, offs_m[:, None], offs_d[None, :], offs_m[:, None] < q_len,
             offs_d[None, :] < head_dim, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim,
             ROPE_LAYOUT, BLOCK_M, BLOCK_D, SWAP_SPAN,
@@ -357,12 +357,12 @@ def attention_bwd_dq_kernel(  # type: ignore[no-untyped-def]
 
 
 # -------------------------------------------------------------------------------------------------- launcher
-def _blocks(config: BwdConfig, q: Tensor, k: Tensor, v: Tensor) -> _Blocks:
-    return _Blocks(
-        _pow2_block(config.block_m, q.shape[2]),
-        _pow2_block(config.block_n, k.shape[2]),
-        _pow2_block(MAX_HEAD_DIM, q.shape[3]),
-        _pow2_block(MAX_HEAD_DIM, v.shape[3]),
+def _blocks(config: BwdConfig, q: Tensor, k: Tensor, v: Tensor) -> BlockSizes:
+    return BlockSizes(
+        pow2_block(config.block_m, q.shape[2]),
+        pow2_block(config.block_n, k.shape[2]),
+        pow2_block(MAX_HEAD_DIM, q.shape[3]),
+        pow2_block(MAX_HEAD_DIM, v.shape[3]),
     )
 
 
@@ -371,8 +371,8 @@ def _shared_args(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tupl
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    mask, mask_strides = _broadcast_strides(inputs.mask, (batch, q_heads, q_len, kv_len))
-    slopes, slope_strides = _broadcast_strides(inputs.alibi_slopes, (batch, q_heads))
+    mask, mask_strides = broadcast_strides(inputs.mask, (batch, q_heads, q_len, kv_len))
+    slopes, slope_strides = broadcast_strides(inputs.alibi_slopes, (batch, q_heads))
     rope = rope_args(inputs, flags)
     rng, drop_p, drop_scale = dropout_args(inputs, flags)
     softcap = flags.softcap
@@ -391,7 +391,7 @@ def _shared_args(grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags) -> tupl
         MASK_KIND=MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.uint8 else MASK_ADDITIVE,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=slopes is not None,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(),
+        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreting(),
         ROPE_LAYOUT=rope.layout, SWAP_SPAN=rope_swap_span(rope), HAS_DROPOUT=rng is not None,
         SKIP_TILES=mask is not None,
     )  # fmt: skip
@@ -417,10 +417,10 @@ def attention_backward_triton(
     `grad_lse` ([B, Hq, Nq]) is a gradient on lse, folded into delta (see reference.attention_grads).
     Knobs left as None come from `backward_config`; given ones apply to both the dK/dV and the dQ kernel.
     """
-    _check_tensors(inputs)
-    _check_extras(inputs, flags)
-    _check_backward_tensors(grad_out, inputs, out, lse)
-    dkdv_config, dq_config = _configs(inputs, flags, (block_m, block_n, num_warps, num_stages))
+    check_tensors(inputs)
+    check_extras(inputs, flags)
+    check_backward_tensors(grad_out, inputs, out, lse)
+    dkdv_config, dq_config = backward_configs(inputs, flags, (block_m, block_n, num_warps, num_stages))
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, q_heads, q_len = q.shape[:3]
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))

@@ -23,9 +23,9 @@ from . import emit
 from .attention_args import (
     MAX_HEAD_DIM,
     RopeArgs,
-    _broadcast_strides,
-    _check_extras,
-    _check_tensors,
+    broadcast_strides,
+    check_extras,
+    check_tensors,
     dropout_args,
     mask_kept_blocks,
     rope_args,
@@ -35,19 +35,19 @@ from .attention_fwd import (
     MASK_ADDITIVE,
     MASK_BOOL,
     MASK_NONE,
-    _interpreting,
-    _pow2_block,
     attention_forward_triton,
+    interpreting,
+    pow2_block,
 )
 from .attention_tiles import (
-    _dot,
-    _dropout_keep,
-    _dropout_rows,
-    _load_kt,
-    _online_softmax,
-    _rope_tile,
-    _softmax_finish,
-    _tanh,
+    dropout_keep_tile,
+    dropout_rows,
+    load_kt,
+    online_softmax,
+    rope_tile,
+    softmax_finish,
+    tile_dot,
+    tile_tanh,
 )
 from .layouts import empty_in_order
 from .reference import AttnFlags, AttnInputs
@@ -161,10 +161,10 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
     q_rows = Q + off_b * stride_qb + off_h * stride_qh + offs_m * stride_qm
     q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
                 other=0.0)  # fmt: skip
-    if ROPE_LAYOUT >= 0:  # rows are pointers here (packed heads), so _rope_tile gets zero row offsets/strides
+    if ROPE_LAYOUT >= 0:  # rows are pointers here (packed heads), so rope_tile gets zero row offsets/strides
         cos_rows = Cos + off_b * stride_cb + off_h * stride_ch + offs_m * stride_cn
         sin_rows = Sin + off_b * stride_sb + off_h * stride_sh + offs_m * stride_sn
-        q = _rope_tile(
+        q = rope_tile(
             q, q_rows[:, None], cos_rows[:, None], sin_rows[:, None], 0, offs_d[None, :], row_ok[:, None],
             offs_d[None, :] < head_dim, 0, stride_qd, 0, stride_cd, 0, stride_sd, rotary_dim, ROPE_LAYOUT,
         )  # fmt: skip
@@ -175,7 +175,7 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
     slot = (pid_bkv.to(tl.int64) * rows + offs_r) * num_splits + pid_s  # scratch [B, Hq, Nq, splits] row-major
     if HAS_DROPOUT:  # slot // num_splits is the row's (b·Hq + h)·Nq + i, the forward kernel's dropout row
-        seed, row_counter = _dropout_rows(Rng, slot // num_splits, kv_len)
+        seed, row_counter = dropout_rows(Rng, slot // num_splits, kv_len)
     if MASK_KIND != 0:  # Mask is None otherwise
         mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + offs_m * stride_mm
 
@@ -203,13 +203,13 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
         if SKIP_TILES:
             start_n = tl.load(idx_base + pos // BLOCK_N) * BLOCK_N
         offs_n = start_n + offs_n0
-        kt = _load_kt(
+        kt = load_kt(
             k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
             stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
         )  # fmt: skip
         # Scores live in log2 units: log2(e) is folded into qk_scale (or into softcap_log2 with softcap).
-        s = _dot(q, kt, INPUT_PRECISION, UPCAST_DOT)
-        s = _tanh(s * qk_scale) * softcap_log2 if HAS_SOFTCAP else s * qk_scale
+        s = tile_dot(q, kt, INPUT_PRECISION, UPCAST_DOT)
+        s = tile_tanh(s * qk_scale) * softcap_log2 if HAS_SOFTCAP else s * qk_scale
         if HAS_ALIBI:
             s += slope[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         keep = offs_n[None, :] < kv_len
@@ -226,18 +226,18 @@ def attention_decode_split_kernel(  # type: ignore[no-untyped-def]
                 s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
 
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, 1.0, False)
+        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, 1.0, False)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),
             other=0.0,
         )
         if HAS_DROPOUT:  # on P only: l_i above sums the undropped P, so lse and the split weights are unaffected
-            p = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
+            p = tl.where(dropout_keep_tile(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
 
     # A row with no kept key in this split: partial 0 with log2-sum-exp -inf, so phase 2 gives it weight 0.
-    acc, stat = _softmax_finish(acc, m_i, l_i)
+    acc, stat = softmax_finish(acc, m_i, l_i)
     tl.store(Acc + slot[:, None] * head_dim_v + offs_dv[None, :], acc,
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))  # fmt: skip
     tl.store(Stat + slot, stat, mask=row_ok)
@@ -292,8 +292,8 @@ class _Extras(NamedTuple):
 
 def _extras(inputs: AttnInputs, flags: AttnFlags) -> _Extras:
     batch, q_heads, q_len, _ = inputs.q.shape
-    mask, mask_strides = _broadcast_strides(inputs.mask, (batch, q_heads, q_len, inputs.k.shape[2]))
-    slopes, slope_strides = _broadcast_strides(inputs.alibi_slopes, (batch, q_heads))
+    mask, mask_strides = broadcast_strides(inputs.mask, (batch, q_heads, q_len, inputs.k.shape[2]))
+    slopes, slope_strides = broadcast_strides(inputs.alibi_slopes, (batch, q_heads))
     rope = rope_args(inputs, flags)
     mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.uint8 else MASK_ADDITIVE
     strides = (*mask_strides, *slope_strides, *rope.cos_strides, *rope.sin_strides)
@@ -336,7 +336,7 @@ def _launch_split(
         CAUSAL=flags.causal, USE_WINDOW=flags.window > 0, MASK_KIND=extras.mask_kind,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=extras.slopes is not None,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(), ROPE_LAYOUT=extras.rope.layout,
+        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreting(), ROPE_LAYOUT=extras.rope.layout,
         HAS_DROPOUT=extras.rng is not None, SKIP_TILES=kept is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
@@ -363,18 +363,18 @@ def attention_decode_triton(
     blocks is allowed (the extra splits do no work). The combine kernel writes the output through its strides,
     laid out in `out_order` (codegen/layouts.py; None: contiguous).
     """
-    _check_tensors(inputs)
-    _check_extras(inputs, flags)
+    check_tensors(inputs)
+    check_extras(inputs, flags)
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, q_heads, q_len, head_dim = q.shape
     kv_len, head_dim_v = k.shape[2], v.shape[3]
     rows = q_heads // k.shape[1] * q_len
     _check_knobs(block_n, num_splits, rows, max(head_dim, head_dim_v))
     extras = _extras(inputs, flags)
-    block_m = _pow2_block(MAX_DECODE_ROWS, rows)
+    block_m = pow2_block(MAX_DECODE_ROWS, rows)
     defaults = decode_config(block_m, max(head_dim, head_dim_v), extras.rope.cos is not None)
-    block_n = _pow2_block(defaults[0] if block_n is None else block_n, kv_len)
-    blocks = (block_m, block_n, _pow2_block(MAX_HEAD_DIM, head_dim), _pow2_block(MAX_HEAD_DIM, head_dim_v))
+    block_n = pow2_block(defaults[0] if block_n is None else block_n, kv_len)
+    blocks = (block_m, block_n, pow2_block(MAX_HEAD_DIM, head_dim), pow2_block(MAX_HEAD_DIM, head_dim_v))
     out = empty_in_order((batch, q_heads, q_len, head_dim_v), out_order, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:

@@ -22,23 +22,23 @@ from torch import Tensor
 from . import emit
 from .attention_args import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: plan.py and others import it from here
 from .attention_args import SUPPORTED_DTYPES as SUPPORTED_DTYPES
-from .attention_args import _broadcast_strides as _broadcast_strides
-from .attention_args import _check_extras as _check_extras
-from .attention_args import _check_tensors as _check_tensors
+from .attention_args import broadcast_strides as broadcast_strides
+from .attention_args import check_extras as check_extras
+from .attention_args import check_tensors as check_tensors
 from .attention_args import dropout_args, mask_block_list, rope_args
-from .attention_tiles import _dot as _dot
 from .attention_tiles import (
-    _dropout_keep,
-    _dropout_rows,
-    _listed_blocks,
-    _load_kt,
-    _nth_block,
-    _online_softmax,
-    _softmax_finish,
-    _unmasked_key_blocks,
+    dropout_keep_tile,
+    dropout_rows,
+    listed_blocks,
+    load_kt,
+    nth_block,
+    online_softmax,
+    softmax_finish,
+    unmasked_key_blocks,
 )
-from .attention_tiles import _rope_tile as _rope_tile
-from .attention_tiles import _tanh as _tanh
+from .attention_tiles import rope_tile as rope_tile
+from .attention_tiles import tile_dot as tile_dot
+from .attention_tiles import tile_tanh as tile_tanh
 from .layouts import empty_in_order
 from .reference import AttnFlags, AttnInputs
 
@@ -86,7 +86,7 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
         other=0.0,
     )
     if ROPE_LAYOUT >= 0:  # RoPE on the loaded tile; cos/sin rows are the query rows (ROPE_LAYOUT -1: none)
-        q = _rope_tile(
+        q = rope_tile(
             q, q_base, Cos + off_b * stride_cb + off_h * stride_ch, Sin + off_b * stride_sb + off_h * stride_sh,
             offs_m[:, None], offs_d[None, :], offs_m[:, None] < q_len, offs_d[None, :] < head_dim,
             stride_qm, stride_qd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
@@ -94,7 +94,7 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h * stride_ah).to(tl.float32) * 1.4426950408889634
     if HAS_DROPOUT:
-        seed, row_counter = _dropout_rows(Rng, pid_bh.to(tl.int64) * q_len + offs_m, kv_len)
+        seed, row_counter = dropout_rows(Rng, pid_bh.to(tl.int64) * q_len + offs_m, kv_len)
 
     # Key-block range of this query block: blocks entirely outside causal/window are never loaded.
     lo = 0
@@ -110,7 +110,7 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
     idx_base = BlockIdx  # None-safe: only offset (and read) under SKIP_TILES
     if SKIP_TILES:
         # The launcher's list of this query block: full tiles [0, c_hi) run clean, then n_masked tiles masked.
-        idx_base, c_hi, n_masked = _listed_blocks(
+        idx_base, c_hi, n_masked = listed_blocks(
             BlockIdx, BlockCount, off_b, off_h, start_m, stride_ib, stride_ih, stride_im, stride_nb, stride_nh,
             stride_nm,
         )  # fmt: skip
@@ -123,7 +123,7 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
         c_lo = blk_lo
         c_hi = blk_lo
         if MASK_KIND == 0:
-            c_lo, c_hi = _unmasked_key_blocks(
+            c_lo, c_hi = unmasked_key_blocks(
                 blk_lo, blk_hi, first_pos, last_pos, kv_len, window, BLOCK_N, CAUSAL, USE_WINDOW
             )
         n_masked = (c_lo - blk_lo) + (blk_hi - c_hi)
@@ -137,17 +137,17 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
     for phase in tl.static_range(0 if MASK_KIND == 0 or SKIP_TILES else 1, 2):
         num_blocks = c_hi - c_lo if phase == 0 else n_masked
         for block in range(0, num_blocks):
-            offs_n = _nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
-            kt = _load_kt(
+            offs_n = nth_block(block, blk_lo, c_lo, c_hi, idx_base, phase, SKIP_TILES) * BLOCK_N + offs_n0
+            kt = load_kt(
                 k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
                 stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT,
             )  # fmt: skip
             # Scores live in log2 units: log2(e) is folded into qk_scale (or into softcap_log2 with softcap).
             # SCALE_IN_EXP (qk_scale > 0, nothing added to the scaled scores): the softmax step scales them
             # inside its exp2 argument, one FMA per score instead of a multiply and a subtract.
-            s = _dot(q, kt, INPUT_PRECISION, UPCAST_DOT)
+            s = tile_dot(q, kt, INPUT_PRECISION, UPCAST_DOT)
             if HAS_SOFTCAP:
-                s = _tanh(s * qk_scale) * softcap_log2
+                s = tile_tanh(s * qk_scale) * softcap_log2
             elif not SCALE_IN_EXP:
                 s = s * qk_scale
             if HAS_ALIBI:
@@ -174,18 +174,18 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
                         s += tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
                 s = tl.where(keep, s, float("-inf"))
 
-            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, SCALE_IN_EXP)
+            p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, qk_scale, SCALE_IN_EXP)
             v = tl.load(
                 v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < kv_len) & (offs_dv[None, :] < head_dim_v),
                 other=0.0,
             )
             if HAS_DROPOUT:  # on P only: l_i above sums the undropped P, so lse and normalization are unaffected
-                p = tl.where(_dropout_keep(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
+                p = tl.where(dropout_keep_tile(seed, row_counter, offs_n, drop_p), p * drop_scale, 0.0)
+            acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST_DOT)
 
     # Fully masked rows: l = 0, acc = 0 -> output 0 and lse = -inf.
-    acc, lse2 = _softmax_finish(acc, m_i, l_i)
+    acc, lse2 = softmax_finish(acc, m_i, l_i)
     lse = lse2 * 0.6931471805599453
     o_base = Out + off_b * stride_ob + off_h * stride_oh
     tl.store(
@@ -197,14 +197,14 @@ def attention_fwd_kernel(  # type: ignore[no-untyped-def]
 
 
 # -------------------------------------------------------------------------------------------------- launcher
-class _Blocks(NamedTuple):
+class BlockSizes(NamedTuple):
     m: int
     n: int
     d: int
     dv: int
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -237,7 +237,7 @@ def scale_in_exp(qk_scale: float, softcap: float, alibi: bool, mask_kind: int) -
     return qk_scale > 0 and softcap <= 0 and not alibi and mask_kind != MASK_ADDITIVE
 
 
-def _pow2_block(requested: int, size: int) -> int:
+def pow2_block(requested: int, size: int) -> int:
     """The requested block, shrunk to the problem (tiny shapes under the interpreter), never below tl.dot's 16."""
     return max(16, min(requested, triton.next_power_of_2(max(size, 1))))
 
@@ -258,8 +258,8 @@ def attention_forward_triton(
     through its strides, laid out in `out_order` (codegen/layouts.py; None: contiguous): [0, 2, 1, 3] writes
     [B, Nq, Hq, Dv] memory, which an output projection then reads without a transpose copy.
     """
-    _check_tensors(inputs)
-    _check_extras(inputs, flags)
+    check_tensors(inputs)
+    check_extras(inputs, flags)
     rope = rope_args(inputs, flags)
     rng, drop_p, drop_scale = dropout_args(inputs, flags)
     defaults = default_config(
@@ -275,18 +275,18 @@ def attention_forward_triton(
     q, k, v = inputs.q, inputs.k, inputs.v
     batch, q_heads, q_len, head_dim = q.shape
     kv_len, head_dim_v = k.shape[2], v.shape[3]
-    blocks = _Blocks(
-        _pow2_block(block_m, q_len),
-        _pow2_block(block_n, kv_len),
-        _pow2_block(MAX_HEAD_DIM, head_dim),
-        _pow2_block(MAX_HEAD_DIM, head_dim_v),
+    blocks = BlockSizes(
+        pow2_block(block_m, q_len),
+        pow2_block(block_n, kv_len),
+        pow2_block(MAX_HEAD_DIM, head_dim),
+        pow2_block(MAX_HEAD_DIM, head_dim_v),
     )
     out = empty_in_order((batch, q_heads, q_len, head_dim_v), out_order, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    mask, mask_strides = _broadcast_strides(inputs.mask, (batch, q_heads, q_len, kv_len))
-    slopes, slope_strides = _broadcast_strides(inputs.alibi_slopes, (batch, q_heads))
+    mask, mask_strides = broadcast_strides(inputs.mask, (batch, q_heads, q_len, kv_len))
+    slopes, slope_strides = broadcast_strides(inputs.alibi_slopes, (batch, q_heads))
     mask_kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.uint8 else MASK_ADDITIVE
     softcap = flags.softcap
     qk_scale = flags.scale / softcap if softcap > 0 else flags.scale * LOG2E
@@ -303,7 +303,7 @@ def attention_forward_triton(
         CAUSAL=flags.causal, USE_WINDOW=flags.window > 0, MASK_KIND=mask_kind,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=slopes is not None,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(),
+        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreting(),
         ROPE_LAYOUT=rope.layout, HAS_DROPOUT=rng is not None, SKIP_TILES=tiles is not None,
         SCALE_IN_EXP=scale_in_exp(qk_scale, softcap, slopes is not None, mask_kind),
         num_warps=num_warps, num_stages=num_stages,

@@ -9,13 +9,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(x):  # type: ignore[no-untyped-def]
+def tile_tanh(x):  # type: ignore[no-untyped-def]
     # tl has no tanh on every backend; 1 - 2/(e^2x + 1) saturates to ±1 without producing NaN at ±inf.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
-def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
+def tile_dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     # The CPU interpreter multiplies bf16 tiles as raw integers (triton 3.9); exact fp32 products are the same math.
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -34,7 +34,7 @@ def _rope_partner(offs_col, rotary_dim, ROPE_LAYOUT: tl.constexpr):  # type: ign
 
 
 @triton.jit
-def _rope_tile(  # type: ignore[no-untyped-def]
+def rope_tile(  # type: ignore[no-untyped-def]
     x, X, Cos, Sin, offs_row, offs_col, row_ok, col_ok, stride_row, stride_col, stride_crow, stride_ccol,
     stride_srow, stride_scol, rotary_dim, ROPE_LAYOUT: tl.constexpr,
 ):  # fmt: skip
@@ -55,7 +55,7 @@ def _rope_tile(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _load_kt(  # type: ignore[no-untyped-def]
+def load_kt(  # type: ignore[no-untyped-def]
     k_base, Cos, Sin, cos_off, sin_off, offs_n, offs_d, kv_len, head_dim,
     stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd, rotary_dim, ROPE_LAYOUT: tl.constexpr,
 ):  # fmt: skip
@@ -68,7 +68,7 @@ def _load_kt(  # type: ignore[no-untyped-def]
         other=0.0,
     )
     if ROPE_LAYOUT >= 0:
-        kt = _rope_tile(
+        kt = rope_tile(
             kt, k_base, Cos + cos_off, Sin + sin_off, offs_n[None, :], offs_d[:, None], offs_n[None, :] < kv_len,
             offs_d[:, None] < head_dim, stride_kn, stride_kd, stride_cn, stride_cd, stride_sn, stride_sd,
             rotary_dim, ROPE_LAYOUT,
@@ -77,7 +77,7 @@ def _load_kt(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i, scale, SCALED: tl.constexpr):  # type: ignore[no-untyped-def]
+def online_softmax(s, m_i, l_i, scale, SCALED: tl.constexpr):  # type: ignore[no-untyped-def]
     """One online-softmax step over masked log2-unit scores: (p, alpha, new row max, new row sum). The caller
     rescales its accumulator by alpha and adds p·V. A row with no kept key so far has max -inf: 0 is subtracted
     instead, so exp2 gives 0 rather than NaN. SCALED: the scores are still to be multiplied by `scale` (> 0, so
@@ -95,7 +95,7 @@ def _online_softmax(s, m_i, l_i, scale, SCALED: tl.constexpr):  # type: ignore[n
 
 
 @triton.jit
-def _softmax_finish(acc, m_i, l_i):  # type: ignore[no-untyped-def]
+def softmax_finish(acc, m_i, l_i):  # type: ignore[no-untyped-def]
     """(acc / l, log2-sum-exp) of an online softmax; rows with no kept key get 0 and -inf."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -122,7 +122,7 @@ def _partner_columns(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _rope_grad_tile(  # type: ignore[no-untyped-def]
+def rope_grad_tile(  # type: ignore[no-untyped-def]
     g, Cos, Sin, offs_row, offs_col, row_ok, col_ok, stride_crow, stride_ccol, stride_srow, stride_scol,
     rotary_dim, ROPE_LAYOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SWAP_SPAN: tl.constexpr,
 ):  # fmt: skip
@@ -141,20 +141,20 @@ def _rope_grad_tile(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _dropout_rows(Rng, row, kv_len):  # type: ignore[no-untyped-def]
+def dropout_rows(Rng, row, kv_len):  # type: ignore[no-untyped-def]
     """(seed, int64 counter of each row's key 0): counter(b, h, i, j) = offset + ((b·Hq + h)·Nq + i)·Nk + j,
     with row = (b·Hq + h)·Nq + i. Rng is the int64 [seed, offset] tensor, read on device (no host sync)."""
     return tl.load(Rng), tl.load(Rng + 1) + row.to(tl.int64) * kv_len
 
 
 @triton.jit
-def _dropout_keep(seed, row_counter, offs_n, drop_p):  # type: ignore[no-untyped-def]
+def dropout_keep_tile(seed, row_counter, offs_n, drop_p):  # type: ignore[no-untyped-def]
     """Keep mask of a [rows, keys] tile: tl.rand(seed, counter) >= p, exactly reference.dropout_keep's draw."""
     return tl.rand(seed, row_counter[:, None] + offs_n[None, :]) >= drop_p
 
 
 @triton.jit
-def _unmasked_key_blocks(  # type: ignore[no-untyped-def]
+def unmasked_key_blocks(  # type: ignore[no-untyped-def]
     blk_lo, blk_hi, first_pos, last_pos, kv_len, window,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):  # fmt: skip
@@ -171,7 +171,7 @@ def _unmasked_key_blocks(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _listed_blocks(  # type: ignore[no-untyped-def]
+def listed_blocks(  # type: ignore[no-untyped-def]
     BlockIdx, BlockCount, off_b, off_h, outer, stride_ib, stride_ih, stride_im, stride_nb, stride_nh, stride_nm
 ):  # fmt: skip
     """(list, full, partial) of the launcher's block list (attention_args.BlockList) of one (batch, head, outer
@@ -183,7 +183,7 @@ def _listed_blocks(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _nth_block(  # type: ignore[no-untyped-def]
+def nth_block(  # type: ignore[no-untyped-def]
     block, blk_lo, c_lo, c_hi, idx_base, PHASE: tl.constexpr, SKIP_TILES: tl.constexpr
 ):  # fmt: skip
     """Tile index of a phase's block-th step: phase 0 walks the unmasked tiles [c_lo, c_hi); phase 1 the masked
@@ -201,7 +201,7 @@ def _nth_block(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _unmasked_query_blocks(  # type: ignore[no-untyped-def]
+def unmasked_query_blocks(  # type: ignore[no-untyped-def]
     lo, num_blocks, start_n, q_len, kv_len, window, pos_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):  # fmt: skip
@@ -220,7 +220,7 @@ def _unmasked_query_blocks(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _recompute_scores(  # type: ignore[no-untyped-def]
+def recompute_scores(  # type: ignore[no-untyped-def]
     q, kt, offs_m, offs_n, Mask, mask_off, stride_mm, stride_mn, slope,
     q_len, kv_len, qk_scale, softcap_log2, window, pos_offset,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -229,10 +229,10 @@ def _recompute_scores(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     """(scores in log2 units, masked when MASKED, tanh of the scaled scores for the softcap chain rule; the scores
     without it). MASKED False is for tiles of real queries and keys that causal/window keep whole."""
-    s = _dot(q, kt, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+    s = tile_dot(q, kt, INPUT_PRECISION, UPCAST_DOT) * qk_scale
     t = s
     if HAS_SOFTCAP:
-        t = _tanh(s)
+        t = tile_tanh(s)
         s = t * softcap_log2
     q_pos = offs_m + pos_offset
     if HAS_ALIBI:
@@ -256,7 +256,7 @@ def _recompute_scores(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, row, offs_m, q_len):  # type: ignore[no-untyped-def]
+def load_row_stats(Lse, Delta, row, offs_m, q_len):  # type: ignore[no-untyped-def]
     """(lse in log2 units, delta) of BLOCK_M rows; a fully masked row's -inf lse becomes 0: P = exp2(-inf) = 0."""
     lse = tl.load(Lse + row * q_len + offs_m, mask=offs_m < q_len, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)

@@ -72,33 +72,33 @@ def _decode_combine() -> Any:
 
 
 def _norm_fwd() -> Any:
-    from .norm_kernels import _norm_forward_kernel
+    from .norm_kernels import norm_forward_kernel
 
-    return _norm_forward_kernel
+    return norm_forward_kernel
 
 
 def _norm_bwd() -> Any:
-    from .norm_kernels import _norm_backward_kernel
+    from .norm_kernels import norm_backward_kernel
 
-    return _norm_backward_kernel
+    return norm_backward_kernel
 
 
 def _norm_fwd_chunked() -> Any:
-    from .norm_kernels import _norm_forward_chunked_kernel
+    from .norm_kernels import norm_forward_chunked_kernel
 
-    return _norm_forward_chunked_kernel
+    return norm_forward_chunked_kernel
 
 
 def _norm_bwd_chunked() -> Any:
-    from .norm_kernels import _norm_backward_chunked_kernel
+    from .norm_kernels import norm_backward_chunked_kernel
 
-    return _norm_backward_chunked_kernel
+    return norm_backward_chunked_kernel
 
 
 def _rope() -> Any:
-    from .rope_kernels import _rope_kernel
+    from .rope_kernels import rope_kernel
 
-    return _rope_kernel
+    return rope_kernel
 
 
 def attention_variant(head_dim: int, masked: bool, rope: bool = False, dropout: bool = False) -> KernelVariant:

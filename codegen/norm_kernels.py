@@ -53,7 +53,7 @@ def _projection_gain(mean_square, eps, norm_scale, EPS_MODE: tl.constexpr):  # t
 
 
 @triton.jit
-def _norm_forward_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
+def norm_forward_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
     X, RES, W, B, Y, SUM, MEAN, RSTD,
     width, eps, weight_offset, norm_scale,
     BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -86,7 +86,7 @@ def _norm_forward_kernel(  # type: ignore[no-untyped-def]  # triton kernels are 
 
 
 @triton.jit
-def _norm_backward_kernel(  # type: ignore[no-untyped-def]
+def norm_backward_kernel(  # type: ignore[no-untyped-def]
     G, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
     rows, width, weight_offset, rows_per_program, eps, norm_scale,
     BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, EPS_MODE: tl.constexpr,
@@ -133,13 +133,13 @@ def _add_pair(a0, a1, b0, b1):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _norm_forward_chunked_kernel(  # type: ignore[no-untyped-def]
+def norm_forward_chunked_kernel(  # type: ignore[no-untyped-def]
     X, RES, W, B, Y, SUM, MEAN, RSTD,
     width, eps, weight_offset, norm_scale,
     CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, EPS_MODE: tl.constexpr,
 ):  # fmt: skip
-    """`_norm_forward_kernel` for rows wider than a register block: pass 1 accumulates the statistics chunk by
+    """`norm_forward_kernel` for rows wider than a register block: pass 1 accumulates the statistics chunk by
     chunk (LayerNorm: each chunk's mean and centered sum of squares, merged into the row's), pass 2 re-reads the
     row (the stored sum with a residual, so both passes normalize the same rounded values) and writes y."""
     row = tl.program_id(0).to(tl.int64)
@@ -208,12 +208,12 @@ def _grad_chunk(G, X, W, base, cols, mask, mean, rstd, weight_offset, HAS_WEIGHT
 
 
 @triton.jit
-def _norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
+def norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
     G, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
     rows, width, weight_offset, rows_per_program, eps, norm_scale,
     CHUNK: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, EPS_MODE: tl.constexpr,
 ):  # fmt: skip
-    """`_norm_backward_kernel` for rows wider than a register block: per row, pass 1 accumulates the two row dot
+    """`norm_backward_kernel` for rows wider than a register block: per row, pass 1 accumulates the two row dot
     products chunk by chunk, pass 2 re-reads the row, stores dx and adds the row's dweight/dbias terms into this
     program's partial rows in global memory (read-modify-write per chunk; the launcher zeroes them, and a program
     only ever touches its own row, so no atomics)."""
@@ -381,8 +381,8 @@ def norm_forward_triton(
     block = row_block(width, block)
     if rows > 0:
         res2 = _rows_view(residual) if residual is not None else None
-        kernel, sizes = (_norm_forward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
-            _norm_forward_kernel, dict(BLOCK=block))  # fmt: skip
+        kernel, sizes = (norm_forward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
+            norm_forward_kernel, dict(BLOCK=block))  # fmt: skip
         emit.launch(
             kernel, (rows,), x2, res2, weight, bias, y, total, mean, rstd, width, eps, weight_offset, norm_scale,
             **sizes, RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -448,8 +448,8 @@ def norm_backward_triton(
     db_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
     block = row_block(width, block)
     if rows > 0:
-        kernel, sizes = (_norm_backward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
-            _norm_backward_kernel, dict(BLOCK=block))  # fmt: skip
+        kernel, sizes = (norm_backward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
+            norm_backward_kernel, dict(BLOCK=block))  # fmt: skip
         emit.launch(
             kernel, (programs,),
             g2, x2, weight, mean1, rstd1, dx, dw_partial, db_partial, rows, width, weight_offset, rows_per_program,

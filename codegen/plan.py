@@ -28,7 +28,7 @@ import triton
 from tilefuse.codegen import norm_kernels as _norm
 from tilefuse.codegen import plan_backward as bwd
 from tilefuse.codegen.attention_decode import MAX_DECODE_ROWS, SplitLayout, max_decode_rows, split_layout, use_decode
-from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, _pow2_block
+from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, pow2_block
 from tilefuse.codegen.reference import AttnFlags
 from tilefuse.codegen.rope_kernels import DEFAULT_BLOCK_ROWS as _ROPE_BLOCK_ROWS
 from tilefuse.codegen.rope_kernels import DEFAULT_WARPS as _ROPE_WARPS
@@ -185,10 +185,10 @@ class TiledPlan:
             if self._decode:  # one tile holds every query row of a GQA group
                 block_m, rows = MAX_DECODE_ROWS, rows * self._group()
             return (
-                _pow2_block(block_m, rows),
-                _pow2_block(self.config.block_n, _static("kv_len", spec.kv_len)),
-                _pow2_block(MAX_HEAD_DIM, spec.head_dim),
-                _pow2_block(MAX_HEAD_DIM, spec.v_head_dim),
+                pow2_block(block_m, rows),
+                pow2_block(self.config.block_n, _static("kv_len", spec.kv_len)),
+                pow2_block(MAX_HEAD_DIM, spec.head_dim),
+                pow2_block(MAX_HEAD_DIM, spec.v_head_dim),
             )
         if isinstance(spec, NormSpec):
             return (_norm.row_block(spec.width, self.config.block_n),)
@@ -495,7 +495,7 @@ def launcher_config(spec: AttentionSpec | NormSpec | RopeSpec, family: str = "au
     masked, rope, dropout = spec.mask != "none", spec.rope is not None, bool(spec.dropout_p)
     if kind == "attention_decode":
         rows = _static("q_len", spec.q_len) * _static("q_heads", spec.q_heads) // _static("kv_heads", spec.kv_heads)
-        block_n, warps, stages = decode_config(_pow2_block(MAX_DECODE_ROWS, rows), head_dim, rope)
+        block_n, warps, stages = decode_config(pow2_block(MAX_DECODE_ROWS, rows), head_dim, rope)
         return TileConfig(block_n=block_n, num_warps=warps, num_stages=stages)
     if kind == "attention_backward":
         return TileConfig(*backward_config(head_dim, masked, rope, dropout)[0])

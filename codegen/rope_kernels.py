@@ -22,7 +22,7 @@ DEFAULT_WARPS = 4
 
 
 @triton.jit
-def _rope_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
+def rope_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
     X, COS, SIN, Y,
     rows, dim1, dim2, head_dim, half,
     cos_s0, cos_s1, cos_s2, cos_s3, sin_s0, sin_s1, sin_s2, sin_s3,
@@ -123,7 +123,7 @@ def _launch(src: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int,
         return out
     half, tail = rotary_dim // 2, head_dim - rotary_dim
     emit.launch(
-        _rope_kernel, (triton.cdiv(rows, block_rows),),
+        rope_kernel, (triton.cdiv(rows, block_rows),),
         src_c, cos, sin, out, rows, lead[1], lead[2], head_dim, half, *cos_strides, *sin_strides,
         BLOCK_ROWS=block_rows, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)), LAYOUT=layout, BACKWARD=backward, HAS_TAIL=tail > 0,

@@ -165,7 +165,7 @@ class LinearEvaluator:
         return self._memo[node]
 
     def _evaluate(self, node: fx.Node) -> Linear:
-        for packets, rule in _RULES:
+        for packets, rule in RULES:
             if (node.target is operator.getitem and packets == ("getitem",)) or is_op(node, *packets):
                 result = rule(self, node)
                 if math.prod(result.trail) > MAX_ELEMENTS:
@@ -443,7 +443,7 @@ def _as_real(ev: LinearEvaluator, node: fx.Node) -> Linear:
     return Linear(lin.trail, lin.elems)
 
 
-_RULES: list[tuple[tuple[Any, ...], Callable[[LinearEvaluator, fx.Node], Linear]]] = [
+RULES: list[tuple[tuple[Any, ...], Callable[[LinearEvaluator, fx.Node], Linear]]] = [
     ((aten._to_copy, aten.to, aten.type_as, aten.alias, aten.clone, aten.contiguous, aten.lift_fresh_copy), _identity),
     (
         (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.flatten, aten.unsqueeze, aten.squeeze),

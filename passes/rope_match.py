@@ -22,7 +22,7 @@ from ..specs import RopeLayout
 from .base import Decline
 from .graph import aten, dtype_of, is_op, region_between, single_user, static_dim, tensor_val
 from .match_common import cast_source, node_order, op_name
-from .rope_linear import _RULES, ONE, Coef, Linear, LinearEvaluator, NotLinear, TableGrowsX
+from .rope_linear import ONE, RULES, Coef, Linear, LinearEvaluator, NotLinear, TableGrowsX
 from .rope_tables import Table, resolve, table_of
 
 _MAX_WALK = 8  # ops after the anchor that may still belong to the site (stack, flatten, cat of a tail...)
@@ -34,7 +34,7 @@ _INCOMPLETE = "a feature is paired with a feature outside the rotated value"
 _TRIG = (aten.cos, aten.sin, aten.polar, aten.exp)
 # The ops the evaluator interprets, and those whose outputs it reads through a getitem (a set: asked of every node
 # behind every anchor).
-_LINEAR_OPS = frozenset(p for packets, _ in _RULES for p in packets if p != "getitem") | {
+_LINEAR_OPS = frozenset(p for packets, _ in RULES for p in packets if p != "getitem") | {
     aten.unbind, aten.chunk, aten.split, aten.split_with_sizes
 }  # fmt: skip
 # The ops that let an element read a feature of x other than the one at its own position. Without one behind the

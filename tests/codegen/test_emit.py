@@ -21,7 +21,7 @@ import triton.language as tl
 
 from tilefuse.codegen import emit
 from tilefuse.codegen.attention_fwd import attention_fwd_kernel
-from tilefuse.codegen.rope_kernels import _rope_kernel
+from tilefuse.codegen.rope_kernels import rope_kernel
 
 FWD_FLAGS = dict(
     BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, BLOCK_DV=128, CAUSAL=True, USE_WINDOW=False, MASK_KIND=1,
@@ -145,7 +145,7 @@ def test_a_tampered_cache_file_is_rewritten(monkeypatch: pytest.MonkeyPatch, cap
 def test_dump_dir_receives_emitted_and_later_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     early = emit.specialize(_branchy_kernel, dict(MODE=0, SCALE=2.0, FLAG=True))
     emit.set_dump_dir(tmp_path / "dump")
-    late = emit.specialize(_rope_kernel, dict(BLOCK_ROWS=16, BLOCK_HALF=8, BLOCK_TAIL=1, LAYOUT=0, BACKWARD=False,
+    late = emit.specialize(rope_kernel, dict(BLOCK_ROWS=16, BLOCK_HALF=8, BLOCK_TAIL=1, LAYOUT=0, BACKWARD=False,
                                               HAS_TAIL=False))  # fmt: skip
     dumped = {p.name for p in (tmp_path / "dump").iterdir()}
     assert {early.path.name, late.path.name} <= dumped

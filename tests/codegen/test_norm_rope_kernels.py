@@ -207,8 +207,8 @@ def test_row_block_threshold_selects_the_chunked_kernels(monkeypatch: pytest.Mon
         norm_backward_triton(x, x, x[0], mean, rstd, 0.0, False)
     norm_forward_triton(torch.ones(1, 200), None, None, None, EPS, 0.0, True, block=64, num_warps=2)
     names = [name for name, _ in launched]
-    assert names == ["_norm_forward_kernel", "_norm_backward_kernel", "_norm_forward_chunked_kernel",
-                     "_norm_backward_chunked_kernel", "_norm_forward_chunked_kernel"]  # fmt: skip
+    assert names == ["norm_forward_kernel", "norm_backward_kernel", "norm_forward_chunked_kernel",
+                     "norm_backward_chunked_kernel", "norm_forward_chunked_kernel"]  # fmt: skip
     sizes = [(kw.get("BLOCK"), kw.get("CHUNK"), kw["num_warps"]) for _, kw in launched]
     assert sizes == [(8192, None, 32), (8192, None, 32), (None, 4096, 16), (None, 4096, 16), (None, 64, 2)]
 
@@ -303,8 +303,8 @@ _COMPILE_SM90 = textwrap.dedent(
     import json, triton
     from triton.backends.compiler import GPUTarget
     from tilefuse.codegen.norm_kernels import (
-        _norm_backward_chunked_kernel, _norm_backward_kernel, _norm_forward_chunked_kernel, _norm_forward_kernel)
-    from tilefuse.codegen.rope_kernels import _rope_kernel
+        norm_backward_chunked_kernel, norm_backward_kernel, norm_forward_chunked_kernel, norm_forward_kernel)
+    from tilefuse.codegen.rope_kernels import rope_kernel
 
     def build(fn, ptrs, floats, consts):
         sig = {name: "i32" for name in fn.arg_names}
@@ -320,16 +320,16 @@ _COMPILE_SM90 = textwrap.dedent(
     report = {}
     for rms in (True, False):
         mode = 0 if rms else 1  # the default eps placement, and F.normalize's clamp
-        report[f"norm_forward_rms={rms}"] = build(_norm_forward_kernel, norm_fwd, fwd_floats, dict(
+        report[f"norm_forward_rms={rms}"] = build(norm_forward_kernel, norm_fwd, fwd_floats, dict(
             BLOCK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True, EPS_MODE=mode))
-        report[f"norm_backward_rms={rms}"] = build(_norm_backward_kernel, norm_bwd, bwd_floats, dict(
+        report[f"norm_backward_rms={rms}"] = build(norm_backward_kernel, norm_bwd, bwd_floats, dict(
             BLOCK=4096, RMS=rms, HAS_WEIGHT=True, EPS_MODE=mode))
-        report[f"norm_forward_chunked_rms={rms}"] = build(_norm_forward_chunked_kernel, norm_fwd, fwd_floats,
+        report[f"norm_forward_chunked_rms={rms}"] = build(norm_forward_chunked_kernel, norm_fwd, fwd_floats,
             dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True, EPS_MODE=2))
-        report[f"norm_backward_chunked_rms={rms}"] = build(_norm_backward_chunked_kernel, norm_bwd, bwd_floats,
+        report[f"norm_backward_chunked_rms={rms}"] = build(norm_backward_chunked_kernel, norm_bwd, bwd_floats,
             dict(CHUNK=4096, RMS=rms, HAS_WEIGHT=True, EPS_MODE=2))
     for layout in (0, 1):
-        report[f"rope_layout={layout}"] = build(_rope_kernel, ["X", "COS", "SIN", "Y"], [], dict(
+        report[f"rope_layout={layout}"] = build(rope_kernel, ["X", "COS", "SIN", "Y"], [], dict(
             BLOCK_ROWS=16, BLOCK_HALF=64, BLOCK_TAIL=64, LAYOUT=layout, BACKWARD=layout == 1, HAS_TAIL=True))
     print(json.dumps(report))
     """

@@ -1,4 +1,4 @@
-"""The unmasked-tile ranges of the attention kernels (attention_tiles._unmasked_key_blocks / _query_blocks): every
+"""The unmasked-tile ranges of the attention kernels (attention_tiles.unmasked_key_blocks / _query_blocks): every
 tile they call clean really has no masked pair, and every such tile is in the range (so the fast loop is not
 left unused), checked by brute force over causal/window/bottom-right shapes, then end to end on the kernels."""
 
@@ -20,7 +20,7 @@ import triton.language as tl
 from tilefuse.codegen import reference as ref
 from tilefuse.codegen.attention_bwd import attention_backward_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
-from tilefuse.codegen.attention_tiles import _unmasked_key_blocks, _unmasked_query_blocks
+from tilefuse.codegen.attention_tiles import unmasked_key_blocks, unmasked_query_blocks
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 @triton.jit
 def _probe_key_blocks(Out, blk_lo, blk_hi, first_pos, last_pos, kv_len, window,  # type: ignore[no-untyped-def]
                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):  # fmt: skip
-    c_lo, c_hi = _unmasked_key_blocks(blk_lo, blk_hi, first_pos, last_pos, kv_len, window, BLOCK_N, CAUSAL, USE_WINDOW)
+    c_lo, c_hi = unmasked_key_blocks(blk_lo, blk_hi, first_pos, last_pos, kv_len, window, BLOCK_N, CAUSAL, USE_WINDOW)
     tl.store(Out, c_lo)
     tl.store(Out + 1, c_hi)
 
@@ -37,7 +37,7 @@ def _probe_key_blocks(Out, blk_lo, blk_hi, first_pos, last_pos, kv_len, window, 
 def _probe_query_blocks(Out, lo, num_blocks, start_n, q_len, kv_len, window, pos_offset,  # type: ignore[no-untyped-def]
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                         USE_WINDOW: tl.constexpr):  # fmt: skip
-    i_lo, i_hi = _unmasked_query_blocks(
+    i_lo, i_hi = unmasked_query_blocks(
         lo, num_blocks, start_n, q_len, kv_len, window, pos_offset, BLOCK_M, BLOCK_N, CAUSAL, USE_WINDOW
     )
     tl.store(Out, i_lo)

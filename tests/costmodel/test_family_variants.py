@@ -28,7 +28,7 @@ CASES: dict[str, Spec] = {"attention": PREFILL, "attention_decode": DECODE, "att
 KERNELS = {
     "attention": ("attention_fwd_kernel",), "attention_decode": ("attention_decode_split_kernel",),
     "attention_backward": ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"),
-    "norm": ("_norm_forward_kernel",), "norm_backward": ("_norm_backward_kernel",), "rope": ("_rope_kernel",),
+    "norm": ("norm_forward_kernel",), "norm_backward": ("norm_backward_kernel",), "rope": ("rope_kernel",),
 }  # fmt: skip
 
 

@@ -84,7 +84,7 @@ def test_compiled_tiny_llama_runs_the_kernels_and_matches_golden(tmp_path: Path,
 
     _assert_every_site_fused(report.sites[first_site:])
     assert report.fallbacks == fallbacks, report.fallbacks[len(fallbacks) :]
-    kernels.assert_ran(FORWARD, *BACKWARD, "_norm_forward_kernel", "_norm_backward_kernel")
+    kernels.assert_ran(FORWARD, *BACKWARD, "norm_forward_kernel", "norm_backward_kernel")
     assert ours_grads.keys() == eager_grads.keys()
     assert_finite(["logits", *ours_grads], [ours_logits, *ours_grads.values()])
     assert_no_worse_than_eager("logits", ours_logits, eager_logits, golden_logits, FORWARD_FACTOR)
