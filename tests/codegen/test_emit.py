@@ -78,7 +78,8 @@ def test_specialized_attention_source_has_no_baked_names_and_no_dead_branches() 
     for name in FWD_FLAGS:
         assert name not in header
     body = source[source.index("):") :]
-    for name in ("CAUSAL", "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "ROPE_LAYOUT", "USE_WINDOW", "_rope_tile", "_tanh"):
+    folded = ("CAUSAL", "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "ROPE_LAYOUT", "USE_WINDOW", "rope_tile", "tile_tanh")
+    for name in folded:
         assert name not in body, name  # decided branches are folded; RoPE/softcap helpers are not even imported
     assert "keep &= offs_n[None, :] <= q_pos[:, None]" in body  # causal kept
     assert "tl.load(mask_ptrs, mask=in_range, other=0) != 0" in body  # boolean mask kept, additive dropped
