@@ -8,6 +8,7 @@ fused call per site instead of the unfused chain.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -46,8 +47,7 @@ def _flags(scale: Number, causal: bool, bottom_right: bool, window: int, softcap
                          dropout_p)  # fmt: skip
 
 
-@torch.library.custom_op("tilefuse::attention", mutates_args=())
-def attention(
+def _attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -81,26 +81,17 @@ def attention(
     return in_order(out, out_order), lse.contiguous()
 
 
+attention = torch.library.custom_op("tilefuse::attention", mutates_args=())(_attention)
+_ATTENTION_SIGNATURE = inspect.signature(_attention)
+
+
 @attention.register_fake
-def _attention_fake(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    scale: Number,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: Number,
-    rope_layout: int,
-    rotary_dim: int,
-    dropout_p: float = 0.0,
-    rng: Tensor | None = None,
-    out_order: list[int] | None = None,
-) -> tuple[Tensor, Tensor]:
+def _attention_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Output metadata, by the op's own signature (bound by name, so the argument list is written once)."""
+    bound = _ATTENTION_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    q, k, v, mask = (bound.arguments[name] for name in ("q", "k", "v", "mask"))
+    out_order = bound.arguments["out_order"]
     if mask is not None:  # a bad mask fails the compile (then the graph runs unfused), not the run
         problem = mask_dtype_problem(mask.dtype)
         if problem is not None:
