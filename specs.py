@@ -21,9 +21,36 @@ CausalAlign = Literal["top_left", "bottom_right"]
 
 EpsMode = Literal["mean_square", "clamp_norm", "add_norm"]
 
-ROPE_LAYOUTS: tuple[str, ...] = ("rotate_half", "interleaved")
+# The integer codes ops and kernels take for these enums are their places in these tuples (ROPE_NONE: no RoPE).
+ROPE_LAYOUTS: tuple[RopeLayout, ...] = get_args(RopeLayout)  # rotate_half = 0, interleaved = 1
+ROPE_NONE = -1
 EPS_MODES: tuple[EpsMode, ...] = get_args(EpsMode)  # the norm ops' and kernels' eps_mode code indexes this
-MASK_KINDS: tuple[str, ...] = ("none", "additive", "boolean", "key_padding")
+MASK_KINDS: tuple[MaskKind, ...] = get_args(MaskKind)
+# The attention kernels' MASK_KIND constexpr: no mask, a keep-mask (bool / key padding, loaded as uint8), additive.
+KERNEL_MASK_NONE, KERNEL_MASK_BOOL, KERNEL_MASK_ADDITIVE = 0, 1, 2
+
+
+def rope_layout_code(layout: str | None) -> int:
+    """The integer the RoPE ops and kernels take for a layout name (its place in ROPE_LAYOUTS; None: ROPE_NONE)."""
+    if layout is None:
+        return ROPE_NONE
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"RoPE layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+    return ROPE_LAYOUTS.index(layout)
+
+
+def rope_layout_name(code: int) -> RopeLayout:
+    """The layout name of a RoPE layout code (the inverse of `rope_layout_code` for a real layout), else ValueError."""
+    if not 0 <= code < len(ROPE_LAYOUTS):
+        raise ValueError(f"RoPE layout code must index {ROPE_LAYOUTS}, got {code}")
+    return ROPE_LAYOUTS[code]
+
+
+def kernel_mask_kind(mask: str) -> int:
+    """The attention kernels' MASK_KIND for a Spec's mask kind (boolean and key-padding masks load as keep-masks)."""
+    if mask not in MASK_KINDS:
+        raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {mask!r}")
+    return {"none": KERNEL_MASK_NONE, "additive": KERNEL_MASK_ADDITIVE}.get(mask, KERNEL_MASK_BOOL)
 
 
 def check_eps_mode(mode: str) -> EpsMode:

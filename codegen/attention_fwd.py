@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..specs import KERNEL_MASK_ADDITIVE, KERNEL_MASK_BOOL, KERNEL_MASK_NONE
 from . import emit
 from .attention_args import MAX_HEAD_DIM as MAX_HEAD_DIM  # re-exported: plan.py and others import it from here
 from .attention_args import SUPPORTED_DTYPES as SUPPORTED_DTYPES
@@ -43,7 +44,7 @@ from .layouts import empty_in_order
 from .reference import AttnFlags, AttnInputs
 
 LOG2E = math.log2(math.e)
-MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = KERNEL_MASK_NONE, KERNEL_MASK_BOOL, KERNEL_MASK_ADDITIVE  # specs.kernel_mask_kind
 
 
 @triton.jit

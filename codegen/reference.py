@@ -13,12 +13,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..specs import check_eps_mode
+from ..specs import ROPE_NONE as ROPE_NONE  # re-exported: the kernels read every RoPE code from here
+from ..specs import check_eps_mode, rope_layout_code
 from .philox import uniform
 
-ROPE_ROTATE_HALF = 0
-ROPE_INTERLEAVED = 1
-ROPE_NONE = -1
+ROPE_ROTATE_HALF = rope_layout_code("rotate_half")
+ROPE_INTERLEAVED = rope_layout_code("interleaved")
 
 
 class AttnInputs(NamedTuple):
