@@ -1,12 +1,12 @@
 """What every pass shares: the PassResult it returns, the context it records sites in, and Site records.
 
-A pass is a callable `(GraphModule, PassContext) -> PassResult`. Recognizers decline by recording a Site with a
-reason; they never raise to say "no match".
+A pass is a callable `(GraphModule, PassContext) -> PassResult` that rewrites the graph and says whether it did; the
+PassManager (manager.py) then drops dead code, recompiles and checks the graph, so a pass does none of that.
+Recognizers decline by recording a Site with a reason; they never raise to say "no match".
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -44,10 +44,9 @@ class Site:
 
 @dataclass
 class PassContext:
-    """State shared by the passes of one pipeline run: enabled fusions, training mode, site records, counters."""
+    """State shared by the passes of one pipeline run: enabled fusions, site records, counters, advice."""
 
     enabled: frozenset[str] = frozenset(FUSION_KINDS)
-    training: bool = False
     sites: list[Site] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
     advice: list[Advice] = field(default_factory=list)
@@ -102,7 +101,3 @@ class FixableDecline(Decline):
         super().__init__(reason, spec)
         self.key = key
         self.fix = fix
-
-
-def replace_spec(spec: Any, **changes: Any) -> Any:
-    return dataclasses.replace(spec, **changes)

@@ -151,10 +151,6 @@ class CanonicalizePass:
             while replacement is not None and replacement not in visited:
                 visited.add(replacement)
                 replacement = _rewrite(replacement, ctx)
-        modified = gm.graph.eliminate_dead_code() or modified
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, modified)
 
 

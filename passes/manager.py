@@ -1,4 +1,4 @@
-"""PassManager: run passes in order, check the graph after each, and name the failing pass in errors."""
+"""PassManager: run passes in order, tidy and check the graph after each, and name the failing pass in errors."""
 
 from __future__ import annotations
 
@@ -29,7 +29,20 @@ def check_graph(gm: fx.GraphModule) -> None:
         raise PassError(f"nodes without meta['val']: {missing[:5]}")
 
 
+def tidy(gm: fx.GraphModule, modified: bool) -> bool:
+    """Drop dead code from `gm` and, when that or a pass (`modified`) changed it, regenerate its code from the
+    graph; whether it changed."""
+    changed = gm.graph.eliminate_dead_code() or modified
+    if changed:
+        gm.recompile()
+    return changed
+
+
 class PassManager:
+    """Runs passes in order. A pass only rewrites the graph and says whether it did (PassResult.modified): the
+    manager then drops the dead code and recompiles (a pass's legality checks count users, so dead ones must go
+    before the next pass), and with `check` lints the graph and checks its metadata."""
+
     def __init__(self, passes: Sequence[GraphPass], check: bool = True) -> None:
         self.passes = list(passes)
         self.check = check
@@ -42,11 +55,16 @@ class PassManager:
         for graph_pass in self.passes:
             try:
                 result = graph_pass(gm, ctx)
+                changed = result.modified
+                # Tidied after the first pass too, whatever it did: the caller's graph may hold dead code. Only
+                # then and after a change, since eliminate_dead_code walks the whole graph.
+                if changed or not done:
+                    changed = tidy(result.graph_module, changed)
                 if self.check:
                     check_graph(result.graph_module)
             except Exception as err:
                 raise PassError(f"pass {graph_pass.name} failed{place} after {done}: {err}") from err
-            gm, modified = result.graph_module, modified or result.modified
+            gm, modified = result.graph_module, modified or changed
             done.append(graph_pass.name)
-            log.debug("pass %s%s: modified=%s", graph_pass.name, place, result.modified)
+            log.debug("pass %s%s: modified=%s", graph_pass.name, place, changed)
         return PassResult(gm, modified)

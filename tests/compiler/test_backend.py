@@ -84,7 +84,7 @@ def test_every_pass_leaves_graph_valid() -> None:
     outputs_before = [tuple(v.shape) for v in _output_vals(gm)]
     ctx = PassContext()
     for graph_pass in pipeline.default_passes():
-        gm = graph_pass(gm, ctx).graph_module
+        gm = PassManager([graph_pass])(gm, ctx).graph_module
         check_graph(gm)
         assert [tuple(v.shape) for v in _output_vals(gm)] == outputs_before, graph_pass.name
     with torch.no_grad():

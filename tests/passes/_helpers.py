@@ -24,10 +24,12 @@ GraphPassFn = Callable[[fx.GraphModule, PassContext], PassResult]
 def run_pass(
     graph_pass: GraphPassFn, fn: Callable[..., Any], inputs: Sequence[Any], ctx: PassContext | None = None
 ) -> tuple[fx.GraphModule, PassContext]:
-    """Capture `fn(*inputs)`, run `graph_pass` on it, and check the graph invariants."""
+    """Capture `fn(*inputs)`, run `graph_pass` on it (through a PassManager, which tidies the graph after a pass),
+    and check the graph invariants."""
     gm = capture(fn, inputs)
     ctx = ctx if ctx is not None else PassContext()
-    result = graph_pass(gm, ctx)
+    manager = graph_pass if isinstance(graph_pass, PassManager) else PassManager([graph_pass])
+    result = manager(gm, ctx)
     check_graph(result.graph_module)
     return result.graph_module, ctx
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from tilefuse.compiler.capture import dynamo_graph_to_aten
 from tilefuse.passes import rope_match
 from tilefuse.passes.base import PassContext
-from tilefuse.passes.manager import check_graph
+from tilefuse.passes.manager import PassManager, check_graph
 from tilefuse.passes.rope import RopePass
 
 Rope = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -129,7 +129,7 @@ def test_dynamic_sequence_length_is_none_in_the_spec() -> None:
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., object]:
         aten_gm, ctx = dynamo_graph_to_aten(gm, example_inputs), PassContext()
-        RopePass()(aten_gm, ctx)
+        PassManager([RopePass()])(aten_gm, ctx)
         check_graph(aten_gm)
         specs.extend(s.spec for s in ctx.sites if s.status == "fused")
         return aten_gm
