@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .space import KERNEL_FAMILIES, config_to_dict
+from tilefuse.codegen.families import KERNEL_FAMILIES
+from tilefuse.codegen.tile_config import config_to_dict
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "float16", "bfloat16")

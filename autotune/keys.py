@@ -1,4 +1,4 @@
-"""Tuning keys: which tuned config may serve which site. A key names the kernel family (autotune.space's
+"""Tuning keys: which tuned config may serve which site. A key names the kernel family (codegen.families'
 KERNEL_FAMILIES: the forward, decode or backward attention kernel, the norm forward or backward, RoPE), the Spec with
 its shape dims bucketed to powers of two (dynamic dims marked "dyn"), the dtype, the GPU arch, the
 tilefuse/Triton/torch versions and a hash of that kernel's generic source — so a config tuned for another kernel
@@ -13,10 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tilefuse.codegen.families import family_record, kernel_family, spec_families
 from tilefuse.codegen.launch_configs import bucket_dim
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
-
-from .space import KERNEL_FAMILIES, family, kernel_family, spec_families
 
 # Spec fields that change no launch decision (numerics or provenance only) and stay out of the key.
 _IGNORED = {
@@ -73,18 +72,6 @@ def versions() -> dict[str, str]:
     return {"tilefuse": tilefuse_version, "triton": triton.__version__, "torch": torch.__version__}
 
 
-# The main Triton kernel of each kernel family (module, name). Its digest covers every @triton.jit helper of its
-# module too (the decode combine kernel, the backward's dQ and preprocess kernels, shared tile helpers).
-_KERNELS: dict[str, tuple[str, str]] = {
-    "attention": ("tilefuse.codegen.attention_fwd", "attention_fwd_kernel"),
-    "attention_decode": ("tilefuse.codegen.attention_decode", "attention_decode_split_kernel"),
-    "attention_backward": ("tilefuse.codegen.attention_bwd", "attention_bwd_dkdv_kernel"),
-    "norm": ("tilefuse.codegen.norm_kernels", "norm_forward_kernel"),
-    "norm_backward": ("tilefuse.codegen.norm_kernels", "norm_backward_kernel"),
-    "rope": ("tilefuse.codegen.rope_kernels", "rope_kernel"),
-}
-
-
 @functools.cache
 def kernel_source_hash(kind: str) -> str:
     """SHA-256 of the generic Triton source of kernel family `kind`'s kernel (and the helpers it calls)."""
@@ -92,9 +79,7 @@ def kernel_source_hash(kind: str) -> str:
 
     from tilefuse.costmodel.features import kernel_source_digest
 
-    if kind not in _KERNELS:
-        raise ValueError(f"unknown kernel family {kind!r}; expected one of {list(KERNEL_FAMILIES)}")
-    module, name = _KERNELS[kind]
+    module, name = family_record(kind).kernel_source
     return kernel_source_digest(getattr(importlib.import_module(module), name))
 
 
@@ -152,7 +137,7 @@ def tuning_key(spec: Spec, arch: str, *, kind: str | None = None, source_hash: s
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
     kind = kind or kernel_family(spec)
     if kind not in spec_families(spec):
-        raise ValueError(f"a {family(spec)} site launches kernel families {list(spec_families(spec))}, not {kind!r}")
+        raise ValueError(f"a {spec.kind} site launches kernel families {list(spec_families(spec))}, not {kind!r}")
     bucket = _drop(spec_bucket(spec), _IGNORED_BY_KERNEL.get(kind, ()))
     return TuningKey(
         kind, _canonical(bucket), spec.dtype.removeprefix("torch."), arch, _canonical(versions()),

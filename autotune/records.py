@@ -10,11 +10,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.tile_config import TileConfig, config_from_dict, config_to_dict
 from tilefuse.costmodel.measure import Measurement
 
 from .keys import TuningKey
-from .space import config_from_dict, config_to_dict
 
 # Which record wins when two searches stored a best config for one key: ground truth > measured > predicted.
 SOURCE_RANK = {"model": 1, "measure": 2, "exhaustive": 3}

@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tilefuse.codegen.launch_configs import clear_launch_configs, set_launch_config, spec_launch_key
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import family_record, is_static, kernel_family, site_families
+from tilefuse.codegen.launch_configs import clear_launch_configs, set_launch_config
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.hardware import GPUSpec, current_gpu, get_gpu
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
@@ -44,8 +45,6 @@ _choices: dict[tuple[Spec, str], Choice] = {}  # (Spec, kernel family) → choic
 def config_for(spec: Spec, kind: str | None = None) -> TileConfig | None:
     """The tile config chosen for kernel family `kind` (default: the Spec's forward family) of `spec` in this
     process, or None (the launcher then uses its default)."""
-    from .space import kernel_family
-
     with _lock:
         choice = _choices.get((spec, kind or kernel_family(spec)))
     return choice.config if choice is not None else None
@@ -53,10 +52,8 @@ def config_for(spec: Spec, kind: str | None = None) -> TileConfig | None:
 
 def register(spec: Spec, config: TileConfig, source: str, kind: str | None = None) -> None:
     """Make `config` the choice for kernel family `kind` (default: the Spec's forward family) of `spec`."""
-    from .space import kernel_family
-
     kind = kind or kernel_family(spec)
-    key = spec_launch_key(spec, kind)
+    key = family_record(kind).launch_key(spec)
     with _lock:
         _choices[(spec, kind)] = Choice(config, source)
     if key is not None:
@@ -132,8 +129,6 @@ def _launched_specs(sites: Iterable[Any]) -> list[Spec]:
 
 
 def _families(spec: Spec) -> tuple[str, ...]:
-    from .space import site_families
-
     try:
         return site_families(spec)
     except (TypeError, ValueError) as err:  # never fails a compile
@@ -156,7 +151,6 @@ def _open_db(mode: str, db_url: str | None) -> TuningDB | None:
 def _resolve(spec: Spec, kind: str, gpu: GPUSpec, search: bool, db: TuningDB | None) -> Choice | None:
     from .keys import tuning_key
     from .search import TuneSettings, tune_spec
-    from .space import is_static
 
     with _lock:
         if (spec, kind) in _choices:

@@ -30,13 +30,13 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import default_config
+from tilefuse.codegen.tile_config import PARAMS, TileConfig, config_from_dict, config_to_dict
 from tilefuse.costmodel.hardware import GPUSpec, get_gpu
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, read_records
+from tilefuse.costmodel.space import SearchSpace, build_space
 from tilefuse.specs import Spec, spec_from_dict
-
-from .space import PARAMS, SearchSpace, build_space, config_from_dict, config_to_dict, default_config
 
 STRATEGIES: tuple[str, ...] = ("tilefuse", "tpe", "random", "exhaustive", "coordinate")
 DETERMINISTIC = frozenset({"exhaustive", "coordinate"})  # seed-independent: run once per group

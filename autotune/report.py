@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tilefuse.codegen.tile_config import PARAMS
 from tilefuse.costmodel.hardware import GPUSpec
 
 from .search import TuneOutcome, TuneSettings, summary_row
-from .space import PARAMS
 
 
 def knob_importances(trials: list[dict[str, Any]]) -> dict[str, float]:

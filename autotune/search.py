@@ -23,24 +23,17 @@ from typing import Any
 
 import optuna
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import default_config, kernel_family, plan_for
+from tilefuse.codegen.tile_config import TileConfig, config_to_dict
 from tilefuse.costmodel.analytic import predict
 from tilefuse.costmodel.hardware import GPUSpec
 from tilefuse.costmodel.measure import Measurement
+from tilefuse.costmodel.space import SearchSpace, build_space, infeasible_reasons
 from tilefuse.specs import Spec
 
 from .db import TuningDB
 from .keys import TuningKey, tuning_key
 from .records import SOURCE_RANK, Trial, TuningRecord
-from .space import (
-    SearchSpace,
-    build_space,
-    config_to_dict,
-    default_config,
-    infeasible_reasons,
-    kernel_family,
-    plan_for,
-)
 from .study import MeasureFn, SearchJob, grace_period_s, make_storage, run_worker, safe_measure, settle, trials_of
 
 log = logging.getLogger("tilefuse.autotune")
@@ -173,9 +166,9 @@ def tune_spec(
     db: TuningDB | None = None,
     measure: MeasureFn | None = None,
 ) -> TuneOutcome:
-    """Tune kernel family `kind` (default: the Spec's forward family, `space.kernel_family`) of `spec` for `gpu` and
-    record the result in `db` (when given). `measure(spec, config)` replaces the GPU measurement of that family.
-    Raises ValueError for a Spec with dynamic dims or a family the Spec does not launch, and RuntimeError for a
+    """Tune kernel family `kind` (default: the Spec's forward family, `codegen.families.kernel_family`) of `spec` for
+    `gpu` and record the result in `db` (when given). `measure(spec, config)` replaces the GPU measurement of that
+    family. Raises ValueError for a Spec with dynamic dims or a family the Spec does not launch, and RuntimeError for a
     measuring mode without a GPU or a `measure` function."""
     settings = settings or TuneSettings()
     kind = kind or kernel_family(spec)

@@ -26,12 +26,11 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # not re-exported; the interface both RDB classes implement
 from optuna.trial import FrozenTrial, TrialState
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.tile_config import PARAMS, TileConfig, config_from_dict, config_to_dict
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import Spec
 
 from .records import Trial
-from .space import PARAMS, config_from_dict, config_to_dict
 
 log = logging.getLogger("tilefuse.autotune")
 
@@ -224,7 +223,7 @@ class SearchJob:
     patience: int
     seed: int = 0
     firsts: tuple[TileConfig, ...] = ()  # proposed before anything else, in order
-    kind: str = "attention"  # the kernel family (autotune.space.KERNEL_FAMILIES)
+    kind: str = "attention"  # the kernel family (codegen.families.KERNEL_FAMILIES)
 
     def sampler(self, seed: int) -> ScreenedSampler:
         return ScreenedSampler(self.choices, self.configs, self.predicted_us, seed=seed, firsts=self.firsts)
@@ -245,8 +244,6 @@ class SearchJob:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchJob:
         from tilefuse.specs import spec_from_dict
-
-        from .space import config_from_dict
 
         configs = tuple(config_from_dict(c) for c in data["configs"])
         predicted = {

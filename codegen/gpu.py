@@ -21,7 +21,7 @@ from .launch_configs import attention_key, norm_key, rope_key
 from .layouts import inverse_order, permuted_rows
 
 if TYPE_CHECKING:
-    from .plan import TileConfig
+    from .tile_config import TileConfig
 
 log = logging.getLogger("tilefuse.codegen")
 

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..specs import AttentionSpec, NormSpec, RopeSpec
-from .attention_fwd import default_config
-from .plan import TileConfig, TiledPlan, io_lower_bound_bytes, itemsize, launcher_config
+from .families import default_config
+from .families.attention import shape_free_default
+from .plan import TiledPlan, io_lower_bound_bytes, itemsize
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,11 @@ def _norm_unfused_bytes(spec: NormSpec) -> int:
 def site_io(node: str, spec: AttentionSpec | NormSpec | RopeSpec) -> SiteIO:
     """Fused vs unfused bytes of one site (shapes must be static)."""
     if isinstance(spec, AttentionSpec):
-        has_rope = spec.rope is not None
-        block_m, block_n, warps, stages = default_config(max(spec.head_dim, spec.v_head_dim), spec.mask != "none",
-                                                         has_rope)  # fmt: skip
-        plan = TiledPlan(spec, TileConfig(block_m, block_n, warps, stages))
+        plan = TiledPlan(spec, shape_free_default(spec))  # the FA2 forward's default, whichever kernel runs
         fused = plan.hbm_read_bytes + plan.hbm_write_bytes
         bound = io_lower_bound_bytes(spec, plan.sram_bytes)
         return SiteIO(node, "attention", fused, _attention_unfused_bytes(spec), bound)
-    plan = TiledPlan(spec, launcher_config(spec))  # the norm row block decides whether rows run in chunks
+    plan = TiledPlan(spec, default_config(spec))  # the norm row block decides whether rows run in chunks
     fused = plan.hbm_read_bytes + plan.hbm_write_bytes
     unfused = _norm_unfused_bytes(spec) if isinstance(spec, NormSpec) else None
     return SiteIO(node, spec.kind, fused, unfused, None)

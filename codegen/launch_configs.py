@@ -1,10 +1,11 @@
 """The tile configs launchers run with, keyed by what a launcher can see: codegen owns this table, autotune fills it.
 
 A launch key names one launch's kernel family, the flags that select its kernel variant and its sizes bucketed like
-tuning keys. It is computed alike from a site's Spec at compile time (`spec_launch_key`, when autotune registers the
-config it chose) and from the tensors at launch time (codegen/gpu.py), so a chosen config reaches its launches with
-one dict lookup. A dynamic dim buckets to "dyn" on the Spec side and never matches a launch: such sites keep the
-launcher defaults. codegen imports neither autotune nor the cost model: they write here (`set_launch_config`).
+tuning keys. It is computed alike from a site's Spec at compile time (each kernel family's `launch_key`, when autotune
+registers the config it chose) and from the tensors at launch time (codegen/gpu.py), both with the key builders here, so
+a chosen config reaches its launches with one dict lookup. A dynamic dim buckets to "dyn" on the Spec side and never
+matches a launch: such sites keep the launcher defaults. codegen imports neither autotune nor the cost model: they write
+here (`set_launch_config`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
-
 if TYPE_CHECKING:
-    from .plan import TileConfig
+    from .tile_config import TileConfig
 
 LaunchKey = tuple[Any, ...]
 DYNAMIC = "dyn"
-_ROPE_LAYOUTS = {"rotate_half": 0, "interleaved": 1}  # codegen.reference.ROPE_ROTATE_HALF / ROPE_INTERLEAVED
 
 _lock = threading.Lock()
 _by_launch: dict[LaunchKey, TileConfig] = {}
@@ -105,25 +103,8 @@ def rope_key(layout: int, head_dim: int, rotary_dim: int, rows: int | None, dtyp
     return ("rope", layout, head_dim, rotary_dim, bucket_dim(rows), _dtype(dtype))
 
 
-def _rows(shape: tuple[int | None, ...]) -> int | None:
+def shape_rows(shape: tuple[int | None, ...]) -> int | None:
+    """Rows of a norm or RoPE operand (every dim but the last); None when one of them is dynamic or there are none."""
     if not shape or None in shape[:-1]:
         return None
     return math.prod(int(d) for d in shape[:-1] if d is not None)
-
-
-def spec_launch_key(spec: Spec, kind: str) -> LaunchKey | None:
-    """The launch key of `spec`'s kernel family `kind`, or None when the Spec cannot have one (no shape)."""
-    if isinstance(spec, AttentionSpec):
-        return attention_key(
-            kind, spec.head_dim, spec.v_head_dim, spec.dtype, spec.gqa_group, spec.q_len, spec.kv_len, spec.causal,
-            bool(spec.window), bool(spec.softcap), spec.alibi, spec.mask != "none", spec.rope is not None,
-            spec.dropout_p > 0,
-        )  # fmt: skip
-    if not spec.shape:
-        return None
-    if isinstance(spec, NormSpec):
-        return norm_key(kind, spec.norm == "rmsnorm", spec.width, _rows(spec.shape), spec.dtype, spec.has_weight,
-                        spec.has_bias, spec.residual)  # fmt: skip
-    if isinstance(spec, RopeSpec):
-        return rope_key(_ROPE_LAYOUTS[spec.layout], spec.head_dim, spec.rotary_dim, _rows(spec.shape), spec.dtype)
-    return None

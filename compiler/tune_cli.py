@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tilefuse.autotune.cli import DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, format_config, format_us
 from tilefuse.autotune.search import MODES, TuneOutcome, TuneSettings
-from tilefuse.autotune.space import KERNEL_FAMILIES, site_families
+from tilefuse.codegen.families import KERNEL_FAMILIES, site_families
 from tilefuse.costmodel.hardware import GPUSpec, get_gpu, gpu_names
 
 

@@ -14,7 +14,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from tilefuse.codegen.plan import TileConfig, TiledPlan, itemsize
+from tilefuse.codegen.families.base import itemsize
+from tilefuse.codegen.plan import TiledPlan
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
 from .features import KernelFeatures

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.measure import Measurement
-from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec, rope_layout_code
 
 # Output check against the fp32 reference: |out - ref| <= ATOL·max(1, max|ref|) + RTOL·|ref|, per dtype.
 TOLERANCE = {"float32": (2e-3, 2e-3), "float16": (1e-2, 1e-2), "bfloat16": (3e-2, 3e-2)}
 BACKWARD_TOLERANCE_FACTOR = 4  # gradients round P and dS to the input dtype before their dots (as FA2 does)
-_ROPE_LAYOUT = {"rotate_half": 0, "interleaved": 1}
 # Score-matrix elements one reference call may hold (fp32, several live at once): full-size shapes are checked a
 # batch row and a few heads at a time, so the golden output fits beside the kernel's inputs on one GPU.
 REFERENCE_CHUNK_ELEMENTS = 2**27
@@ -113,7 +112,7 @@ def _attention_inputs(spec: AttentionSpec, rand: _Random) -> tuple[Any, Any]:
     inputs = ref.AttnInputs(q, k, rand.normal(b, hk, nk, spec.v_head_dim), mask, slopes, cos, sin, rng)
     flags = ref.AttnFlags(
         spec.scale, spec.causal, spec.align == "bottom_right", spec.window or 0, spec.softcap or 0.0,
-        _ROPE_LAYOUT[spec.rope.layout] if spec.rope else ref.ROPE_NONE, spec.rope.rotary_dim if spec.rope else 0,
+        rope_layout_code(spec.rope.layout if spec.rope else None), spec.rope.rotary_dim if spec.rope else 0,
         spec.dropout_p,
     )  # fmt: skip
     return inputs, flags
@@ -254,7 +253,7 @@ def _rope_case(spec: RopeSpec, device: str) -> KernelCase:
     x = rand.normal(*shape)
     angles = rand.uniform(*shape[-2:-1], spec.rotary_dim)  # one row per position, broadcast over batch and heads
     cos, sin = angles.cos().to(rand.dtype), angles.sin().to(rand.dtype)
-    layout = _ROPE_LAYOUT[spec.layout]
+    layout = rope_layout_code(spec.layout)
     expected = (ref.rope_forward(x.float(), cos.float(), sin.float(), layout, spec.rotary_dim),)
 
     def forward(config: TileConfig) -> tuple[Any, ...]:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tilefuse.autotune.space import KERNEL_FAMILIES, build_space, kernel_family, plan_for
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import KERNEL_FAMILIES, kernel_family, plan_for
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import AttentionSpec, Spec
 
@@ -26,13 +26,14 @@ from .analytic import predict
 from .grids import SHAPE_GRIDS, TINY_CHOICES, shape_grid
 from .hardware import GPUSpec
 from .records import MeasurementRecord, iter_records, make_record, write_records
+from .space import build_space
 
 __all__ = ["FAMILIES", "SHAPE_GRIDS", "TINY_CHOICES", "CollectSummary", "Task", "collect", "interpreter_measure",
            "plan_tasks", "record_features", "shape_grid"]  # fmt: skip
 
 log = logging.getLogger("tilefuse.costmodel")
 
-FAMILIES = KERNEL_FAMILIES  # every kernel family takes a tile config (autotune/space.py)
+FAMILIES = KERNEL_FAMILIES  # every kernel family takes a tile config (codegen/families)
 FLUSH_EVERY = 32  # records per gzip member: an interrupted run loses at most this many measurements
 MeasureFn = Callable[[Spec, TileConfig, str], Measurement]  # (spec, config, kernel family)
 
@@ -72,7 +73,7 @@ class Task:
     spec: Spec
     config: TileConfig
     rejected: tuple[str, ...]  # why the constraints refuse it; () when it is measured
-    kind: str = "attention"  # the kernel family (autotune.space.KERNEL_FAMILIES)
+    kind: str = "attention"  # the kernel family (codegen.families.KERNEL_FAMILIES)
 
 
 @dataclass(frozen=True)

@@ -234,8 +234,6 @@ def combine_features(parts: Sequence[KernelFeatures]) -> KernelFeatures:
 
 
 def plan_features(plan: TiledPlan, arch: str = "sm_90", cache: FeatureCache | None = None) -> KernelFeatures:
-    """Features of the kernels `plan` launches (`costmodel.variants.plan_variants`), combined into one launch's
+    """Features of the kernels `plan` launches (`TiledPlan.variants`), combined into one launch's
     (`combine_features`) for the attention backward's two main kernels."""
-    from .variants import plan_variants
-
-    return combine_features([kernel_features(variant, arch, cache) for variant in plan_variants(plan)])
+    return combine_features([kernel_features(variant, arch, cache) for variant in plan.variants()])

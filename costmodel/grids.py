@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tilefuse.autotune.space import KERNEL_FAMILIES
+from tilefuse.codegen.families import KERNEL_FAMILIES
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 SHAPE_GRIDS = ("tiny", "small", "full")
@@ -93,7 +93,7 @@ def _ropes(grid: str) -> list[Spec]:
 
 
 def shape_grid(family: str, grid: str) -> list[Spec]:
-    """The Specs `collect` enumerates for kernel `family` (autotune.space.KERNEL_FAMILIES) on `grid`."""
+    """The Specs `collect` enumerates for kernel `family` (codegen.families.KERNEL_FAMILIES) on `grid`."""
     if family not in KERNEL_FAMILIES:
         raise ValueError(f"family={family!r}; collect supports {list(KERNEL_FAMILIES)}")
     if grid not in SHAPE_GRIDS:

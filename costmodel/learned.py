@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tilefuse.autotune.space import KERNEL_FAMILIES
+from tilefuse.codegen.families import KERNEL_FAMILIES
 
 from .records import MeasurementRecord
 
@@ -63,7 +63,7 @@ def _shape_row(spec: dict[str, Any]) -> dict[str, float]:
 def record_vector(record: MeasurementRecord) -> np.ndarray:
     """The FEATURE_SCHEMA vector of one record (missing facts are 0, with flags saying which are known)."""
     config = record.config
-    splits = int(config.get("num_splits", 0))  # 0: the launcher's heuristic (autotune.space.HEURISTIC_SPLITS)
+    splits = int(config.get("num_splits", 0))  # 0: the launcher's heuristic (codegen.tile_config.HEURISTIC_SPLITS)
     row: dict[str, float] = {f"family_{name}": float(record.family == name) for name in KERNEL_FAMILIES}
     row |= {
         "log2_block_m": _log2(config["block_m"]), "log2_block_n": _log2(config["block_n"]),

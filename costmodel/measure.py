@@ -11,7 +11,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import kernel_family
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import Spec
 
 WARMUP_MS = 25
@@ -62,10 +63,8 @@ def _do_bench(run: Callable[[], object]) -> tuple[float, float, float]:
 
 
 def gpu_measure(spec: Spec, config: TileConfig, kind: str | None = None) -> Measurement:
-    """Run kernel family `kind` (default: the Spec's forward family, `autotune.space.kernel_family`) with `config`
+    """Run kernel family `kind` (default: the Spec's forward family, `codegen.families.kernel_family`) with `config`
     on the current GPU: verify, then time. Failures are statuses (compile-fail, oom, wrong-output)."""
-    from tilefuse.autotune.space import kernel_family
-
     from .cases import measure_case
 
     require_cuda()

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import Spec
 
 from .hardware import GPUSpec

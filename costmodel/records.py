@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tilefuse.autotune.space import KERNEL_FAMILIES, config_from_dict, config_to_dict, kernel_family, spec_families
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import KERNEL_FAMILIES, kernel_family, spec_families
+from tilefuse.codegen.tile_config import TileConfig, config_from_dict, config_to_dict
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.specs import Spec, spec_from_dict, spec_to_json
 
@@ -35,7 +35,7 @@ _FROM_MEASUREMENT = {
 class MeasurementRecord:
     """One row of a measurement file. `latency_ms` holds QUANTILES when status is "ok" and is empty otherwise;
     `interpreted` marks wall times of the Triton interpreter (test data, never GPU truth); `family` is the kernel
-    family measured (autotune.space.KERNEL_FAMILIES)."""
+    family measured (codegen.families.KERNEL_FAMILIES)."""
 
     spec: dict[str, Any]
     config: dict[str, int]

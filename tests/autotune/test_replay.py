@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 
 from tilefuse.autotune.replay import STRATEGIES, Group, groups_of, replay, replay_files, run_strategy
-from tilefuse.autotune.space import HEURISTIC_SPLITS, PARAMS, build_space, config_from_dict, infeasible_reasons
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.tile_config import HEURISTIC_SPLITS, PARAMS, TileConfig, config_from_dict
 from tilefuse.compiler import cli
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, make_record, write_records
+from tilefuse.costmodel.space import build_space, infeasible_reasons
 from tilefuse.specs import AttentionSpec, NormSpec
 
 H100 = get_gpu("h100")
 SPECS = [AttentionSpec(4, 8, 8, 512, 512, 64, 64, "bfloat16", 0.125, causal) for causal in (False, True)]
-# A smaller grid than ATTENTION_CHOICES keeps the cost model's predictions (the tilefuse strategy) quick.
+# A smaller grid than the attention family's knob grid keeps the cost model's predictions (the tilefuse strategy) quick.
 CHOICES = {"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3, 4),
            "num_splits": (HEURISTIC_SPLITS,)}  # fmt: skip
 

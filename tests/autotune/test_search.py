@@ -14,11 +14,12 @@ from _synthetic import OPTIMUM, synthetic_cost, synthetic_latency
 from tilefuse.autotune.db import TuningDB
 from tilefuse.autotune.keys import tuning_key
 from tilefuse.autotune.search import TuneSettings, predicted_latencies, resolve_measure, summary_row, tune_spec
-from tilefuse.autotune.space import build_space, default_config, plan_for
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import default_config, plan_for
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.analytic import predict
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.measure import Measurement
+from tilefuse.costmodel.space import build_space
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100 = get_gpu("h100")

@@ -6,26 +6,13 @@ import dataclasses
 
 import pytest
 
-from tilefuse.autotune.space import (
-    ATTENTION_CHOICES,
-    FAMILY_CHOICES,
-    HEURISTIC_SPLITS,
-    KERNEL_FAMILIES,
-    NORM_BACKWARD_SM_MULTIPLES,
-    PARAMS,
-    PLAN_FAMILY,
-    build_space,
-    config_from_dict,
-    config_to_dict,
-    default_config,
-    infeasible_reasons,
-    plan_for,
-    site_families,
-    spec_families,
-)
-from tilefuse.codegen.plan import TileConfig, TiledPlan
+from tilefuse.codegen.families import FAMILIES, KERNEL_FAMILIES, default_config, plan_for, site_families, spec_families
+from tilefuse.codegen.families.norm_backward import NORM_BACKWARD_SM_MULTIPLES
+from tilefuse.codegen.plan import TiledPlan
+from tilefuse.codegen.tile_config import HEURISTIC_SPLITS, PARAMS, TileConfig, config_from_dict, config_to_dict
 from tilefuse.costmodel.features import KernelFeatures
 from tilefuse.costmodel.hardware import GPUSpec, get_gpu
+from tilefuse.costmodel.space import build_space, infeasible_reasons
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100, L4 = get_gpu("h100"), get_gpu("l4")
@@ -57,7 +44,9 @@ def test_blocks_the_launcher_would_shrink_are_not_separate_configs(q_len: int) -
     space = build_space(attention(q_len=q_len, head_dim=64), H100)
     for config in space.configs:
         assert TiledPlan(space.spec, config).blocks[:2] == (config.block_m, config.block_n)
-    assert {c.block_m for c in space.configs} <= {b for b in ATTENTION_CHOICES["block_m"] if b < 2 * max(q_len, 16)}
+    assert {c.block_m for c in space.configs} <= {
+        b for b in FAMILIES["attention"].choices["block_m"] if b < 2 * max(q_len, 16)
+    }
 
 
 def test_head_dim_beyond_the_kernel_has_no_config() -> None:
@@ -101,11 +90,11 @@ def test_every_family_has_a_feasible_space_over_its_own_knobs(spec: Spec, kind: 
     assert space.kind == kind and space.tunable
     default = config_to_dict(default_config(spec, kind))
     for name in PARAMS:
-        if name not in FAMILY_CHOICES[kind]:
+        if name not in FAMILIES[kind].choices:
             assert space.choices[name] == (default[name],)  # a knob the family does not read stays put
     for config in space.configs:
         assert infeasible_reasons(spec, config, H100, kind=kind) == []
-        assert plan_for(spec, config, kind).kernel_family == PLAN_FAMILY[kind]
+        assert plan_for(spec, config, kind).kernel_family == kind
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 100])

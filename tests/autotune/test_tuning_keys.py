@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from tilefuse.autotune.keys import TuningKey, spec_bucket, tuning_key
-from tilefuse.autotune.space import KERNEL_FAMILIES, spec_families
+from tilefuse.codegen.families import KERNEL_FAMILIES, spec_families
 from tilefuse.codegen.launch_configs import DYNAMIC, bucket_dim
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 

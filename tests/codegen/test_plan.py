@@ -19,10 +19,12 @@ from tilefuse.codegen import reference as ref
 from tilefuse.codegen.attention_bwd import attention_backward_triton
 from tilefuse.codegen.attention_decode import attention_decode_triton
 from tilefuse.codegen.attention_fwd import attention_forward_triton
+from tilefuse.codegen.families import default_config
 from tilefuse.codegen.io_count import count_io
 from tilefuse.codegen.norm_kernels import norm_backward_triton, norm_forward_triton
-from tilefuse.codegen.plan import TileConfig, TiledPlan, io_lower_bound_bytes, kept_pairs, launcher_config
+from tilefuse.codegen.plan import TiledPlan, io_lower_bound_bytes, kept_pairs
 from tilefuse.codegen.rope_kernels import rope_forward_triton
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="byte counting needs the interpreter")
@@ -159,7 +161,7 @@ def test_backward_family_structure() -> None:
     spec = AttentionSpec(2, 8, 2, 256, 256, 64, 64, "bfloat16", 0.125, causal=True)
     fwd = TiledPlan(spec, TileConfig(64, 64))
     bwd = TiledPlan(spec, TileConfig(64, 64), family="attention_backward")
-    assert fwd.kernel_family == "attention_fwd" and bwd.kernel_family == "attention_backward"
+    assert fwd.kernel_family == "attention" and bwd.kernel_family == "attention_backward"
     assert bwd.grid == (4, 4) and bwd.backward_costs().dq_grid == (4, 16)
     assert bwd.hbm_read_bytes > fwd.hbm_read_bytes and bwd.flops > 2 * fwd.flops
     with pytest.raises(TypeError, match="backward"):
@@ -240,8 +242,8 @@ def test_decode_family_choice_and_split_structure() -> None:
     """Family "auto" picks the kernel codegen/gpu.py dispatches; the visible range is cut into block-aligned splits."""
     decode = AttentionSpec(4, 32, 8, 1, 4096, 128, 128, "bfloat16", 0.08, causal=True, align="bottom_right")
     assert TiledPlan(decode).kernel_family == "attention_decode"
-    assert TiledPlan(AttentionSpec(4, 32, 8, 64, 4096, 128, 128, "bfloat16", 0.08)).kernel_family == "attention_fwd"
-    assert TiledPlan(AttentionSpec(1, 1, 1, 1, 128, 64, 64, "float16", 0.1)).kernel_family == "attention_fwd"
+    assert TiledPlan(AttentionSpec(4, 32, 8, 64, 4096, 128, 128, "bfloat16", 0.08)).kernel_family == "attention"
+    assert TiledPlan(AttentionSpec(1, 1, 1, 1, 128, 64, 64, "float16", 0.1)).kernel_family == "attention"
     plan = TiledPlan(decode, TileConfig(block_n=64))
     assert plan.blocks == (16, 64, 128, 128) and plan.grid == (9, 32)  # ceil(264 / 32) splits over 64 key blocks
     layout = plan.decode_layout()
@@ -249,7 +251,7 @@ def test_decode_family_choice_and_split_structure() -> None:
     windowed = TiledPlan(dataclasses.replace(decode, window=100), TileConfig(block_n=64, num_splits=4))
     assert windowed.decode_layout()[:2] == (3968, 4096)  # only the window's two key blocks are visible
     assert windowed.decode_layout().work_splits == 2
-    assert TiledPlan(decode, TileConfig(block_n=64), family="attention_fwd").grid == (1, 128)
+    assert TiledPlan(decode, TileConfig(block_n=64), family="attention").grid == (1, 128)
     wide = dataclasses.replace(decode, q_len=16, head_dim=256, v_head_dim=256)  # 64 rows of D 256 would spill
     assert not TiledPlan(wide, family="attention_decode").feasible({})
     with pytest.raises(ValueError, match="family"):
@@ -344,11 +346,11 @@ def test_norm_backward_plan_bytes_match_kernel(
 
 
 @pytest.mark.parametrize(("width", "block", "chunked"), [(8192, 8192, False), (8193, 4096, True), (32768, 4096, True)])
-def test_norm_launcher_config_chunks_rows_past_the_threshold(width: int, block: int, chunked: bool) -> None:
+def test_norm_default_config_chunks_rows_past_the_threshold(width: int, block: int, chunked: bool) -> None:
     """The launcher's row block: the whole row up to 8192 columns (32 warps), 4096-column chunks beyond (16 warps);
     a chunked forward reads x twice."""
     spec = NormSpec("rmsnorm", width, (3, width), "bfloat16", 1e-6, has_weight=False, out_dtype="bfloat16")
-    config = launcher_config(spec)
+    config = default_config(spec)
     assert (config.block_n, config.num_warps) == (block, 16 if chunked else 32)
     for family in ("norm", "norm_backward"):
         plan = TiledPlan(spec, config, family)

@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from tilefuse.codegen.plan import TileConfig, TiledPlan, launcher_config
+from tilefuse.codegen.families import default_config
+from tilefuse.codegen.plan import TiledPlan
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.analytic import predict, rank
 from tilefuse.costmodel.features import KernelFeatures
 from tilefuse.costmodel.hardware import get_gpu
@@ -27,7 +29,7 @@ def _attention(n: int, causal: bool = False, d: int = 128) -> AttentionSpec:
 def _norm(rows: int, width: int = 4096) -> TiledPlan:
     """An RMSNorm plan at the launcher's defaults (whole rows up to 8192 columns, chunked beyond)."""
     spec = NormSpec("rmsnorm", width, (rows, width), "bfloat16", 1e-6, out_dtype="bfloat16")
-    return TiledPlan(spec, launcher_config(spec))
+    return TiledPlan(spec, default_config(spec))
 
 
 @pytest.mark.parametrize("rows", [1024, 8192])

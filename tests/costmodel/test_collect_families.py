@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tilefuse.autotune.space import KERNEL_FAMILIES
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import KERNEL_FAMILIES
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.compiler.cli import main
 from tilefuse.costmodel.cases import kernel_case
 from tilefuse.costmodel.collect import FAMILIES, TINY_CHOICES, collect, interpreter_measure, plan_tasks, shape_grid

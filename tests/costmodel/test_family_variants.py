@@ -1,6 +1,6 @@
-"""The compiled kernel of every plan family (`costmodel.variants`): the variant each family launches, with
-launch-like ints, and one sm_90 compile per family in a single child process (TRITON_INTERPRET=1 replaces kernels
-in this one); the attention backward's features combine its dK/dV and dQ kernels."""
+"""The compiled kernel of every plan family (`TiledPlan.variants`, from its record): the variant each family
+launches, with launch-like ints, and one sm_90 compile per family in a single child process (TRITON_INTERPRET=1
+replaces kernels in this one); the attention backward's features combine its dK/dV and dQ kernels."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tilefuse.autotune.space import KERNEL_FAMILIES, default_config, plan_for
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import KERNEL_FAMILIES, default_config, plan_for
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.features import KernelFeatures, combine_features
-from tilefuse.costmodel.variants import plan_variants, variant_for_plan
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 PREFILL = AttentionSpec(2, 8, 8, 1024, 1024, 64, 64, "bfloat16", 0.125, True)
@@ -35,21 +34,20 @@ KERNELS = {
 @pytest.mark.parametrize("family", KERNEL_FAMILIES)
 def test_each_family_has_its_kernel(family: str) -> None:
     plan = plan_for(CASES[family], default_config(CASES[family], family), family)
-    variants = plan_variants(plan)
+    variants = plan.variants()
     assert tuple(v.kernel().fn.__name__ for v in variants) == KERNELS[family]
-    assert variant_for_plan(plan) == variants[0]
     assert all(v.ints and v.num_warps == plan.config.num_warps for v in variants)
 
 
 def test_launch_like_ints() -> None:
-    decode = variant_for_plan(plan_for(DECODE, TileConfig(block_n=64, num_warps=4, num_splits=16), "attention_decode"))
+    (decode,) = plan_for(DECODE, TileConfig(block_n=64, num_warps=4, num_splits=16), "attention_decode").variants()
     assert decode.ints is not None
     assert (decode.ints["num_splits"], decode.ints["split_len"], decode.ints["kv_heads"]) == (16, 256, 8)
     assert decode.ints["stride_kd"] == 1 and decode.ints["pos_offset"] == 4095
-    dkdv, dq = plan_variants(plan_for(PREFILL, TileConfig(32, 64, 8, 2), "attention_backward"))
+    dkdv, dq = plan_for(PREFILL, TileConfig(32, 64, 8, 2), "attention_backward").variants()
     assert dkdv.ints is not None and dkdv.ints["stride_dkn"] == 64 and dkdv.ints["stride_gm"] == 64
     assert dkdv.constexprs["BLOCK_M"] == dq.constexprs["BLOCK_M"] == 32 and dq.num_stages == 2
-    norm_bwd = variant_for_plan(plan_for(NORM, TileConfig(num_warps=8, num_splits=128), "norm_backward"))
+    (norm_bwd,) = plan_for(NORM, TileConfig(num_warps=8, num_splits=128), "norm_backward").variants()
     assert norm_bwd.ints == {"rows": 4096, "width": 4096, "rows_per_program": 32}
 
 
@@ -68,7 +66,7 @@ def test_combined_features_take_the_worst_kernel() -> None:
 _SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from tilefuse.autotune.space import default_config, plan_for
+    from tilefuse.codegen.families import default_config, plan_for
     from tilefuse.costmodel.cache import FeatureCache
     from tilefuse.costmodel.features import plan_features
     from tilefuse.specs import spec_from_dict

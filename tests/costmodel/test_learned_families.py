@@ -9,14 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from tilefuse.autotune.space import KERNEL_FAMILIES, build_space
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.families import KERNEL_FAMILIES
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.costmodel.collect import record_features
 from tilefuse.costmodel.evaluate import evaluation_report
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.learned import FEATURE_SCHEMA, LearnedModel, TrainSettings, record_vector, train
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, make_record
+from tilefuse.costmodel.space import build_space
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100 = get_gpu("h100")

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tilefuse.autotune.space import build_space
-from tilefuse.codegen.plan import TileConfig
+from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.compiler.cli import main
 from tilefuse.costmodel.cli import held_out_spec
 from tilefuse.costmodel.collect import collect, interpreter_measure, plan_tasks, record_features, shape_grid
@@ -24,6 +23,7 @@ from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.learned import LearnedModel
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, iter_records, make_record, read_records, write_records
+from tilefuse.costmodel.space import build_space
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100 = get_gpu("h100")

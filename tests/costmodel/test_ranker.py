@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from test_learned_families import _dataset  # sibling test module: synthetic multi-family records
 
-from tilefuse.autotune.space import build_space
 from tilefuse.costmodel import ranker
 from tilefuse.costmodel.gbdt import GBDTModel, GBDTSettings, train_gbdt
 from tilefuse.costmodel.hardware import get_gpu
 from tilefuse.costmodel.learned import LearnedModel, TrainSettings, train
+from tilefuse.costmodel.space import build_space
 from tilefuse.specs import NormSpec
 
 H100 = get_gpu("h100")
