@@ -23,6 +23,8 @@ import torch
 from tilefuse.benchmarks import report
 from tilefuse.benchmarks.environment import environment, gpu_slug
 from tilefuse.benchmarks.harness import SCHEMA_VERSION, Context, Record, configure_dynamo
+from tilefuse.compiler.commands import Command
+from tilefuse.compiler.render import EXIT_OK, EXIT_USAGE, print_json
 
 log = logging.getLogger("tilefuse.benchmarks")
 SUITES = ("attention", "decode", "norms", "e2e", "io", "compile", "tuning")
@@ -162,19 +164,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the suites `args` names (parsed by `add_arguments`); 0 on success, 2 when they need a GPU."""
+    """Run the suites `args` names (parsed by `add_arguments`); 0 on success, 2 (usage) when they need a GPU."""
     log.setLevel(logging.INFO)
     ctx = context(args)
     suites = SUITES if "all" in args.suites else tuple(dict.fromkeys(args.suites))
     needs_tiny = [s for s in suites if s not in CPU_RUNNABLE]
     if not ctx.is_cuda and not ctx.tiny and needs_tiny:
         log.error("suites %s need a GPU at full size; pass --tiny on CPU", ", ".join(needs_tiny))
-        return 2
+        return EXIT_USAGE
     out = args.out or RESULTS / gpu_slug(ctx.device)
     if args.profile:
         for name in suites:
             run_suite(name, ctx, args.full_grid)
-        return 0
+        return EXIT_OK
     for name in suites:
         prior = interrupted_result(out / f"{result_stem(name, args.tag, ctx.tiny)}.json") if args.resume else None
         result = run_suite(name, ctx, args.full_grid, prior, checkpoint=lambda doc: write_result(doc, out, args.tag))
@@ -184,9 +186,18 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s: %d records (%s) in %.0f s -> %s", name, len(statuses), summary, result["elapsed_s"],
                  ", ".join(str(p) for p in paths))  # fmt: skip
         if args.json:
-            print(json.dumps(result, indent=1, default=str))
-    return 0
+            print_json(result, indent=1, default=str)
+    return EXIT_OK
 
+
+# `tilefuse bench`: the compiler's CLI finds it through the `tilefuse.commands` entry point (pyproject.toml), since
+# the compiler may not import the benchmarks.
+COMMAND = Command(
+    "bench",
+    "run benchmark suites: tilefuse beside SDPA, FlexAttention, Inductor, Liger, eager (= benchmarks/run.py)",
+    add_arguments,
+    run,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

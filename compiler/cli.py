@@ -1,142 +1,39 @@
-"""The `tilefuse` command line: `tilefuse explain MODEL` and `tilefuse demo`.
+"""The `tilefuse` command line: the subcommands, their arguments and what each runs.
 
-The only module that writes to the terminal: library code logs, this module renders reports as rich tables or
-JSON.
+Library code logs; the commands write to the terminal only through render.py (tables, JSON, the error line). A
+subcommand of a package above the compiler (`tilefuse bench`) comes in through an entry point (commands.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.table import Table
 
+from .commands import ENTRY_POINT_GROUP, Command, installed_commands
 from .presets import PRESET_NAMES, load_model
+from .render import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    compile_check_table,
+    fail,
+    io_table,
+    print_json,
+    render_report,
+)
 
 log = logging.getLogger(__name__)
 
 DEMO_ATOL = 1e-4
 FUSED_KINDS = ("attention", "rmsnorm", "layernorm", "rope")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# Spec fields worth a glance in the table, per site kind; the JSON output has them all.
-_SPEC_FIELDS: dict[str, tuple[str, ...]] = {
-    "attention": (
-        "q_len",
-        "kv_len",
-        "head_dim",
-        "gqa_group",
-        "causal",
-        "align",
-        "window",
-        "softcap",
-        "alibi",
-        "sinks",
-        "mask",
-        "dropout_p",
-        "rope",
-        "source",
-    ),
-    "rmsnorm": ("width", "eps", "weight_offset", "residual"),
-    "layernorm": ("width", "eps", "has_weight", "has_bias", "residual"),
-    "rope": ("layout", "rotary_dim", "head_dim"),
-}
-# Values that say nothing special, left out of the table.
-_UNREMARKABLE: dict[str, Any] = {
-    "gqa_group": 1,
-    "align": "top_left",
-    "mask": "none",
-    "dropout_p": 0.0,
-    "weight_offset": 0.0,
-    "source": "matmul",
-    "has_weight": True,
-}
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: its name, one-line help, how it adds its arguments and what it runs."""
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
-
-# ------------------------------------------------------------------------------------------------ rendering
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, Mapping) and value.get("kind") == "rope":
-        return f"{value.get('layout')}/{value.get('rotary_dim')}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def spec_summary(kind: str, spec: Mapping[str, Any] | None) -> str:
-    """A short `key=value` line of the spec fields that say what is special about a site."""
-    if not spec:
-        return ""
-    keys = [key for key in _SPEC_FIELDS.get(kind, tuple(spec)) if key in spec]
-    shown = [
-        f"{key}={_format_value(spec[key])}"
-        for key in keys
-        if spec[key] not in (None, False) and spec[key] != _UNREMARKABLE.get(key)
-    ]
-    return " ".join(shown)
-
-
-def _site_dicts(report: Any) -> list[dict[str, Any]]:
-    return [
-        {
-            "kind": site.kind,
-            "status": site.status,
-            "node": str(site.node),
-            "reason": site.reason,
-            "spec": site.spec.to_dict() if site.spec is not None else None,
-        }
-        for site in report.sites
-    ]
-
-
-def sites_table(report: Any, title: str) -> Table:
-    """The fusion report as a table: one row per candidate site."""
-    table = Table(title=title)
-    for column in ("#", "kind", "status", "node", "reason / spec"):
-        table.add_column(column, overflow="fold")
-    for index, site in enumerate(_site_dicts(report)):
-        fused = site["status"] == "fused"
-        status = f"[green]{site['status']}[/]" if fused else f"[yellow]{site['status']}[/]"
-        details = spec_summary(site["kind"], site["spec"]) if fused else str(site["reason"])
-        table.add_row(str(index), site["kind"], status, escape(site["node"]), escape(details))
-    return table
-
-
-def summary_line(summary: Mapping[str, Any]) -> str:
-    """'attention: 2 fused, 0 declined · rmsnorm: ...' from `FusionReport.summary()`."""
-    parts = []
-    for kind, counts in summary.items():
-        if isinstance(counts, Mapping):
-            parts.append(f"{kind}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
-        else:
-            parts.append(f"{kind}: {counts}")
-    return " · ".join(parts) if parts else "no candidate sites"
-
-
-def render_report(console: Console, report: Any, title: str) -> None:
-    console.print(sites_table(report, title))
-    console.print(summary_line(report.summary()))
-    for why in getattr(report, "fallbacks", []):
-        console.print(f"[yellow]fell back to the unfused graph:[/] {escape(why)}")
 
 
 # ------------------------------------------------------------------------------------------------ explain
@@ -174,10 +71,10 @@ def run_explain(args: argparse.Namespace) -> int:
     try:
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
     except (ValueError, TypeError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return fail(str(exc), EXIT_USAGE)
     report = import_explain()(model, inputs)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print_json(report.to_dict())
     else:
         render_report(Console(), report, title=f"tilefuse explain {args.model}")
     return EXIT_OK
@@ -197,7 +94,7 @@ def demo_problems(max_abs_error: float, report: Any) -> list[str]:
         problems.append(f"compiled output differs from eager: max abs error {max_abs_error:.3g} > atol")
     fallbacks = getattr(report, "fallbacks", [])
     problems += [f"the backend fell back to the unfused graph: {why}" for why in fallbacks]
-    sites = _site_dicts(report)
+    sites = [site.to_dict() for site in report.sites]
     problems += [
         f"no {kind} site was found"
         for kind in ("attention", "rmsnorm")
@@ -238,7 +135,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "problems": problems,
             "report": report.to_dict(),
         }
-        print(json.dumps(result, indent=2))
+        print_json(result)
     else:
         console = Console()
         render_report(console, report, title="tilefuse demo: tiny Llama-style decoder (fp32)")
@@ -256,19 +153,12 @@ def run_io_report(args: argparse.Namespace) -> int:
     try:
         model, inputs = load_model(args.model, batch=args.batch, seq=args.seq)
     except (ValueError, TypeError, ImportError) as err:
-        return _fail(str(err), EXIT_USAGE)
+        return fail(str(err), EXIT_USAGE)
     rows = io_report(import_explain()(model, inputs).sites)
     if args.json:
-        print(json.dumps({"model": args.model, "sites": [r.to_dict() for r in rows]}, indent=2))
-        return EXIT_OK
-    table = Table(title=f"HBM bytes per fused site: {args.model} (batch {args.batch}, seq {args.seq})")
-    for column in ("site", "kind", "fused", "unfused (est.)", "unfused / fused", "fused / lower bound"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        saving = f"{r.unfused_bytes / r.fused_bytes:.1f}x" if r.unfused_bytes else "-"
-        bound = f"{r.fused_bytes / r.lower_bound_bytes:.2f}" if r.lower_bound_bytes else "-"
-        table.add_row(r.node, r.kind, f"{r.fused_bytes:,}", f"{r.unfused_bytes or 0:,}", saving, bound)
-    Console().print(table)
+        print_json({"model": args.model, "sites": [r.to_dict() for r in rows]})
+    else:
+        Console().print(io_table(rows, f"HBM bytes per fused site: {args.model} (batch {args.batch}, seq {args.seq})"))
     return EXIT_OK
 
 
@@ -290,19 +180,12 @@ def run_compile_check(args: argparse.Namespace) -> int:
     try:
         results = compile_check(args.arch)
     except (ValueError, RuntimeError) as err:
-        return _fail(str(err), EXIT_USAGE)
+        return fail(str(err), EXIT_USAGE)
     failed = [r for r in results if not r.ok or (r.spill_bytes or 0) > 0]
     if args.json:
-        print(json.dumps({"arch": args.arch, "ok": not failed, "kernels": [r.to_dict() for r in results]}, indent=2))
+        print_json({"arch": args.arch, "ok": not failed, "kernels": [r.to_dict() for r in results]})
     else:
-        table = Table(title=f"tilefuse kernels compiled for {args.arch} (no GPU needed)")
-        for column in ("kernel", "ok", "registers", "spill bytes", "shared bytes", "SASS per loop", "error"):
-            table.add_column(column)
-        for r in results:
-            loops = "/".join(map(str, r.loop_instructions))
-            table.add_row(r.name, "yes" if r.ok else "[red]no[/]", str(r.registers), str(r.spill_bytes),
-                          str(r.shared_bytes), loops, escape(r.error or ""))  # fmt: skip
-        Console().print(table)
+        Console().print(compile_check_table(results, args.arch))
     return EXIT_OK if not failed else EXIT_FAILED
 
 
@@ -343,18 +226,6 @@ def _run_costmodel(args: argparse.Namespace) -> int:
     from ..costmodel.cli import run_costmodel
 
     return run_costmodel(args)
-
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmarks.run import add_arguments
-
-    add_arguments(parser)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from ..benchmarks.run import run
-
-    return run(args)
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -400,16 +271,13 @@ COMMANDS: tuple[Command, ...] = (
         _add_costmodel_arguments,
         _run_costmodel,
     ),
-    Command(
-        "bench",
-        "run benchmark suites: tilefuse beside SDPA, FlexAttention, Inductor, Liger, eager (= benchmarks/run.py)",
-        _add_bench_arguments,
-        _run_bench,
-    ),
 )
+# `tilefuse bench` and any other command a package above the compiler adds: found installed (commands.py).
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(added: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand: COMMANDS, then `added` (default: the installed entry points' commands)."""
+    added = installed_commands() if added is None else added
     parser = argparse.ArgumentParser(
         prog="tilefuse", description="Fused, tiled attention, norms and RoPE for torch.compile."
     )
@@ -420,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="level of the tilefuse logger (default: WARNING)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in (*COMMANDS, *added):
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
@@ -435,22 +303,28 @@ def _configure_logging(level: str | None) -> None:
         logging.getLogger("tilefuse").setLevel(level)
 
 
-def _fail(message: str, code: int) -> int:
-    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False)
-    return code
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    added = installed_commands()
+    try:
+        return build_parser(added).parse_args(argv)
+    except SystemExit as exit_:
+        if exit_.code == EXIT_USAGE and not added:  # e.g. `tilefuse bench` in an install older than its entry point
+            fail(f"no {ENTRY_POINT_GROUP} entry points are installed, so `tilefuse bench` is missing: reinstall "
+                 "tilefuse (e.g. `pip install -e .` in its checkout)", EXIT_USAGE)  # fmt: skip
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tilefuse` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     _configure_logging(args.log_level)
     try:
         code: int = args.run(args)
     except ImportError as exc:
-        return _fail(f"{exc} (is this tilefuse installed with all its parts?)", EXIT_FAILED)
+        return fail(f"{exc} (is this tilefuse installed with all its parts?)", EXIT_FAILED)
     except Exception as exc:
         log.debug("command %s failed", args.command, exc_info=True)
-        return _fail(f"{args.command} failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+        return fail(f"{args.command} failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
     return code
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from tilefuse.compiler import cli
+from tilefuse.compiler import cli, commands, render
 from tilefuse.compiler.presets import HF_PRESETS, PRESET_NAMES, load_model
+from tilefuse.passes.base import Site
 
 SDPA_PRESETS = ("hf:llama", "hf:mistral", "hf:qwen2", "hf:gemma", "hf:phi", "hf:gpt2", "hf:opt", "hf:bert", "hf:vit")
 EAGER_ONLY_PRESETS = ("hf:gemma2", "hf:gptj", "hf:bloom")
@@ -180,6 +181,36 @@ def test_console_script_is_declared() -> None:
     assert [ep.value for ep in scripts if ep.name == "tilefuse"] == ["tilefuse.compiler.cli:main"]
 
 
+def test_bench_comes_from_its_entry_point() -> None:
+    """`tilefuse bench` is the benchmarks' command, found installed: the compiler does not import the benchmarks."""
+    installed = importlib.metadata.entry_points(group=commands.ENTRY_POINT_GROUP)
+    assert [ep.value for ep in installed if ep.name == "bench"] == ["tilefuse.benchmarks.run:COMMAND"]
+    args = cli.build_parser().parse_args(["bench", "io", "--tiny"])
+    assert (args.command, args.suites, args.tiny) == ("bench", ["io"], True)
+
+
+def test_missing_entry_points_say_how_to_reinstall(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(commands.importlib.metadata, "entry_points", lambda **_: [])
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "io"])
+    assert info.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bench'" in err and "reinstall tilefuse" in err and "Traceback" not in err
+
+
+def test_a_broken_entry_point_is_reported_not_raised(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = importlib.metadata.EntryPoint("bench", "tilefuse.benchmarks.no_such_module:COMMAND", "tilefuse.commands")
+    monkeypatch.setattr(commands.importlib.metadata, "entry_points", lambda **_: [broken])
+    assert cli.main(["bench", "io", "--tiny"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "tilefuse bench is unavailable" in err and "no_such_module" in err and "Traceback" not in err
+    assert cli.main(["explain", "nope"]) == cli.EXIT_USAGE  # the other commands still run
+
+
 def test_module_help_runs() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "tilefuse.compiler.cli", "--help"],
@@ -213,18 +244,18 @@ def test_spec_summary_shows_what_is_special() -> None:
         "dropout_p": 0.0,
         "rope": ROPE,
     }
-    line = cli.spec_summary("attention", spec)
+    line = render.spec_summary("attention", spec)
     assert "causal=True" in line and "gqa_group=2" in line and "rope=rotate_half/16" in line
     assert "alibi" not in line and "window" not in line and "dropout_p" not in line
-    assert cli.spec_summary("rmsnorm", None) == ""
+    assert render.spec_summary("rmsnorm", None) == ""
 
 
-def _site(kind: str, status: str = "fused", reason: str | None = None, **spec: Any) -> SimpleNamespace:
+def _site(kind: str, status: str = "fused", reason: str | None = None, **spec: Any) -> Site:
     spec_obj = SimpleNamespace(to_dict=lambda: {"kind": kind, **spec}) if status == "fused" else None
-    return SimpleNamespace(kind=kind, status=status, node=f"{kind}_0", reason=reason, spec=spec_obj)
+    return Site(kind, status, f"{kind}_0", spec=spec_obj, reason=reason)
 
 
-def _report(*sites: SimpleNamespace) -> SimpleNamespace:
+def _report(*sites: Site) -> SimpleNamespace:
     return SimpleNamespace(sites=list(sites), summary=lambda: {"attention": {"fused": 1, "declined": 0}})
 
 
@@ -242,7 +273,7 @@ def test_demo_problems() -> None:
 
 def test_sites_table_escapes_markup(capsys: pytest.CaptureFixture[str]) -> None:
     report = _report(_site("attention", "declined", "mask [b, 1, n, n] of dtype int8"))
-    cli.render_report(cli.Console(width=200), report, title="t")
+    render.render_report(render.Console(width=200), report, title="t")
     out = capsys.readouterr().out
     assert "mask [b, 1, n, n] of dtype int8" in out and "attention: 1 fused, 0 declined" in out
 
