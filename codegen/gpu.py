@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,9 +19,7 @@ from . import cpu, launch_configs
 from . import reference as ref
 from .launch_configs import attention_key, norm_key, rope_key
 from .layouts import inverse_order, permuted_rows
-
-if TYPE_CHECKING:
-    from .tile_config import TileConfig
+from .tile_config import RopeKnobs, TileConfig
 
 log = logging.getLogger("tilefuse.codegen")
 
@@ -137,7 +135,7 @@ def norm(
 
     try:
         config = _norm_config("norm", x, weight, bias, residual, rms)
-        knobs = dict(num_warps=config.num_warps, block=config.block_n) if config is not None else {}
+        knobs = config.norm_knobs() if config is not None else {}
         y, total, _, _ = norm_forward_triton(x, weight, bias, residual, eps, weight_offset, rms, **knobs,
                                              eps_mode=eps_mode, norm_scale=norm_scale)  # fmt: skip
         return y, total
@@ -157,8 +155,7 @@ def norm_backward(
     _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms, eps_mode, norm_scale)
     try:
         config = _norm_config("norm_backward", x, weight, None, None, rms)
-        knobs = {} if config is None else dict(num_warps=config.num_warps, programs=config.num_splits,
-                                               block=config.block_n)  # fmt: skip
+        knobs = {} if config is None else config.norm_backward_knobs()
         return norm_backward_triton(grad, x, weight, None if rms else mean, rstd, weight_offset, rms, **knobs,
                                     eps=eps, eps_mode=eps_mode, norm_scale=norm_scale)  # fmt: skip
     except ValueError as err:
@@ -166,7 +163,7 @@ def norm_backward(
         return ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms, eps, eps_mode, norm_scale)
 
 
-def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> dict[str, int]:
+def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> RopeKnobs:
     """block_rows and num_warps chosen at compile time for this RoPE launch (forward and backward share them)."""
     if not launch_configs.active() or x.dim() == 0 or x.shape[-1] == 0:
         return {}
@@ -174,7 +171,7 @@ def _rope_knobs(x: Tensor, layout: int, rotary_dim: int, dtype: torch.dtype) -> 
     config = launch_configs.config_for_launch(
         rope_key(layout, x.shape[-1], rotary_dim, x.numel() // x.shape[-1], dtype)
     )
-    return {} if config is None else {"block_rows": config.block_m, "num_warps": config.num_warps}
+    return RopeKnobs() if config is None else config.rope_knobs()
 
 
 def rope(

@@ -33,6 +33,26 @@ class DecodeKnobs(TypedDict, total=False):
     num_stages: int
 
 
+class NormKnobs(TypedDict, total=False):
+    """The knobs the norm forward launcher takes (`TileConfig.norm_knobs`): the row block and warps."""
+
+    block: int
+    num_warps: int
+
+
+class NormBackwardKnobs(NormKnobs, total=False):
+    """The norm backward launcher's knobs (`TileConfig.norm_backward_knobs`): the forward's and its program count."""
+
+    programs: int | None
+
+
+class RopeKnobs(TypedDict, total=False):
+    """The knobs the RoPE launchers (forward and backward) take (`TileConfig.rope_knobs`)."""
+
+    block_rows: int
+    num_warps: int
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Launch knobs; a plan describes exactly the knobs it is given (each kernel family's `default_config` gives
@@ -63,6 +83,18 @@ class TileConfig:
         """The keyword arguments of the split-KV decode launcher."""
         return DecodeKnobs(block_n=self.block_n, num_splits=self.num_splits, num_warps=self.num_warps,
                            num_stages=self.num_stages)  # fmt: skip
+
+    def norm_knobs(self) -> NormKnobs:
+        """The keyword arguments of the norm forward launcher (block_n is its row block)."""
+        return NormKnobs(block=self.block_n, num_warps=self.num_warps)
+
+    def norm_backward_knobs(self) -> NormBackwardKnobs:
+        """The keyword arguments of the norm backward launcher (num_splits is its program count)."""
+        return NormBackwardKnobs(block=self.block_n, num_warps=self.num_warps, programs=self.num_splits)
+
+    def rope_knobs(self) -> RopeKnobs:
+        """The keyword arguments of the RoPE launchers (block_m is rows per program)."""
+        return RopeKnobs(block_rows=self.block_m, num_warps=self.num_warps)
 
 
 def config_to_dict(config: TileConfig) -> dict[str, int]:

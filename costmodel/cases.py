@@ -223,9 +223,8 @@ def _norm_case(spec: NormSpec, kind: str, device: str) -> KernelCase:
 
         def backward(config: TileConfig) -> tuple[Any, ...]:
             dx, dweight, dbias = norm_backward_triton(
-                grad, x, weight, None if rms else mean, rstd, spec.weight_offset, rms, num_warps=config.num_warps,
-                programs=config.num_splits,
-            )  # fmt: skip
+                grad, x, weight, None if rms else mean, rstd, spec.weight_offset, rms, **config.norm_backward_knobs()
+            )
             return tuple(t for t in (dx, dweight, dbias) if t is not None)
 
         names = ("dx", "dweight", "dbias") if weight is not None else ("dx", "dbias")
@@ -236,7 +235,7 @@ def _norm_case(spec: NormSpec, kind: str, device: str) -> KernelCase:
 
     def forward(config: TileConfig) -> tuple[Any, ...]:
         out, out_total, _, _ = norm_forward_triton(x, weight, bias, residual, spec.eps, spec.weight_offset, rms,
-                                                   num_warps=config.num_warps)  # fmt: skip
+                                                   **config.norm_knobs())  # fmt: skip
         return (out,) if out_total is None else (out, out_total)
 
     if residual is None:
@@ -257,8 +256,7 @@ def _rope_case(spec: RopeSpec, device: str) -> KernelCase:
     expected = (ref.rope_forward(x.float(), cos.float(), sin.float(), layout, spec.rotary_dim),)
 
     def forward(config: TileConfig) -> tuple[Any, ...]:
-        return (rope_forward_triton(x, cos, sin, layout, spec.rotary_dim, block_rows=config.block_m,
-                                    num_warps=config.num_warps),)  # fmt: skip
+        return (rope_forward_triton(x, cos, sin, layout, spec.rotary_dim, **config.rope_knobs()),)
 
     return KernelCase(forward, expected, ("y",), _tolerance(spec.dtype, False))
 

@@ -139,3 +139,15 @@ def test_reference_in_pieces_matches_the_whole_call(monkeypatch: pytest.MonkeyPa
     for piecewise, whole in zip(cases._reference_backward(grad, inputs, flags),
                                 ref.attention_backward(grad, inputs, flags), strict=True):  # fmt: skip
         torch.testing.assert_close(piecewise, whole)
+
+
+@pytest.mark.parametrize("kind", ["norm", "norm_backward"])
+def test_norm_cases_launch_the_configs_row_block(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measured norm config runs at its own row block: a block narrower than the row launches the chunked kernel
+    (the cases once dropped block_n, so configs differing only in it were all timed at the launcher default)."""
+    case = kernel_case(NORM, kind, "cpu")
+    monkeypatch.setenv("TILEFUSE_DUMP_KERNELS", str(tmp_path))  # every kernel launched from here is copied there
+    outputs = case.launch(TileConfig(block_n=16, num_warps=1, num_splits=2))
+    assert case.mismatch(outputs) is None
+    launched = [p.name for p in tmp_path.iterdir()]
+    assert any("chunked" in name for name in launched), launched
