@@ -205,25 +205,25 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _add_db_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..autotune.cli import add_db_arguments
+    from .db_cli import add_db_arguments
 
     add_db_arguments(parser)
 
 
 def _run_db(args: argparse.Namespace) -> int:
-    from ..autotune.cli import run_db
+    from .db_cli import run_db
 
     return run_db(args)
 
 
 def _add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..costmodel.cli import add_costmodel_arguments
+    from .costmodel_cli import add_costmodel_arguments
 
     add_costmodel_arguments(parser)
 
 
 def _run_costmodel(args: argparse.Namespace) -> int:
-    from ..costmodel.cli import run_costmodel
+    from .costmodel_cli import run_costmodel
 
     return run_costmodel(args)
 

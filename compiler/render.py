@@ -77,6 +77,26 @@ def new_table(
     return table
 
 
+def format_config(config: dict[str, int] | None, kind: str = "attention") -> str:
+    """A config as the knobs its kernel family reads (the others stay at their defaults)."""
+    if not config:
+        return "-"
+    warps, splits = f"w{config['num_warps']}", config.get("num_splits") or "auto"
+    if kind == "attention_decode":
+        return f"n{config['block_n']} {warps} s{config['num_stages']} splits {splits}"
+    if kind == "norm":
+        return warps
+    if kind == "norm_backward":
+        return f"{warps} programs {splits}"
+    if kind == "rope":
+        return f"rows {config['block_m']} {warps}"
+    return f"{config['block_m']}x{config['block_n']} {warps} s{config['num_stages']}"
+
+
+def format_us(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
 # ------------------------------------------------------------------------------------------------ fusion report
 
 

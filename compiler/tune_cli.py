@@ -17,17 +17,23 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from tilefuse.autotune.cli import DTYPES, EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, format_config, format_us
 from tilefuse.autotune.search import MODES, TuneOutcome, TuneSettings
 from tilefuse.codegen.families import KERNEL_FAMILIES, site_families
 from tilefuse.costmodel.hardware import GPUSpec, get_gpu, gpu_names
+
+from .render import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, format_config, format_us
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments, positive_int
 
     add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype the model is captured and tuned in")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="bfloat16",
+        help="dtype the model is captured and tuned in",
+    )
     parser.add_argument("--budget", type=positive_int, default=16, help="measured configs per site (measure mode)")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="model (cost model only; default without a GPU), measure (GPU search; default with "

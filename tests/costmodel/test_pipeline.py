@@ -16,7 +16,6 @@ import pytest
 
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.compiler.cli import main
-from tilefuse.costmodel.cli import held_out_spec
 from tilefuse.costmodel.collect import collect, interpreter_measure, plan_tasks, record_features, shape_grid
 from tilefuse.costmodel.evaluate import group_metrics, kendall_tau, spearman_rho
 from tilefuse.costmodel.hardware import get_gpu
@@ -24,6 +23,7 @@ from tilefuse.costmodel.learned import LearnedModel
 from tilefuse.costmodel.measure import Measurement
 from tilefuse.costmodel.records import MeasurementRecord, iter_records, make_record, read_records, write_records
 from tilefuse.costmodel.space import build_space
+from tilefuse.costmodel.split import held_out_spec
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
 H100 = get_gpu("h100")

@@ -1,6 +1,5 @@
 """`tilefuse db list|show|export|import|clear`: argument parser and runner, registered in compiler/cli.py's COMMANDS
-table, and the config/latency formatting `tilefuse tune` (compiler/tune_cli.py) shares with it. Reports are JSON
-first (report.py), then rendered as rich tables."""
+table. Records are JSON first (autotune/db.py), then rendered as rich tables (compiler/render.py)."""
 
 from __future__ import annotations
 
@@ -14,36 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tilefuse.codegen.families import KERNEL_FAMILIES
-from tilefuse.codegen.tile_config import config_to_dict
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def fail(message: str, code: int) -> int:
-    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False)
-    return code
-
-
-def format_config(config: dict[str, int] | None, kind: str = "attention") -> str:
-    """A config as the knobs its kernel family reads (the others stay at their defaults)."""
-    if not config:
-        return "-"
-    warps, splits = f"w{config['num_warps']}", config.get("num_splits") or "auto"
-    if kind == "attention_decode":
-        return f"n{config['block_n']} {warps} s{config['num_stages']} splits {splits}"
-    if kind == "norm":
-        return warps
-    if kind == "norm_backward":
-        return f"{warps} programs {splits}"
-    if kind == "rope":
-        return f"rows {config['block_m']} {warps}"
-    return f"{config['block_m']}x{config['block_n']} {warps} s{config['num_stages']}"
-
-
-def format_us(value: float | None) -> str:
-    return f"{value:.1f}" if value is not None else "-"
+from ..codegen.families import KERNEL_FAMILIES
+from ..codegen.tile_config import config_to_dict
+from .render import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, format_config, format_us, print_json
 
 
 # -------------------------------------------------------------------------------------------------------- db
@@ -60,7 +32,7 @@ def add_db_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_db(args: argparse.Namespace) -> int:
-    from .db import TuningDB, TuningDBError
+    from ..autotune.db import TuningDB, TuningDBError
 
     try:
         db = TuningDB(args.db, recover=args.recover and args.action == "clear")
@@ -74,7 +46,7 @@ def run_db(args: argparse.Namespace) -> int:
 def _db_list(db: Any, args: argparse.Namespace) -> int:
     records = db.records(args.family)
     if args.json:
-        print(json.dumps([{**r.to_dict(), "trials": len(r.trials)} for r in records], indent=2))
+        print_json([{**r.to_dict(), "trials": len(r.trials)} for r in records])
         return EXIT_OK
     table = Table(title=f"tuning database {db.url} ({len(records)} entries)")
     for column in ("key", "kernel", "site", "best config", "latency µs", "source", "versions"):
@@ -91,7 +63,7 @@ def _db_list(db: Any, args: argparse.Namespace) -> int:
 def _db_show(db: Any, args: argparse.Namespace) -> int:
     record = db.find(args.target)
     if args.json:
-        print(json.dumps(record.to_dict(), indent=2))
+        print_json(record.to_dict())
         return EXIT_OK
     console = Console()
     kernel = record.key.family

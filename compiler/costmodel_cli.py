@@ -1,33 +1,29 @@
 """`tilefuse costmodel collect|train|eval`: argument parsers and runners, registered in compiler/cli.py's COMMANDS
-table. `eval` prints JSON with --json, else rich tables."""
+table. `eval` prints JSON with --json, else rich tables (compiler/render.py's primitives)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..specs import spec_from_dict
-from .records import MeasurementRecord, read_records
+from ..costmodel.records import read_records
+from ..costmodel.split import training_subset
+from .render import EXIT_OK, print_json
 
 log = logging.getLogger("tilefuse.costmodel")
-EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
-    from .collect import FAMILIES, SHAPE_GRIDS
+    from ..costmodel.collect import FAMILIES, SHAPE_GRIDS
 
     sub = parser.add_subparsers(dest="costmodel_command", required=True, metavar="SUBCOMMAND")
     collect = sub.add_parser("collect", help="measure Spec × config grids into a record file (GPU)")
@@ -81,7 +77,7 @@ def _collect_in_interpreter(args: argparse.Namespace) -> int:
 def run_collect(args: argparse.Namespace) -> int:
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         return _collect_in_interpreter(args)
-    from .collect import (
+    from ..costmodel.collect import (
         FAMILIES,
         TINY_CHOICES,
         MeasureFn,
@@ -92,7 +88,7 @@ def run_collect(args: argparse.Namespace) -> int:
         shape_grid,
         warm_kernels,
     )
-    from .hardware import current_gpu, get_gpu
+    from ..costmodel.hardware import current_gpu, get_gpu
 
     measure: MeasureFn
     if args.interpret:  # tiny shapes and knob grids: the interpreter runs a launch in about a second
@@ -125,44 +121,10 @@ def run_collect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def held_out_spec(spec_json: str, fraction: float) -> bool:
-    """Deterministic by the Spec: the same Specs are held out on every machine and every run. The hash reads only
-    the fields away from their defaults, so a field added to a Spec class later (with a default that keeps the old
-    meaning) moves no Spec to the other side, whether its record was written before the field existed or after."""
-    fields = _non_default_fields(spec_from_dict(json.loads(spec_json)))
-    digest = int(hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8], 16)
-    return digest / 0xFFFFFFFF < fraction
-
-
-def _non_default_fields(spec: Any) -> dict[str, Any]:
-    """A Spec's kind and the fields whose value is not the dataclass default; nested Specs (an attention's RoPE)
-    the same way."""
-    out: dict[str, Any] = {"kind": spec.kind}
-    for field in dataclasses.fields(spec):
-        value = getattr(spec, field.name)
-        if value != _default(field):
-            out[field.name] = _non_default_fields(value) if dataclasses.is_dataclass(value) else value
-    return out
-
-
-def _default(field: dataclasses.Field[Any]) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default  # MISSING (equal to no value) for a field without a default
-
-
-def training_subset(records: Sequence[MeasurementRecord], fraction: float, gpu: str | None) -> list[MeasurementRecord]:
-    kept = [r for r in records if not held_out_spec(r.spec_json, fraction) and r.gpu != gpu]
-    if not kept:  # too few Specs to hold any out: train on all of them (eval then reports no held-out split)
-        log.warning("every Spec fell in the held-out split; training on all %d records", len(records))
-        kept = [r for r in records if r.gpu != gpu]
-    return kept
-
-
 def run_train(args: argparse.Namespace) -> int:
-    from .gbdt import GBDTSettings, train_gbdt
-    from .learned import TrainSettings, train
-    from .ranker import CostModel
+    from ..costmodel.gbdt import GBDTSettings, train_gbdt
+    from ..costmodel.learned import TrainSettings, train
+    from ..costmodel.ranker import CostModel
 
     records = read_records(args.data)
     subset = training_subset(records, args.holdout_shapes, args.holdout_gpu)
@@ -179,8 +141,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import METRICS, evaluation_report, scatter_plot
-    from .ranker import load_model
+    from ..costmodel.evaluate import METRICS, evaluation_report, scatter_plot
+    from ..costmodel.ranker import load_model
 
     model = load_model(args.model)
     records = read_records(args.data)
@@ -188,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.plot and not scatter_plot(records, model, args.plot):
         log.warning("matplotlib is not installed: no plot written")
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
         return EXIT_OK
     console = Console()
     for split, result in report.items():
