@@ -116,10 +116,7 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 def attention_lse(inputs: ref.AttnInputs, flags: ref.AttnFlags) -> Tensor:
     """fp32 [B, Hq, Nq] natural-log log-sum-exp over keys of the scores reference.attention_probs normalizes
     (scaled, soft-capped, ALiBi and masks applied); -inf on fully masked rows. Dropout does not change it."""
-    q, k, _, mask, alibi_slopes, cos, sin = inputs[:7]
-    qr, kr = ref.rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
-    scores, _ = ref.masked_scores(qr, kr, mask, alibi_slopes, flags.scale, flags.causal, flags.bottom_right,
-                                  flags.window, flags.softcap)  # fmt: skip
+    scores, _ = ref.masked_scores(ref.rotated_qk(inputs, flags), flags)
     return torch.logsumexp(scores, dim=-1).float()
 
 

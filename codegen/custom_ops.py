@@ -1,32 +1,59 @@
 """The `tilefuse::*` custom ops that rewritten graphs call, with fake kernels and autograd.
 
-Each op has a reference implementation (codegen/reference.py) that defines it; CPU tensors run the same function
-through torch's fused CPU kernels where possible (codegen/cpu.py); the Triton kernels plug in behind the same ops
-for CUDA tensors. Backward passes are ops of their own, so a traced backward graph holds one
-fused call per site instead of the unfused chain.
+Each op is defined from its argument record (codegen/op_schema.py), and every implementation, fake and autograd
+rule here binds the op's arguments by name through that record. The reference implementation
+(codegen/reference.py) defines each op; CPU tensors run the same function through torch's fused CPU kernels where
+possible (codegen/cpu.py); the Triton kernels plug in behind the same ops for CUDA tensors (cuda_kernels.py, through
+the `*_impl` factories here). Backward passes are ops of their own, so a traced backward graph holds one fused call
+per site instead of the unfused chain.
 """
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.types import Number
+from torch.library import CustomOpDef
 
-from ..specs import eps_mode_name
+from ..specs import ROPE_NONE, eps_mode_name
 from . import cpu
 from . import reference as ref
 from .attention_args import check_attention_mask, mask_dtype_problem
 from .layouts import empty_in_order, in_order
-
-# Attention dropout's rng is int64 [seed, offset] drawn uniformly from [0, RNG_HIGH): below 2^31, so a kernel can
-# take either as int32 or int64, and offset + counter never overflows int64.
-RNG_HIGH = 2**31 - 1
+from .op_schema import (
+    ATTENTION,
+    ATTENTION_BACKWARD,
+    GRAD_INPUTS,
+    NORM_BACKWARD,
+    ROPE,
+    ROPE_BACKWARD,
+    AttnFlags,
+    AttnInputs,
+    NormArgs,
+    OpSignature,
+    RopeArgs,
+    attention_records,
+    norm_op,
+    pick,
+)
 
 # tilefuse::attention_backward's outputs: dq, dk, dv, dmask, dalibi_slopes, dcos, dsin.
 AttnGradOutputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# (inputs, flags, out_order) -> (out, lse); a kernel may write out in out_order already.
+AttentionKernel = Callable[[AttnInputs, AttnFlags, Sequence[int] | None], tuple[Tensor, Tensor]]
+# (grad_out, inputs, flags, out, lse, wanted, grad_lse) -> gradients
+AttentionGradKernel = Callable[
+    [Tensor, AttnInputs, AttnFlags, Tensor, Tensor, Sequence[bool], Tensor | None], ref.AttnGrads
+]
+NormKernel = Callable[[NormArgs, bool], tuple[Tensor, Tensor | None]]  # (args, rms) -> (y, x + residual or None)
+NormGradKernel = Callable[[Tensor, NormArgs, bool], tuple[Tensor, Tensor | None, Tensor]]  # -> (dx, dweight, dbias)
+
+
+def define(op: OpSignature, impl: Callable[..., Any]) -> CustomOpDef:
+    """Register `op` under its record's schema, with `impl` (taking the op's arguments) for every device."""
+    return torch.library.custom_op(op.qualname, impl, mutates_args=(), schema=op.schema())
 
 
 def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -34,39 +61,11 @@ def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
-# Scalar arguments (attention scale and softcap, norm eps) are `Number` (schema `Scalar`), not `float`: a compiled
-# graph may pass a value computed from symbolic sizes, which a `float` argument would specialize (one recompile
-# per value); the implementations convert it to a Python float first.
-
 # ------------------------------------------------------------------------------------------------ attention
 
 
-def _flags(scale: Number, causal: bool, bottom_right: bool, window: int, softcap: Number, rope_layout: int,
-           rotary_dim: int, dropout_p: float) -> ref.AttnFlags:  # fmt: skip
-    return ref.AttnFlags(float(scale), causal, bottom_right, window, float(softcap), rope_layout, rotary_dim,
-                         dropout_p)  # fmt: skip
-
-
-def _attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    scale: Number,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: Number,
-    rope_layout: int,
-    rotary_dim: int,
-    dropout_p: float = 0.0,
-    rng: Tensor | None = None,
-    out_order: list[int] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Fused attention on [B, H, N, D] tensors; see AttentionSpec for the semantics of each argument.
+def attention_impl(kernel: AttentionKernel) -> Callable[..., tuple[Tensor, Tensor]]:
+    """tilefuse::attention running `kernel`: fused attention on [B, H, N, D] tensors (see AttentionSpec).
 
     Returns (out, lse): lse is the fp32 [B, Hq, Nq] natural-log log-sum-exp of each row's masked scores (-inf
     for fully masked rows), saved for the backward. lse is differentiable (attention sinks rescale out by a
@@ -75,68 +74,64 @@ def _attention(
     so it drops the same probabilities. `out_order` lays out out's dims in memory, outermost first (None:
     contiguous), as the node the op replaces had them (codegen/layouts.py); lse is contiguous.
     """
-    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
-    flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    out, lse = cpu.attention_with_lse(inputs, flags)
-    return in_order(out, out_order), lse.contiguous()
+
+    def attention(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        call = ATTENTION.bind(args, kwargs)
+        out, lse = kernel(*attention_records(call), call["out_order"])
+        return in_order(out, call["out_order"]), lse.contiguous()
+
+    return attention
 
 
-attention = torch.library.custom_op("tilefuse::attention", mutates_args=())(_attention)
-_ATTENTION_SIGNATURE = inspect.signature(_attention)
+def _attention_cpu(inputs: AttnInputs, flags: AttnFlags, out_order: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    return cpu.attention_with_lse(inputs, flags)  # laid out in out_order afterwards
+
+
+attention = define(ATTENTION, attention_impl(_attention_cpu))
 
 
 @attention.register_fake
 def _attention_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-    """Output metadata, by the op's own signature (bound by name, so the argument list is written once)."""
-    bound = _ATTENTION_SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    q, k, v, mask = (bound.arguments[name] for name in ("q", "k", "v", "mask"))
-    out_order = bound.arguments["out_order"]
+    call = ATTENTION.bind(args, kwargs)
+    q, k, v, mask = (call[name] for name in ("q", "k", "v", "mask"))
     if mask is not None:  # a bad mask fails the compile (then the graph runs unfused), not the run
         problem = mask_dtype_problem(mask.dtype)
         if problem is not None:
             raise TypeError(problem)
         if all(isinstance(n, int) for n in (*q.shape, *k.shape, *mask.shape)):  # symbolic sizes: checked at run time
             check_attention_mask(mask, q.shape[:3], k.shape[2])
-    out = empty_in_order((*q.shape[:-1], v.shape[-1]), out_order, dtype=torch.result_type(q, v), device=q.device)
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    out = empty_in_order(out_shape, call["out_order"], dtype=torch.result_type(q, v), device=q.device)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("tilefuse::attention_backward", mutates_args=())
-def attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    scale: Number,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: Number,
-    rope_layout: int,
-    rotary_dim: int,
-    dropout_p: float = 0.0,
-    rng: Tensor | None = None,
-    input_grads: list[bool] | None = None,
-    grad_lse: Tensor | None = None,
-) -> AttnGradOutputs:
-    """(dq, dk, dv, dmask, dalibi_slopes, dcos, dsin) of tilefuse::attention, given its (out, lse).
+def attention_backward_impl(kernel: AttentionGradKernel) -> Callable[..., AttnGradOutputs]:
+    """tilefuse::attention_backward running `kernel`: (dq, dk, dv, dmask, dalibi_slopes, dcos, dsin) of
+    tilefuse::attention, given its (out, lse).
 
     `input_grads` flags which of (mask, alibi_slopes, cos, sin) want a gradient (None: none); each of the last
     four is an empty tensor unless it is flagged and present. `grad_lse` is the gradient reaching lse (None when
-    nothing downstream reads it, the common case; attention sinks do). The CPU reference recomputes P instead
-    of reading (out, lse).
+    nothing downstream reads it, the common case; attention sinks do).
     """
-    inputs = ref.AttnInputs(q, k, v, mask, alibi_slopes, cos, sin, rng)
-    flags = _flags(scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim, dropout_p)
-    wanted = extra_grads_wanted(input_grads)
-    return attention_grad_outputs(ref.attention_grads(grad_out, inputs, flags, wanted, grad_lse), q)
+
+    def attention_backward(*args: Any, **kwargs: Any) -> AttnGradOutputs:
+        call = ATTENTION_BACKWARD.bind(args, kwargs)
+        inputs, flags = attention_records(call)
+        wanted = extra_grads_wanted(call["input_grads"])
+        grads = kernel(call["grad_out"], inputs, flags, call["out"], call["lse"], wanted, call["grad_lse"])
+        return attention_grad_outputs(grads, inputs.q)
+
+    return attention_backward
+
+
+def _attention_grads_cpu(
+    grad_out: Tensor, inputs: AttnInputs, flags: AttnFlags, out: Tensor, lse: Tensor, wanted: Sequence[bool],
+    grad_lse: Tensor | None,
+) -> ref.AttnGrads:  # fmt: skip
+    return ref.attention_grads(grad_out, inputs, flags, wanted, grad_lse)  # recomputes P instead of reading lse
+
+
+attention_backward = define(ATTENTION_BACKWARD, attention_backward_impl(_attention_grads_cpu))
 
 
 def extra_grads_wanted(input_grads: list[bool] | None) -> tuple[bool, bool, bool, bool]:
@@ -149,240 +144,241 @@ def extra_grads_wanted(input_grads: list[bool] | None) -> tuple[bool, bool, bool
 
 
 def attention_grad_outputs(grads: ref.AttnGrads, q: Tensor) -> AttnGradOutputs:
-    """The backward op's seven contiguous outputs; an empty tensor (one each: outputs may not alias) stands for a
-    gradient not computed."""
-    dq, dk, dv, *extras = ((g if g is not None else q.new_empty((0,))).contiguous() for g in grads)
-    d_mask, d_slopes, d_cos, d_sin = extras
+    """The backward op's seven contiguous outputs, the gradients of GRAD_INPUTS; an empty tensor (one each: outputs
+    may not alias) stands for a gradient not computed."""
+    named = grads._asdict()
+    dq, dk, dv, d_mask, d_slopes, d_cos, d_sin = (
+        (g if g is not None else q.new_empty((0,))).contiguous() for g in (named[name] for name in GRAD_INPUTS)
+    )
     return dq, dk, dv, d_mask, d_slopes, d_cos, d_sin
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, alibi_slopes: Tensor | None,
-    cos: Tensor | None, sin: Tensor | None, out: Tensor, lse: Tensor, scale: Number, causal: bool,
-    bottom_right: bool, window: int, softcap: Number, rope_layout: int, rotary_dim: int, dropout_p: float = 0.0,
-    rng: Tensor | None = None, input_grads: list[bool] | None = None, grad_lse: Tensor | None = None,
-) -> AttnGradOutputs:  # fmt: skip
-    rotary = cos is not None and sin is not None and rope_layout != ref.ROPE_NONE
+def _attention_backward_fake(*args: Any, **kwargs: Any) -> AttnGradOutputs:
+    call = ATTENTION_BACKWARD.bind(args, kwargs)
+    inputs = pick(AttnInputs, call)
+    q, k, v, mask, cos, sin = inputs.q, inputs.k, inputs.v, inputs.mask, inputs.cos, inputs.sin
+    rotary = cos is not None and sin is not None and call["rope_layout"] != ROPE_NONE
     float_mask = mask if mask is not None and mask.dtype != torch.bool else None
-    extras = (float_mask, alibi_slopes, cos if rotary else None, sin if rotary else None)
-    wanted = extra_grads_wanted(input_grads)
+    extras = (float_mask, inputs.alibi_slopes, cos if rotary else None, sin if rotary else None)
+    wanted = extra_grads_wanted(call["input_grads"])
     fakes = [t.new_empty(t.shape) if t is not None and want else None for t, want in zip(extras, wanted, strict=True)]
     grads = ref.AttnGrads(q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *fakes)
     return attention_grad_outputs(grads, q)
 
 
+# The inputs besides q, k, v that may take a gradient, in the order of attention_backward's `input_grads`.
+_EXTRA_GRAD_INPUTS = GRAD_INPUTS[3:]
+
+
 def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, mask, alibi, cos, sin = inputs[:7]
+    call = ATTENTION.bind(inputs)
     out, lse = output
     ctx.set_materialize_grads(False)  # an lse nothing reads gets no gradient: the backward then skips dlse
-    ctx.save_for_backward(q, k, v, mask, alibi, cos, sin, out, lse, inputs[15])
-    ctx.flags = inputs[7:15]  # scale ... rotary_dim, dropout_p
+    ctx.save_for_backward(*pick(AttnInputs, call), out, lse)
+    ctx.flags = pick(AttnFlags, call)
 
 
 def _attention_grad(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-    q, k, v, mask, alibi, cos, sin, out, lse, rng = ctx.saved_tensors
-    wanted = tuple(ctx.needs_input_grad[3:7])  # mask, alibi_slopes, cos, sin: asked for only when they need it
-    input_grads = list(wanted) if any(wanted) else None
+    *tensors, out, lse = ctx.saved_tensors
+    inputs = AttnInputs(*tensors)
+    needs = ATTENTION.by_name(ctx.needs_input_grad)
+    wanted = [bool(needs[name]) for name in _EXTRA_GRAD_INPUTS]  # asked for only when they need it
     if grad_out is None:  # only lse is read downstream
         grad_out = torch.zeros_like(out)
-    grads = attention_backward(grad_out, q, k, v, mask, alibi, cos, sin, out, lse, *ctx.flags, rng, input_grads,
-                               grad_lse)  # fmt: skip
-    extras = tuple(g if want else None for g, want in zip(grads[3:], wanted, strict=True))
-    return (*grads[:3], *extras) + (None,) * 10  # scale ... dropout_p, rng, out_order take no gradient
+    grads = attention_backward(
+        *ATTENTION_BACKWARD.call_args(
+            inputs, ctx.flags, grad_out=grad_out, out=out, lse=lse, input_grads=wanted if any(wanted) else None,
+            grad_lse=grad_lse,
+        )
+    )  # fmt: skip
+    named: dict[str, Tensor | None] = dict(zip(GRAD_INPUTS, grads, strict=True))
+    named.update({name: None for name, want in zip(_EXTRA_GRAD_INPUTS, wanted, strict=True) if not want})
+    return ATTENTION.per_arg(named)  # the scalars, rng and out_order take no gradient
 
 
 attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 # ----------------------------------------------------------------------------------------------------- RoPE
+RopeKernel = Callable[[Tensor, Tensor, Tensor, int, int, Sequence[int] | None], Tensor]
 
 
-@torch.library.custom_op("tilefuse::rope", mutates_args=())
-def rope(
-    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: list[int] | None = None
+def rope_impl(kernel: RopeKernel) -> Callable[..., Tensor]:
+    """tilefuse::rope running `kernel`: rotary embedding of the first `rotary_dim` features of x (layout 0:
+    rotate-half, 1: interleaved); the output laid out in `out_order` (None: contiguous), as the replaced node was
+    (codegen/layouts.py)."""
+
+    def rope(*args: Any, **kwargs: Any) -> Tensor:
+        call = ROPE.bind(args, kwargs)
+        return in_order(kernel(*pick(RopeArgs, call), call["out_order"]), call["out_order"])
+
+    return rope
+
+
+def _rope_cpu(
+    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: Sequence[int] | None
 ) -> Tensor:
-    """Rotary embedding of the first `rotary_dim` features of x (layout 0: rotate-half, 1: interleaved); the output
-    laid out in `out_order` (None: contiguous), as the replaced node was (codegen/layouts.py)."""
-    return in_order(ref.rope_forward(x, cos, sin, layout, rotary_dim), out_order)
+    return ref.rope_forward(x, cos, sin, layout, rotary_dim)  # laid out in out_order afterwards
+
+
+rope = define(ROPE, rope_impl(_rope_cpu))
 
 
 @rope.register_fake
-def _rope_fake(
-    x: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, out_order: list[int] | None = None
-) -> Tensor:
-    return empty_in_order(x.shape, out_order, dtype=torch.result_type(x, cos), device=x.device)
+def _rope_fake(*args: Any, **kwargs: Any) -> Tensor:
+    call = ROPE.bind(args, kwargs)
+    x, cos = call["x"], call["cos"]
+    return empty_in_order(x.shape, call["out_order"], dtype=torch.result_type(x, cos), device=x.device)
 
 
-@torch.library.custom_op("tilefuse::rope_backward", mutates_args=())
-def rope_backward(grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype) -> Tensor:
-    return ref.rope_backward(grad, cos, sin, layout, rotary_dim, x_dtype).contiguous()
+def rope_backward_impl(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """tilefuse::rope_backward running `kernel`, which takes the op's arguments by their names."""
+
+    def rope_backward(*args: Any, **kwargs: Any) -> Tensor:
+        return kernel(**ROPE_BACKWARD.bind(args, kwargs)).contiguous()
+
+    return rope_backward
+
+
+rope_backward = define(ROPE_BACKWARD, rope_backward_impl(ref.rope_backward))
 
 
 @rope_backward.register_fake
-def _rope_backward_fake(
-    grad: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int, x_dtype: torch.dtype
-) -> Tensor:
-    return grad.new_empty(grad.shape, dtype=x_dtype)
+def _rope_backward_fake(*args: Any, **kwargs: Any) -> Tensor:
+    call = ROPE_BACKWARD.bind(args, kwargs)
+    return call["grad"].new_empty(call["grad"].shape, dtype=call["x_dtype"])
 
 
 def _rope_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, cos, sin, layout, rotary_dim = inputs[:5]  # then out_order
-    tables_need_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    ctx.save_for_backward(cos, sin, x if tables_need_grad else None)  # x only for learned cos/sin
-    ctx.layout, ctx.rotary_dim, ctx.x_dtype = layout, rotary_dim, x.dtype
+    args = pick(RopeArgs, ROPE.bind(inputs))
+    needs = ROPE.by_name(ctx.needs_input_grad)
+    tables_need_grad = needs["cos"] or needs["sin"]
+    ctx.save_for_backward(args.cos, args.sin, args.x if tables_need_grad else None)  # x only for learned cos/sin
+    ctx.layout, ctx.rotary_dim, ctx.x_dtype = args.layout, args.rotary_dim, args.x.dtype
 
 
 def _rope_grad(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     cos, sin, x = ctx.saved_tensors
-    need_x, need_cos, need_sin = ctx.needs_input_grad[:3]
-    dx = rope_backward(grad, cos, sin, ctx.layout, ctx.rotary_dim, ctx.x_dtype) if need_x else None
-    if x is None:
-        return dx, None, None, None, None, None
-    # Learned tables are rare: their gradient stays unfused torch ops in the traced backward.
-    d_cos, d_sin = ref.rope_table_grads(grad, x, ctx.layout, ctx.rotary_dim, cos.shape, sin.shape)
-    return dx, d_cos.to(cos.dtype) if need_cos else None, d_sin.to(sin.dtype) if need_sin else None, None, None, None
+    needs = ROPE.by_name(ctx.needs_input_grad)
+    grads = {"x": rope_backward(grad, cos, sin, ctx.layout, ctx.rotary_dim, ctx.x_dtype) if needs["x"] else None}
+    if x is not None:  # learned tables are rare: their gradient stays unfused torch ops in the traced backward
+        d_cos, d_sin = ref.rope_table_grads(grad, x, ctx.layout, ctx.rotary_dim, cos.shape, sin.shape)
+        grads["cos"] = d_cos.to(cos.dtype) if needs["cos"] else None
+        grads["sin"] = d_sin.to(sin.dtype) if needs["sin"] else None
+    return ROPE.per_arg(grads)
 
 
 rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 # ----------------------------------------------------------------------------------------------------- norms
+# rms_norm: x · rsqrt(mean(x²) + eps) · (weight + weight_offset), `eps_mode` (an index into specs.EPS_MODES) and
+# `norm_scale` placing eps as NormSpec says (F.normalize clamps the norm, ...); layer_norm: (x - mean) ·
+# rsqrt(var + eps) · weight + bias. Statistics in fp32 over the last axis. add_*: s = x + residual; returns
+# (norm(s), s). norm_backward: (dx, dweight, dbias), statistics recomputed from x; dweight is empty without weight.
 
 
-@torch.library.custom_op("tilefuse::rms_norm", mutates_args=())
-def rms_norm(
-    x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0, norm_scale: float = 1.0
-) -> Tensor:
-    """x · rsqrt(mean(x²) + eps) · (weight + weight_offset), statistics in fp32; `eps_mode` (an index into
-    specs.EPS_MODES) and `norm_scale` place eps as NormSpec says (F.normalize clamps the norm, ...)."""
-    mode = eps_mode_name(eps_mode)
-    return cpu.norm(x, weight, None, float(eps), weight_offset, True, mode, norm_scale).contiguous()
+def norm_impl(rms: bool, residual: bool, kernel: NormKernel) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
+    """The norm op `norm_op(rms, residual)` running `kernel`."""
+    op = norm_op(rms, residual)
+
+    def norm(*args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        y, total = kernel(pick(NormArgs, op.bind(args, kwargs)), rms)
+        if not residual:
+            return y.contiguous()
+        assert total is not None  # residual was given
+        return y.contiguous(), total.contiguous()
+
+    return norm
 
 
-@torch.library.custom_op("tilefuse::layer_norm", mutates_args=())
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number) -> Tensor:
-    """(x - mean) · rsqrt(var + eps) · weight + bias over the last axis, statistics in fp32."""
-    return cpu.norm(x, weight, bias, float(eps), 0.0, rms=False).contiguous()
+def _norm_cpu(args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None]:
+    total = (args.x + args.residual).contiguous() if args.residual is not None else None
+    x = total if total is not None else args.x
+    mode = eps_mode_name(args.eps_mode)
+    return cpu.norm(x, args.weight, args.bias, float(args.eps), args.weight_offset, rms, mode, args.norm_scale), total
 
 
-@torch.library.custom_op("tilefuse::add_rms_norm", mutates_args=())
-def add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0,
-    norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """s = x + residual; returns (rms_norm(s), s)."""
-    total = (x + residual).contiguous()
-    mode = eps_mode_name(eps_mode)
-    return cpu.norm(total, weight, None, float(eps), weight_offset, True, mode, norm_scale).contiguous(), total
+def norm_backward_impl(kernel: NormGradKernel) -> Callable[..., tuple[Tensor, ...]]:
+    """tilefuse::norm_backward running `kernel`."""
+
+    def norm_backward(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+        call = NORM_BACKWARD.bind(args, kwargs)
+        x = call["x"]
+        dx, dweight, dbias = kernel(call["grad"], pick(NormArgs, call), call["rms"])
+        return _contiguous(dx, dweight if dweight is not None else x.new_empty((0,)), dbias.to(x.dtype))
+
+    return norm_backward
 
 
-@torch.library.custom_op("tilefuse::add_layer_norm", mutates_args=())
-def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number
-) -> tuple[Tensor, Tensor]:
-    """s = x + residual; returns (layer_norm(s), s)."""
-    total = (x + residual).contiguous()
-    return cpu.norm(total, weight, bias, float(eps), 0.0, rms=False).contiguous(), total
+def _norm_grads_cpu(grad: Tensor, args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    x, weight, eps, mode = args.x, args.weight, float(args.eps), eps_mode_name(args.eps_mode)
+    _, mean, rstd = ref.norm_forward(x, weight, None, eps, args.weight_offset, rms, mode, args.norm_scale)
+    return ref.norm_backward(grad, x, weight, mean, rstd, args.weight_offset, rms, eps, mode, args.norm_scale)
 
 
-@torch.library.custom_op("tilefuse::norm_backward", mutates_args=())
-def norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool, eps_mode: int = 0,
-    norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dx, dweight, dbias); statistics are recomputed from x. dweight is empty when there is no weight."""
-    mode = eps_mode_name(eps_mode)
-    _, mean, rstd = ref.norm_forward(x, weight, None, float(eps), weight_offset, rms, mode, norm_scale)
-    dx, dweight, dbias = ref.norm_backward(grad, x, weight, mean, rstd, weight_offset, rms, float(eps), mode,
-                                           norm_scale)  # fmt: skip
-    empty = x.new_empty((0,))
-    return _contiguous(dx, dweight if dweight is not None else empty, dbias.to(x.dtype))  # type: ignore[return-value]
-
-
-def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
-    dtype = x.dtype
-    for p in params:
-        if p is not None:
-            dtype = torch.promote_types(dtype, p.dtype)
-    return x.new_empty(x.shape, dtype=dtype)
-
-
-@rms_norm.register_fake
-def _rms_norm_fake(
-    x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0, norm_scale: float = 1.0
-) -> Tensor:
-    return _norm_out_fake(x, weight)
-
-
-@layer_norm.register_fake
-def _layer_norm_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number) -> Tensor:
-    return _norm_out_fake(x, weight, bias)
-
-
-@add_rms_norm.register_fake
-def _add_rms_norm_fake(
-    x: Tensor, residual: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, eps_mode: int = 0,
-    norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
-    return _norm_out_fake(total, weight), total
-
-
-@add_layer_norm.register_fake
-def _add_layer_norm_fake(
-    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: Number
-) -> tuple[Tensor, Tensor]:
-    total = x.new_empty(x.shape, dtype=torch.result_type(x, residual))
-    return _norm_out_fake(total, weight, bias), total
+norm_backward = define(NORM_BACKWARD, norm_backward_impl(_norm_grads_cpu))
 
 
 @norm_backward.register_fake
-def _norm_backward_fake(
-    grad: Tensor, x: Tensor, weight: Tensor | None, eps: Number, weight_offset: float, rms: bool, eps_mode: int = 0,
-    norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def _norm_backward_fake(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    call = NORM_BACKWARD.bind(args, kwargs)
+    x, weight = call["x"], call["weight"]
     dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
     return x.new_empty(x.shape), dweight, x.new_empty(x.shape[-1:])
 
 
-def _norm_param_grads(ctx: Any, dweight: Tensor, dbias: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    dw = dweight if ctx.has_weight else None
-    db = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-    return dw, db
+def _norm_out_fake(x: Tensor, *params: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape, dtype=ref.norm_out_dtype(x, *params))
 
 
-def _norm_setup(rms: bool, residual: bool) -> Any:
+def _norm_fake(op: OpSignature) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
+    def fake(*args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        norm = pick(NormArgs, op.bind(args, kwargs))
+        if norm.residual is None:
+            return _norm_out_fake(norm.x, norm.weight, norm.bias)
+        total = norm.x.new_empty(norm.x.shape, dtype=torch.result_type(norm.x, norm.residual))
+        return _norm_out_fake(total, norm.weight, norm.bias), total
+
+    return fake
+
+
+def _norm_setup(op: OpSignature) -> Callable[[Any, tuple[Any, ...], Any], None]:
     def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x = output[1] if residual else inputs[0]
-        weight = inputs[2] if residual else inputs[1]
-        bias = None if rms else inputs[3 if residual else 2]
-        ctx.save_for_backward(x, weight)
-        ctx.has_weight = weight is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        scalars = inputs[3 if residual else 2 :] if rms else (inputs[-1], 0.0, 0, 1.0)
-        ctx.eps, ctx.weight_offset, ctx.eps_mode, ctx.norm_scale = scalars
-        ctx.input_dtypes = (inputs[0].dtype, inputs[1].dtype) if residual else (inputs[0].dtype,)
+        norm = pick(NormArgs, op.bind(inputs))
+        residual = norm.residual is not None
+        ctx.save_for_backward(output[1] if residual else norm.x, norm.weight)  # the norm's input: x (+ residual)
+        ctx.has_weight = norm.weight is not None
+        ctx.bias_dtype = norm.bias.dtype if norm.bias is not None else None
+        ctx.scalars = pick(NormArgs, {k: v for k, v in norm._asdict().items() if not isinstance(v, Tensor)})
+        ctx.input_dtypes = {name: t.dtype for name, t in (("x", norm.x), ("residual", norm.residual)) if t is not None}
 
     return setup
 
 
-def _norm_grad(rms: bool, residual: bool) -> Any:
-    def grad_fn(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+def _norm_grad(op: OpSignature, rms: bool) -> Callable[..., tuple[Tensor | None, ...]]:
+    def grad_fn(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        dx, dweight, dbias = norm_backward(grads[0], x, weight, ctx.eps, ctx.weight_offset, rms, ctx.eps_mode,
-                                           ctx.norm_scale)  # fmt: skip
-        dw, db = _norm_param_grads(ctx, dweight, dbias)
-        params: tuple[Tensor | None, ...] = (dw,) if rms else (dw, db)
-        tail = (None,) * 4 if rms else (None,)  # eps (and weight_offset, eps_mode, norm_scale) take no gradient
-        if not residual:
-            return (dx.to(ctx.input_dtypes[0]), *params, *tail)
-        total_grad = dx + grads[1] if grads[1] is not None else dx
-        x_dtype, r_dtype = ctx.input_dtypes
-        return (total_grad.to(x_dtype), total_grad.to(r_dtype), *params, *tail)
+        call = NORM_BACKWARD.call_args(ctx.scalars, grad=grads[0], x=x, weight=weight, rms=rms)
+        dx, dweight, dbias = norm_backward(*call)
+        if len(grads) > 1 and grads[1] is not None:  # the sum output's gradient reaches x and residual too
+            dx = dx + grads[1]
+        named = {name: dx.to(dtype) for name, dtype in ctx.input_dtypes.items()}
+        named["weight"] = dweight if ctx.has_weight else None
+        named["bias"] = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return op.per_arg(named)  # eps and the other scalars take no gradient
 
     return grad_fn
 
 
-rms_norm.register_autograd(_norm_grad(True, False), setup_context=_norm_setup(True, False))
-layer_norm.register_autograd(_norm_grad(False, False), setup_context=_norm_setup(False, False))
-add_rms_norm.register_autograd(_norm_grad(True, True), setup_context=_norm_setup(True, True))
-add_layer_norm.register_autograd(_norm_grad(False, True), setup_context=_norm_setup(False, True))
+def _define_norm(rms: bool, residual: bool) -> CustomOpDef:
+    op = norm_op(rms, residual)
+    norm = define(op, norm_impl(rms, residual, _norm_cpu))
+    norm.register_fake(_norm_fake(op))
+    norm.register_autograd(_norm_grad(op, rms), setup_context=_norm_setup(op))
+    return norm
+
+
+rms_norm = _define_norm(rms=True, residual=False)
+layer_norm = _define_norm(rms=False, residual=False)
+add_rms_norm = _define_norm(rms=True, residual=True)
+add_layer_norm = _define_norm(rms=False, residual=True)

@@ -8,43 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..specs import ROPE_NONE as ROPE_NONE  # re-exported: the kernels read every RoPE code from here
 from ..specs import check_eps_mode, rope_layout_code
+from .op_schema import AttnFlags as AttnFlags  # re-exported: the attention op's records, used with these functions
+from .op_schema import AttnInputs as AttnInputs
 from .philox import uniform
 
 ROPE_ROTATE_HALF = rope_layout_code("rotate_half")
 ROPE_INTERLEAVED = rope_layout_code("interleaved")
-
-
-class AttnInputs(NamedTuple):
-    """The tensors of one attention call: [B, H, N, D] q/k/v and the optional mask, ALiBi slopes, cos/sin."""
-
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    mask: Tensor | None = None
-    alibi_slopes: Tensor | None = None
-    cos: Tensor | None = None
-    sin: Tensor | None = None
-    rng: Tensor | None = None  # int64 [seed, offset] of the dropout RNG (see dropout_keep)
-
-
-class AttnFlags(NamedTuple):
-    """The scalar arguments of one attention call, in the custom op's order (see AttentionSpec)."""
-
-    scale: float
-    causal: bool = False
-    bottom_right: bool = False
-    window: int = 0
-    softcap: float = 0.0
-    rope_layout: int = -1
-    rotary_dim: int = 0
-    dropout_p: float = 0.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,31 +98,22 @@ def _expand_kv(t: Tensor, group: int) -> Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
-def masked_scores(
-    q: Tensor,
-    k: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    scale: float,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: float,
-) -> tuple[Tensor, Tensor | None]:
-    """Scores S (compute dtype; scaled, soft-capped, ALiBi added, masked-out pairs -inf) of already-rotated q, k,
-    and tanh(S/softcap) before the cap (for the softcap backward)."""
+def masked_scores(rotated: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor | None]:
+    """Scores S (compute dtype; scaled, soft-capped, ALiBi added, masked-out pairs -inf) of inputs whose q, k are
+    already rotated (`rotated_qk`), and tanh(S/softcap) before the cap (for the softcap backward)."""
+    q, k, mask, alibi_slopes = rotated.q, rotated.k, rotated.mask, rotated.alibi_slopes
     ct = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
-    scores = torch.matmul(q.to(ct), _expand_kv(k, group).to(ct).transpose(-1, -2)) * scale
+    scores = torch.matmul(q.to(ct), _expand_kv(k, group).to(ct).transpose(-1, -2)) * flags.scale
     tanh_scores = None
-    if softcap > 0:
-        tanh_scores = torch.tanh(scores / softcap)
-        scores = tanh_scores * softcap
+    if flags.softcap > 0:
+        tanh_scores = torch.tanh(scores / flags.softcap)
+        scores = tanh_scores * flags.softcap
     q_len, kv_len = scores.shape[-2], scores.shape[-1]
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(ct).reshape(*alibi_slopes.shape, 1, 1)
-        scores = scores + slopes * alibi_distance(q_len, kv_len, bottom_right, q.device).to(ct)
-    keep = keep_mask(q_len, kv_len, causal, bottom_right, window, q.device)
+        scores = scores + slopes * alibi_distance(q_len, kv_len, flags.bottom_right, q.device).to(ct)
+    keep = keep_mask(q_len, kv_len, flags.causal, flags.bottom_right, flags.window, q.device)
     if mask is not None:
         if mask.dtype == torch.bool:
             keep = mask if keep is None else keep & mask
@@ -158,19 +124,10 @@ def masked_scores(
     return scores, tanh_scores
 
 
-def attention_probs(
-    q: Tensor,
-    k: Tensor,
-    mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    scale: float,
-    causal: bool,
-    bottom_right: bool,
-    window: int,
-    softcap: float,
-) -> tuple[Tensor, Tensor | None]:
-    """Probabilities P (compute dtype; 0 on fully masked rows) and tanh(S/softcap) of already-rotated q, k."""
-    scores, tanh_scores = masked_scores(q, k, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
+def attention_probs(rotated: AttnInputs, flags: AttnFlags) -> tuple[Tensor, Tensor | None]:
+    """Probabilities P (compute dtype; 0 on fully masked rows) and tanh(S/softcap) of inputs whose q, k are already
+    rotated (`rotated_qk`)."""
+    scores, tanh_scores = masked_scores(rotated, flags)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
     exp = torch.exp(scores - row_max)
@@ -185,6 +142,12 @@ def rope_qk(
     if cos is None or sin is None or rope_layout == ROPE_NONE:
         return q, k
     return rope_forward(q, cos, sin, rope_layout, rotary_dim), rope_forward(k, cos, sin, rope_layout, rotary_dim)
+
+
+def rotated_qk(inputs: AttnInputs, flags: AttnFlags) -> AttnInputs:
+    """The inputs with q and k rotated by their RoPE tables (unchanged without RoPE)."""
+    qr, kr = rope_qk(inputs.q, inputs.k, inputs.cos, inputs.sin, flags.rope_layout, flags.rotary_dim)
+    return inputs._replace(q=qr, k=kr)
 
 
 def dropout_keep(rng: Tensor, shape: tuple[int, int, int, int], p: float) -> Tensor:
@@ -215,11 +178,8 @@ def _dropout_scale(probs: Tensor, inputs: AttnInputs, flags: AttnFlags) -> Tenso
 
 
 def attention_forward(inputs: AttnInputs, flags: AttnFlags) -> Tensor:
-    q, k, v, mask, alibi_slopes, cos, sin = inputs[:7]
-    qr, kr = rope_qk(q, k, cos, sin, flags.rope_layout, flags.rotary_dim)
-    probs, _ = attention_probs(
-        qr, kr, mask, alibi_slopes, flags.scale, flags.causal, flags.bottom_right, flags.window, flags.softcap
-    )
+    q, k, v = inputs.q, inputs.k, inputs.v
+    probs, _ = attention_probs(rotated_qk(inputs, flags), flags)
     dropout = _dropout_scale(probs, inputs, flags)
     if dropout is not None:
         probs = probs * dropout  # on normalized P, after the softmax statistics: lse is unaffected
@@ -232,16 +192,9 @@ def _reduce_group(t: Tensor, group: int) -> Tensor:
     return t if group == 1 else t.unflatten(1, (-1, group)).sum(dim=2)
 
 
-class AttnGrads(NamedTuple):
-    """Gradients of one attention call's tensor inputs; None for an input that is absent or was not asked for."""
-
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    mask: Tensor | None = None
-    alibi_slopes: Tensor | None = None
-    cos: Tensor | None = None
-    sin: Tensor | None = None
+# Gradients of one attention call's tensor inputs, in the inputs' own record: None for an input that is absent or
+# was not asked for, and for rng, which has none.
+AttnGrads = AttnInputs
 
 
 # Which of (mask, alibi_slopes, cos, sin) want a gradient: the common case asks for none.
@@ -273,10 +226,11 @@ def attention_grads(
     dS (d lse / dS = P), so the row term becomes rowsum(dO ∘ O) - dlse (attention sinks rescale O by a function
     of lse).
     """
-    q, k, v, mask, alibi_slopes, cos, sin = inputs[:7]
-    scale, causal, bottom_right, window, softcap, rope_layout, rotary_dim = flags[:7]
-    qr, kr = rope_qk(q, k, cos, sin, rope_layout, rotary_dim)
-    probs, tanh_scores = attention_probs(qr, kr, mask, alibi_slopes, scale, causal, bottom_right, window, softcap)
+    q, k, v, cos, sin = inputs.q, inputs.k, inputs.v, inputs.cos, inputs.sin
+    scale, rope_layout, rotary_dim = flags.scale, flags.rope_layout, flags.rotary_dim
+    rotated = rotated_qk(inputs, flags)
+    qr, kr = rotated.q, rotated.k
+    probs, tanh_scores = attention_probs(rotated, flags)
     dv, d_biased = _probs_grads(grad_out, probs, v, inputs, flags, grad_lse)
     ds = d_biased if tanh_scores is None else d_biased * (1 - tanh_scores * tanh_scores)
     group = q.shape[1] // k.shape[1]

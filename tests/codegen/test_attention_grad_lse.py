@@ -36,8 +36,7 @@ def _autograd_golden(inputs: ref.AttnInputs, flags: ref.AttnFlags, grad_out: Ten
     """d/d(q, k, v) of Σ out·grad_out + Σ lse·grad_lse, by autograd through the fp64 scores."""
     leaves = [t.detach().double().requires_grad_() for t in inputs[:3]]
     fp64 = _as_fp64(inputs)._replace(q=leaves[0], k=leaves[1], v=leaves[2])
-    scores, _ = ref.masked_scores(fp64.q, fp64.k, fp64.mask, fp64.alibi_slopes, flags.scale, flags.causal,
-                                  flags.bottom_right, flags.window, flags.softcap)  # fmt: skip
+    scores, _ = ref.masked_scores(fp64, flags)
     lse = torch.logsumexp(scores, dim=-1)
     out = ref.attention_forward(fp64, flags)
     finite = torch.isfinite(lse)  # a fully masked row's lse is -inf and takes no gradient

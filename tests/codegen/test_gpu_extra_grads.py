@@ -15,8 +15,9 @@ import torch
 pytest.importorskip("triton")
 
 import tilefuse  # noqa: F401
-from tilefuse.codegen import cuda_kernels, gpu
+from tilefuse.codegen import custom_ops, gpu
 from tilefuse.codegen import reference as ref
+from tilefuse.codegen.op_schema import ATTENTION_BACKWARD
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 
@@ -51,17 +52,19 @@ def test_without_extra_gradients_the_kernels_run(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.DEBUG, logger="tilefuse.codegen"):
         grads = gpu.attention_grads(grad, inputs, flags, out, lse, ref.NO_EXTRA_GRADS)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
-    assert grads[3:] == (None, None, None, None)
+    assert grads[3:] == (None,) * 5  # mask, alibi_slopes, cos, sin: not asked for; rng has no gradient
     for got, want in zip(grads[:3], ref.attention_backward(grad, inputs, flags), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_cuda_backward_kernel_returns_seven_outputs() -> None:
-    """The op's CUDA implementation (here on CPU tensors) returns what its fake kernel promises."""
+    """The op's CUDA implementation (as cuda_kernels registers it; here on CPU tensors) returns what its fake
+    kernel promises."""
     inputs, flags, grad = _case()
     out, lse = gpu.attention_with_lse(inputs, flags)
-    grads = cuda_kernels._attention_backward_cuda(
-        grad, *inputs[:7], out, lse, *flags, None, [True, False, False, False]
-    )
+    backward_cuda = custom_ops.attention_backward_impl(gpu.attention_grads)
+    wanted = [True, False, False, False]
+    args = ATTENTION_BACKWARD.call_args(inputs, flags, grad_out=grad, out=out, lse=lse, input_grads=wanted)
+    grads = backward_cuda(*args)
     assert [tuple(g.shape) for g in grads] == [(1, 4, 17, 16), (1, 2, 17, 16), (1, 2, 17, 16), (1, 4, 17, 17),
                                                (0,), (0,), (0,)]  # fmt: skip

@@ -85,7 +85,7 @@ def _inputs(rng: Tensor | None) -> ref.AttnInputs:
 def test_reference_dropout_forward_and_p0() -> None:
     rng = torch.tensor([5, 77], dtype=torch.int64)
     inputs, flags = _inputs(rng), ref.AttnFlags(scale=0.3, causal=True, dropout_p=0.25)
-    probs, _ = ref.attention_probs(inputs.q, inputs.k, None, None, 0.3, True, False, 0, 0.0)
+    probs, _ = ref.attention_probs(inputs, ref.AttnFlags(scale=0.3, causal=True))
     keep = ref.dropout_keep(rng, tuple(probs.shape), 0.25)  # type: ignore[arg-type]
     v_full = inputs.v.repeat_interleave(2, dim=1)
     expected = (probs * keep / 0.75) @ v_full
