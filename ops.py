@@ -8,18 +8,18 @@ mistake raises ValueError/TypeError naming the argument instead of failing insid
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .codegen import custom_ops as _custom_ops  # registers torch.ops.tilefuse
+from .codegen import custom_ops as _custom_ops  # noqa: F401  (registers torch.ops.tilefuse)
 from .codegen.attention_args import check_attention_mask
 from .codegen.launch_configs import launch_config
-from .codegen.plan import TileConfig
+from .codegen.op_schema import ATTENTION, RNG_HIGH, ROPE, AttnFlags, AttnInputs, norm_op
+from .codegen.tile_config import TileConfig
+from .specs import ROPE_LAYOUTS, ROPE_NONE, rope_layout_code
 
-_ops = torch.ops.tilefuse
-_LAYOUTS = {"rotate_half": 0, "interleaved": 1}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -54,7 +54,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _rope_args(rope: tuple[Tensor, Tensor] | None, layout: str, rotary_dim: int | None, head_dim: int) -> tuple:
     if rope is None:
-        return None, None, -1, 0
+        return None, None, ROPE_NONE, 0
     if not isinstance(rope, tuple) or len(rope) != 2:
         raise TypeError("rope must be a (cos, sin) tuple of tensors")
     cos, sin = (_check_tensor(n, t) for n, t in zip(("cos", "sin"), rope, strict=True))
@@ -64,9 +64,9 @@ def _rope_args(rope: tuple[Tensor, Tensor] | None, layout: str, rotary_dim: int 
 
 
 def _layout_code(layout: str) -> int:
-    if layout not in _LAYOUTS:
-        raise ValueError(f"rope_layout={layout!r}; allowed: {sorted(_LAYOUTS)}")
-    return _LAYOUTS[layout]
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope_layout={layout!r}; allowed: {sorted(ROPE_LAYOUTS)}")
+    return rope_layout_code(layout)
 
 
 def _rotary_dim(rotary_dim: int | None, cos: Tensor, head_dim: int) -> int:
@@ -126,11 +126,11 @@ def attention(
     cos, sin, layout, dim = _rope_args(rope, rope_layout, rotary_dim, q.shape[-1])
     _check_config(config)
     rng = dropout_rng(q.device) if dropout_p > 0 else None
+    inputs = AttnInputs(q, k, v, attn_mask, alibi_slopes, cos, sin, rng)
+    bottom_right = align == "bottom_right"
+    flags = AttnFlags(scale, causal, bottom_right, window or 0, softcap or 0.0, layout, dim, float(dropout_p))
     with launch_config(config):
-        out, _ = _ops.attention(
-            q, k, v, attn_mask, alibi_slopes, cos, sin, scale, causal, align == "bottom_right", window or 0,
-            softcap or 0.0, layout, dim, float(dropout_p), rng,
-        )  # fmt: skip
+        out, _ = ATTENTION.overload(*ATTENTION.call_args(inputs, flags))
     return out
 
 
@@ -166,7 +166,7 @@ def _check_config(config: object) -> None:
 
 def dropout_rng(device: torch.device | str) -> Tensor:
     """An int64 [seed, offset] for the attention dropout's counter-based RNG, drawn from torch's generator."""
-    return torch.randint(0, _custom_ops.RNG_HIGH, (2,), dtype=torch.int64, device=device)
+    return torch.randint(0, RNG_HIGH, (2,), dtype=torch.int64, device=device)
 
 
 def _check_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float) -> None:
@@ -185,10 +185,7 @@ def rms_norm(
     x: Tensor, weight: Tensor | None, eps: float = 1e-6, residual: Tensor | None = None, weight_offset: float = 0.0
 ) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last axis; with `residual`, returns (rms_norm(x + residual), x + residual)."""
-    _check_norm(x, weight, None, residual, eps)
-    if residual is None:
-        return _ops.rms_norm(x, weight, eps, weight_offset)
-    return _ops.add_rms_norm(x, residual, weight, eps, weight_offset)
+    return _norm(True, {"x": x, "residual": residual, "weight": weight, "eps": eps, "weight_offset": weight_offset})
 
 
 def layer_norm(
@@ -199,10 +196,14 @@ def layer_norm(
     residual: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LayerNorm over the last axis; with `residual`, returns (layer_norm(x + residual), x + residual)."""
-    _check_norm(x, weight, bias, residual, eps)
-    if residual is None:
-        return _ops.layer_norm(x, weight, bias, eps)
-    return _ops.add_layer_norm(x, residual, weight, bias, eps)
+    return _norm(False, {"x": x, "residual": residual, "weight": weight, "bias": bias, "eps": eps})
+
+
+def _norm(rms: bool, args: dict[str, Any]) -> Tensor | tuple[Tensor, Tensor]:
+    """Check a norm's arguments, then call the op they ask for (add_*: with a residual) with them by name."""
+    _check_norm(args["x"], args["weight"], args.get("bias"), args["residual"], args["eps"])
+    op = norm_op(rms, residual=args["residual"] is not None)
+    return op.overload(*op.call_args(**{name: value for name, value in args.items() if name in op.names}))
 
 
 def apply_rope(
@@ -216,4 +217,5 @@ def apply_rope(
     _same_device(x=x, cos=cos, sin=sin)
     if cos.shape != sin.shape:
         raise ValueError(f"cos shape {tuple(cos.shape)} != sin shape {tuple(sin.shape)}")
-    return _ops.rope(x, cos, sin, _layout_code(layout), _rotary_dim(rotary_dim, cos, x.shape[-1]))
+    code, dim = _layout_code(layout), _rotary_dim(rotary_dim, cos, x.shape[-1])
+    return ROPE.overload(*ROPE.call_args(x=x, cos=cos, sin=sin, layout=code, rotary_dim=dim))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..codegen.custom_ops import RNG_HIGH
+from ..codegen.op_schema import ATTENTION, RNG_HIGH, AttnFlags
 from ..specs import AttentionSpec, RopeSpec
 from .attention_contractions import einsums_read_as_matmul
 from .attention_mask import SiteMask, build_mask, check_biases, mask_inputs
@@ -69,10 +69,6 @@ class AttentionPass:
                 continue
             ctx.fused("attention", anchor, spec, **detail)
             modified = True
-        if modified:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, modified)
 
 
@@ -171,12 +167,16 @@ def _emit(graph: fx.Graph, match: AttentionMatch, mask: SiteMask, spec: Attentio
     with graph.inserting_before(match.output):
         if match.three_d:
             q, k, v = (insert_call(graph, aten.unsqueeze.default, (n, 1)) for n in (q, k, v))
-        tensors = (q, k, v, mask.node, mask.alibi, match.rope_cos, match.rope_sin)
-        args = (*tensors, *_op_flags(spec, _run_time_scalars(graph, match)), _dropout_rng(graph, q, spec))
+        flags = AttnFlags.from_spec(spec, _run_time_scalars(graph, match))
+        rng = _dropout_rng(graph, q, spec)
+        # out_order: the replaced node's strides, so code that views the output keeps working
         out_order = output_order(match.output, 4, first_dim_split=match.three_d or match.heads_folded is not None)
-        if out_order is not None:  # the replaced node's strides, so code that views the output keeps working
-            args = (*args, out_order)
-        call = insert_call(graph, torch.ops.tilefuse.attention.default, args)
+        layout = {"out_order": out_order} if out_order is not None else {}
+        args = ATTENTION.call_args(
+            flags, q=q, k=k, v=v, mask=mask.node, alibi_slopes=mask.alibi, cos=match.rope_cos, sin=match.rope_sin,
+            rng=rng, **layout,
+        )  # fmt: skip
+        call = insert_call(graph, ATTENTION.overload, args)
         call.meta["tilefuse_spec"] = spec
         out = getitem(graph, call, 0)  # (out, lse): the lse reaches only the backward, through autograd
         if match.sinks is not None:  # ... or the sinks' rescale, whose gradient on lse the backward takes
@@ -201,16 +201,6 @@ def _run_time_scalars(graph: fx.Graph, match: AttentionMatch) -> tuple[ScalarArg
     return match.scale.emit(graph), softcap if softcap is not None else 0.0
 
 
-def _op_flags(spec: AttentionSpec, run_time: tuple[ScalarArg, ScalarArg] | None = None) -> tuple[Any, ...]:
-    """The op's scalar arguments, scale ... dropout_p, in its schema's order; `run_time` replaces the Spec's
-    (scale, softcap) when they are computed at run time."""
-    layout, rotary_dim = (_layout_code(spec.rope), spec.rope.rotary_dim) if spec.rope is not None else (-1, 0)
-    bottom_right = spec.align == "bottom_right"
-    window = spec.window if spec.window is not None else 0
-    scale, softcap = run_time if run_time is not None else (spec.scale, spec.softcap or 0.0)  # softcap None: off
-    return (scale, spec.causal, bottom_right, window, softcap, layout, rotary_dim, spec.dropout_p)
-
-
 def _dropout_rng(graph: fx.Graph, q: fx.Node, spec: AttentionSpec) -> fx.Node | None:
     """With dropout, a node drawing the op's int64 [seed, offset] from torch's generator on Q's device.
 
@@ -222,7 +212,3 @@ def _dropout_rng(graph: fx.Graph, q: fx.Node, spec: AttentionSpec) -> fx.Node | 
     q_val = tensor_val(q)
     device = q_val.device if q_val is not None else None
     return insert_call(graph, aten.randint.low, (0, RNG_HIGH, [2]), {"dtype": torch.int64, "device": device})
-
-
-def _layout_code(rope: RopeSpec) -> int:
-    return 0 if rope.layout == "rotate_half" else 1

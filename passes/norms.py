@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
+from ..codegen.op_schema import NormArgs, norm_op
 from ..codegen.reference import compute_dtype
-from ..specs import NormSpec, eps_mode_code
+from ..specs import NormSpec
 from .base import Decline, FixableDecline, PassContext, PassResult
 from .graph import aten, dtype_of, getitem, insert_call, replace_with, static_shape, tensor_val
 from .match_common import cast_source, dtype_name, erase_dead, node_order, operand, strip_widening_casts
@@ -28,7 +28,7 @@ class NormPass:
     """Recognize RMSNorm and LayerNorm (ATen ops and manual spellings) and rewrite them to tilefuse ops.
 
     Every candidate is recorded in `ctx` as fused or declined with a reason; residual adds are folded in when
-    "residual" is enabled. The graph is left linted and recompiled.
+    "residual" is enabled.
     """
 
     name: str = "norms"
@@ -44,10 +44,6 @@ class NormPass:
             if replaced is not None:
                 modified = True
                 live -= erase_dead(gm.graph, replaced)  # later sites' legality checks see only live users
-        if modified:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, modified)
 
 
@@ -161,7 +157,10 @@ def _rewrite(graph: fx.Graph, m: NormMatch, residual_enabled: bool) -> tuple[fx.
     spec = _spec(m, plan)
     with graph.inserting_before(_insert_point(plan, order)):
         plan.weight = _feature_vector(graph, plan.weight, m.width)
-        new_node = insert_call(graph, _op(m, plan), _op_args(m, plan))
+        op = norm_op(spec.norm == "rmsnorm", spec.residual)
+        x, residual = plan.residual or (plan.x, None)
+        tensors = {"x": x, "residual": residual, "weight": plan.weight, "bias": plan.bias}
+        new_node = insert_call(graph, op.overload, op.call_args(NormArgs.from_spec(spec, tensors, m.eps_arg)))
         normed = getitem(graph, new_node, 0) if plan.residual else new_node
         total = getitem(graph, new_node, 1) if plan.residual else None
         for user, old in plan.residual_uses or ():
@@ -185,20 +184,6 @@ def _as_dtype(graph: fx.Graph, node: fx.Node, dtype: torch.dtype | None) -> fx.N
     if dtype is None or dtype_of(node) == dtype:
         return node
     return insert_call(graph, aten._to_copy.default, (node,), {"dtype": dtype})
-
-
-def _op(m: NormMatch, plan: _Plan) -> torch._ops.OpOverload:
-    ops = torch.ops.tilefuse
-    if m.kind == "rmsnorm":
-        return ops.add_rms_norm.default if plan.residual else ops.rms_norm.default
-    return ops.add_layer_norm.default if plan.residual else ops.layer_norm.default
-
-
-def _op_args(m: NormMatch, plan: _Plan) -> tuple[object, ...]:
-    inputs = plan.residual or (plan.x,)
-    if m.kind == "rmsnorm":
-        return (*inputs, plan.weight, m.eps_arg, m.weight_offset, eps_mode_code(m.eps_mode), m.norm_scale)
-    return (*inputs, plan.weight, plan.bias, m.eps_arg)
 
 
 def _spec(m: NormMatch, plan: _Plan) -> NormSpec:

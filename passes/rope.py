@@ -12,17 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..codegen import custom_ops  # noqa: F401  (registers torch.ops.tilefuse.*)
-from ..codegen.reference import ROPE_INTERLEAVED, ROPE_ROTATE_HALF
-from ..specs import RopeSpec
+from ..codegen.op_schema import ROPE
+from ..specs import RopeSpec, rope_layout_code
 from .base import Decline, PassContext, PassResult
 from .graph import aten, dtype_of, insert_call, replace_with, static_shape, tensor_val
 from .match_common import dtype_name, erase_dead, node_order, same_value, widens
 from .out_layout import keep_layout, output_order
 from .rope_match import RopeMatch, match_rope, rope_anchor
 from .rope_tables import Table, build, deinterleave
-
-LAYOUT_CODES = {"rotate_half": ROPE_ROTATE_HALF, "interleaved": ROPE_INTERLEAVED}
 
 # Tables built so far (and cos/sin pairs expanded to one shape), shared by later sites that read the same values.
 _Built = list[tuple[Table, fx.Node]]
@@ -33,7 +30,6 @@ class RopePass:
     """Recognize rotate-half, interleaved, complex and partial-rotary RoPE and rewrite it to tilefuse::rope.
 
     Every candidate is recorded in `ctx` as fused (on the new rope node) or declined with a reason.
-    The graph is left linted and recompiled.
     """
 
     name: str = "rope"
@@ -59,10 +55,6 @@ class RopePass:
             ctx.fused("rope", new_node, spec)
             modified = True
             live -= erase_dead(gm.graph, match.nodes)  # later sites' legality checks see only live users
-        if modified:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, modified)
 
 
@@ -72,18 +64,25 @@ def _rewrite(graph: fx.Graph, m: RopeMatch, tables: _Built) -> tuple[fx.Node, Ro
     out_shape = static_shape(m.output)
     with graph.inserting_before(m.output):
         x = _x_input(graph, m, cos)
-        args: tuple[object, ...] = (x, cos, sin, LAYOUT_CODES[m.layout], m.rotary_dim)
-        same_shape = static_shape(x) == out_shape
-        out_order = output_order(m.output, len(static_shape(x))) if same_shape else None  # the replaced node's strides
-        if out_order is not None:
-            args = (*args, out_order)
-        new_node = insert_call(graph, torch.ops.tilefuse.rope.default, args)
+        shape, spec = static_shape(x), _spec(m, x)
+        same_shape = shape == out_shape
+        out_order = output_order(m.output, len(shape)) if same_shape else None  # the replaced node's strides
+        layout = {"out_order": out_order} if out_order is not None else {}
+        code = rope_layout_code(spec.layout)
+        args = ROPE.call_args(x=x, cos=cos, sin=sin, layout=code, rotary_dim=spec.rotary_dim, **layout)
+        new_node = insert_call(graph, ROPE.overload, args)
         result = new_node
         if not same_shape:  # the site ends on a view of the rotated features, e.g. [..., d/2, 2]
-            trail = list(out_shape[len(static_shape(x)) - 1 :])
+            trail = list(out_shape[len(shape) - 1 :])
             result = insert_call(graph, aten.unflatten.int, (new_node, -1, trail))
+    new_node.meta["tilefuse_spec"] = spec
+    replace_with(m.output, keep_layout(graph, result, m.output) if same_shape else result)
+    return new_node, spec
+
+
+def _spec(m: RopeMatch, x: fx.Node) -> RopeSpec:
     shape = static_shape(x)
-    spec = RopeSpec(
+    return RopeSpec(
         layout=m.layout,
         rotary_dim=m.rotary_dim,
         head_dim=shape[-1] or 0,
@@ -91,9 +90,6 @@ def _rewrite(graph: fx.Graph, m: RopeMatch, tables: _Built) -> tuple[fx.Node, Ro
         dtype=dtype_name(dtype_of(x)),
         source=m.source,
     )
-    new_node.meta["tilefuse_spec"] = spec
-    replace_with(m.output, keep_layout(graph, result, m.output) if same_shape else result)
-    return new_node, spec
 
 
 def _x_input(graph: fx.Graph, m: RopeMatch, cos: fx.Node) -> fx.Node:

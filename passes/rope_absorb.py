@@ -11,16 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 import torch.fx as fx
 
-from ..specs import RopeSpec
+from ..codegen.op_schema import ROPE
+from ..specs import RopeSpec, rope_layout_name
 from .attention_match import AttentionMatch
 from .base import PassContext
 from .graph import aten, insert_call, is_op, static_shape
 from .positions import same_size, shape_of
 
-ROPE_LAYOUT_NAMES = {0: "rotate_half", 1: "interleaved"}
 HEAD_AXIS = 1  # of the [B, H, N, D] tensors the attention op reads
 
 
@@ -39,11 +38,11 @@ def absorb_rope(graph: fx.Graph, match: AttentionMatch, region: set[fx.Node], ct
     if match.three_d:
         return None
     q, k = _rope_operand(match.q), _rope_operand(match.k)
-    if q is None or k is None or q.perm != k.perm or q.rope.args[1:] != k.rope.args[1:]:
+    if q is None or k is None or q.perm != k.perm or _rotation(q.rope) != _rotation(k.rope):
         return None
     if not all(_read_only_by_site(o, region, match.output) for o in (q, k)):
         return None
-    tables: tuple[Any, Any] = (q.rope.args[1], q.rope.args[2])
+    tables: tuple[Any, Any] = (_rope_args(q.rope)["cos"], _rope_args(q.rope)["sin"])
     if q.perm is not None and not all(_broadcasts_over_heads(t, q.perm) for t in tables):
         return None
     if not all(_expands_to(t, q.perm, o) for t in tables for o in (match.q, match.k)):
@@ -57,7 +56,7 @@ def absorb_rope(graph: fx.Graph, match: AttentionMatch, region: set[fx.Node], ct
 
 
 def _rope_operand(node: Any) -> _RopeOperand | None:
-    rope = torch.ops.tilefuse.rope.default
+    rope = ROPE.overload
     if not isinstance(node, fx.Node):
         return None
     if node.target is rope:
@@ -112,7 +111,7 @@ def _expands_to(table: Any, perm: tuple[int, ...] | None, operand: Any) -> bool:
 
 
 def _pre_rope(graph: fx.Graph, operand: _RopeOperand) -> fx.Node:
-    x: fx.Node = operand.rope.args[0]  # type: ignore[assignment]
+    x: fx.Node = _rope_args(operand.rope)["x"]
     return x if operand.perm is None else insert_call(graph, aten.permute.default, (x, list(operand.perm)))
 
 
@@ -128,6 +127,16 @@ def _rope_spec(operand: _RopeOperand, x: fx.Node) -> RopeSpec:
     spec = operand.rope.meta.get("tilefuse_spec")
     if isinstance(spec, RopeSpec):
         return spec if operand.perm is None else replace(spec, shape=static_shape(x))
-    args: tuple[Any, ...] = operand.rope.args
-    layout = ROPE_LAYOUT_NAMES[int(args[3])]
-    return RopeSpec(layout, int(args[4]), static_shape(x)[-1] or 0, shape=static_shape(x))  # type: ignore[arg-type]
+    args = _rope_args(operand.rope)
+    layout = rope_layout_name(int(args["layout"]))
+    return RopeSpec(layout, int(args["rotary_dim"]), static_shape(x)[-1] or 0, shape=static_shape(x))
+
+
+def _rope_args(rope: fx.Node) -> dict[str, Any]:
+    """A tilefuse::rope node's arguments by name."""
+    return ROPE.bind(rope.args, rope.kwargs)
+
+
+def _rotation(rope: fx.Node) -> dict[str, Any]:
+    """What a rope node does to its x: every argument but x (tables, layout, rotary dim, output layout)."""
+    return {name: value for name, value in _rope_args(rope).items() if name != "x"}

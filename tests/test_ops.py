@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tilefuse import ops
 from tilefuse.codegen import reference as ref
-from tilefuse.codegen.custom_ops import RNG_HIGH
+from tilefuse.codegen.op_schema import RNG_HIGH
 
 
 def _qkv(heads: int = 4, kv_heads: int = 2, n: int = 9, d: int = 16) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,7 @@ from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 import tilefuse
 from tilefuse.codegen import reference as ref
-from tilefuse.codegen.custom_ops import RNG_HIGH
+from tilefuse.codegen.op_schema import RNG_HIGH
 from tilefuse.compiler import backend as backend_module
 from tilefuse.compiler.options import Options
 

@@ -15,7 +15,7 @@ from _helpers import ops_in, run_pass, sites, tilefuse_nodes
 from torch import Tensor, nn
 
 from tilefuse.codegen import reference as ref
-from tilefuse.codegen.custom_ops import RNG_HIGH
+from tilefuse.codegen.op_schema import RNG_HIGH
 from tilefuse.passes.attention import AttentionPass
 from tilefuse.passes.canonicalize import CanonicalizePass
 from tilefuse.passes.manager import PassManager
