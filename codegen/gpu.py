@@ -19,6 +19,7 @@ from . import cpu, launch_configs
 from . import reference as ref
 from .launch_configs import attention_key, norm_key, rope_key
 from .layouts import inverse_order, permuted_rows
+from .op_schema import GRAD_INPUTS
 from .tile_config import RopeKnobs, TileConfig
 
 log = logging.getLogger("tilefuse.codegen")
@@ -103,7 +104,7 @@ def attention_grads(
     """
     if not any(wanted):
         return ref.AttnGrads(*attention_backward(grad_out, inputs, flags, out, lse, grad_lse))
-    names = [name for name, want in zip(("mask", "alibi_slopes", "cos", "sin"), wanted, strict=True) if want]
+    names = [name for name, want in zip(GRAD_INPUTS[3:], wanted, strict=True) if want]
     if not _TOLD_REFERENCE_GRADS.intersection(names):
         log.info("tilefuse::attention_backward runs the reference implementation where %s requires grad: the "
                  "Triton backward computes only dq, dk, dv", " and ".join(names))  # fmt: skip

@@ -110,12 +110,7 @@ def _attention_inputs(spec: AttentionSpec, rand: _Random) -> tuple[Any, Any]:
         rng = torch.tensor([1234, 0], dtype=torch.int64, device=device)
     q, k = rand.normal(b, hq, nq, spec.head_dim), rand.normal(b, hk, nk, spec.head_dim)
     inputs = ref.AttnInputs(q, k, rand.normal(b, hk, nk, spec.v_head_dim), mask, slopes, cos, sin, rng)
-    flags = ref.AttnFlags(
-        spec.scale, spec.causal, spec.align == "bottom_right", spec.window or 0, spec.softcap or 0.0,
-        rope_layout_code(spec.rope.layout if spec.rope else None), spec.rope.rotary_dim if spec.rope else 0,
-        spec.dropout_p,
-    )  # fmt: skip
-    return inputs, flags
+    return inputs, ref.AttnFlags.from_spec(spec)
 
 
 def _reference_chunks(inputs: Any, flags: Any) -> list[tuple[int, slice]]:

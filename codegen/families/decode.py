@@ -66,7 +66,7 @@ class DecodeFamily(AttentionFamily):
 
     def decode_layout(self, spec: AttentionSpec, config: TileConfig) -> SplitLayout:
         """The decode launcher's cut of the visible key range into splits (`attention_decode.split_layout`)."""
-        flags = AttnFlags(spec.scale, spec.causal, spec.align == "bottom_right", spec.window or 0)
+        flags = AttnFlags.from_spec(spec)
         programs = static("batch", spec.batch) * static("kv_heads", spec.kv_heads)
         q_len, kv_len = static("q_len", spec.q_len), static("kv_len", spec.kv_len)
         return split_layout(q_len, kv_len, self.blocks(spec, config)[1], flags, programs, config.num_splits)
