@@ -61,8 +61,8 @@ def positive_int(text: str) -> int:
 
 
 def import_explain() -> Callable[..., Any]:
-    # The public entry point, wherever inside the package it is implemented.
-    from .. import explain
+    """`tilefuse.explain`, imported when a command needs it (it pulls in torch.compile's machinery)."""
+    from .api import explain
 
     return explain
 
