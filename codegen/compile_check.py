@@ -11,29 +11,20 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
+
+from .kernel_variant import KernelVariant
+from .tile_config import TileConfig
+
+__all__ = ["ARCHES", "CompileResult", "KernelVariant", "Representative", "compile_check", "compile_kernel",
+           "compile_variant", "decode_variants", "default_variants", "kernel_resources", "loop_instructions",
+           "representative_variant", "representatives"]  # fmt: skip
 
 ARCHES = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
-
-
-@dataclass(frozen=True)
-class KernelVariant:
-    """One kernel with a representative signature, constexprs and launch options."""
-
-    name: str
-    kernel: Callable[[], Any]  # returns the @triton.jit function (imported lazily)
-    pointers: dict[str, str]
-    floats: tuple[str, ...]
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int = 2
-    # Integer argument values of a representative launch. When given, the compile specializes as a launch does:
-    # an int equal to 1 becomes a constant, multiples of 16 and every pointer get tt.divisibility=16 (enables
-    # vectorized loads and cp.async pipelining; the TTGIR and shared memory differ from the unspecialized build).
-    ints: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,272 +44,154 @@ class CompileResult:
         return asdict(self)
 
 
-def _attention_fwd() -> Any:
-    from .attention_fwd import attention_fwd_kernel
+class Representative(NamedTuple):
+    """One kernel compile-check reports under `name`: the `kernel`-th of the family record's `checked_variants`
+    for `spec` at `config` (attention backward: dK/dV then dQ; decode: the split kernel then the combine)."""
 
-    return attention_fwd_kernel
-
-
-def _decode_split() -> Any:
-    from .attention_decode import attention_decode_split_kernel
-
-    return attention_decode_split_kernel
-
-
-def _decode_combine() -> Any:
-    from .attention_decode import attention_decode_combine_kernel
-
-    return attention_decode_combine_kernel
+    name: str
+    family: str
+    spec: Spec
+    config: TileConfig
+    kernel: int = 0
 
 
-def _norm_fwd() -> Any:
-    from .norm_kernels import norm_forward_kernel
-
-    return norm_forward_kernel
-
-
-def _norm_bwd() -> Any:
-    from .norm_kernels import norm_backward_kernel
-
-    return norm_backward_kernel
-
-
-def _norm_fwd_chunked() -> Any:
-    from .norm_kernels import norm_forward_chunked_kernel
-
-    return norm_forward_chunked_kernel
+_PREFILL = AttentionSpec(  # Llama-3-8B-like prefill: Hq 32, Hkv 8, N 4096, contiguous, causal bf16
+    batch=2, q_heads=32, kv_heads=8, q_len=4096, kv_len=4096, head_dim=128, v_head_dim=128, dtype="bfloat16",
+    scale=128**-0.5, causal=True, gqa_group=4,
+)  # fmt: skip
+_DECODE = AttentionSpec(  # Llama-70B-like decode: B 4, Hq 64, Hkv 8, Nk 4096, D 128, bottom-right causal
+    batch=4, q_heads=64, kv_heads=8, q_len=1, kv_len=4096, head_dim=128, v_head_dim=128, dtype="bfloat16",
+    scale=128**-0.5, causal=True, align="bottom_right", gqa_group=8,
+)  # fmt: skip
+_DECODE_SPLITS = 8
 
 
-def _norm_bwd_chunked() -> Any:
-    from .norm_kernels import norm_backward_chunked_kernel
-
-    return norm_backward_chunked_kernel
-
-
-def _rope() -> Any:
-    from .rope_kernels import rope_kernel
-
-    return rope_kernel
-
-
-def attention_variant(head_dim: int, masked: bool, rope: bool = False, dropout: bool = False) -> KernelVariant:
-    """Causal bf16 attention forward at its default config, with or without a boolean mask tile, RoPE, dropout."""
-    from .attention_fwd import MASK_BOOL, MASK_NONE, default_config
-
-    block_m, block_n, warps, stages = default_config(head_dim, masked, rope, dropout)
-    consts = dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
-        MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False, INPUT_PRECISION="tf32",
-        UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1, HAS_DROPOUT=dropout, SKIP_TILES=masked,
-        SCALE_IN_EXP=True,  # a positive scale, no softcap/ALiBi/additive mask
-    )  # fmt: skip
-    pointers = {
-        "Rng": "*i64",
-        "BlockIdx": "*i32",
-        "BlockCount": "*i32",
-        "Q": "*bf16",
-        "K": "*bf16",
-        "V": "*bf16",
-        "Out": "*bf16",
-        "Lse": "*fp32",
-        "Mask": "*u8",
-        "Alibi": "*fp32",
-        "Cos": "*bf16",
-        "Sin": "*bf16",
-    }
-    name = (
-        f"attention_fwd_d{head_dim}{'_mask' if masked else ''}{'_rope' if rope else ''}{'_dropout' if dropout else ''}"
-    )
-    ints = _prefill_ints(head_dim, masked, rope)
-    return KernelVariant(name, _attention_fwd, pointers, ("qk_scale", "softcap_log2"), consts, warps, stages, ints)
+def _attention(
+    base: AttentionSpec, head_dim: int = 128, masked: bool = False, rope: int = 0, dropout: bool = False, **dims: Any
+) -> AttentionSpec:
+    """`base` at `head_dim`, with a [B, 1, 1, Nk] key-padding mask, RoPE over `rope` features (rotate-half; the
+    table [N, rope], or [1, rope] when Nq != Nk) and dropout as asked."""
+    spec = replace(base, head_dim=head_dim, v_head_dim=head_dim, scale=head_dim**-0.5, **dims)
+    if masked:
+        spec = replace(spec, mask="key_padding", mask_shape=(spec.batch, 1, 1, spec.kv_len))
+    if rope:
+        spec = replace(spec, rope=RopeSpec("rotate_half", rope, head_dim))
+    return replace(spec, dropout_p=0.1) if dropout else spec
 
 
-def _prefill_ints(d: int, masked: bool, rope: bool) -> dict[str, int]:
-    """Integer arguments of a Llama-3-8B-like prefill launch (Hq 32, Hkv 8, N 4096, contiguous, batch > 1), so the
-    compile gets the specialization a real launch gets (unit strides folded, multiples of 16 marked aligned)."""
-    heads, kv_heads, n = 32, 8, 4096
-    ints: dict[str, int] = {}
-    for t, h, row in (("q", heads, "m"), ("k", kv_heads, "n"), ("v", kv_heads, "n"), ("o", heads, "m")):
-        ints |= {f"stride_{t}b": h * n * d, f"stride_{t}h": n * d, f"stride_{t}{row}": d, f"stride_{t}d": 1}
-    if masked:  # a [B, 1, 1, N] key-padding mask and its block list ([B, 1, 1, N / 64] and [B, 1, 1, 2])
-        ints |= dict(stride_mb=n, stride_mh=0, stride_mm=0, stride_mn=1)
-        ints |= _key_padding_list_ints(n // 128, n // 64, by_key=False)
-    if rope:  # an [N, d] table shared by batch and heads
-        ints |= dict(stride_cb=0, stride_ch=0, stride_cn=d, stride_cd=1)
-        ints |= dict(stride_sb=0, stride_sh=0, stride_sn=d, stride_sd=1)
-    ints |= dict(num_q_heads=heads, group=heads // kv_heads, q_len=n, kv_len=n, head_dim=d, head_dim_v=d)
-    ints |= dict(rotary_dim=d if rope else 0, window=0, pos_offset=0)
-    return ints
+def _suffix(masked: bool = False, rope: int = 0, dropout: bool = False) -> str:
+    return f"{'_mask' if masked else ''}{'_rope' if rope else ''}{'_dropout' if dropout else ''}"
 
 
-def _decode_ints(q_len: int, masked: bool, rope: bool) -> dict[str, int]:
-    """Integer arguments of a Llama-70B-like decode launch (B 4, Hq 64, Hkv 8, Nk 4096, D 128, contiguous)."""
-    heads, kv_heads, kv_len, d = 64, 8, 4096, 128
-    ints = dict(stride_qb=heads * q_len * d, stride_qh=q_len * d, stride_qm=d, stride_qd=1)
-    for t in "kv":
-        kv_strides = (kv_heads * kv_len * d, kv_len * d, d, 1)
-        ints |= {f"stride_{t}{dim}": stride for dim, stride in zip("bhnd", kv_strides, strict=True)}
-    if masked:  # a [B, 1, 1, Nk] key-padding mask and its kept key blocks ([B, 1, Nk / 64] and [B, 1, Nk / 64 + 1])
-        ints.update(stride_mb=kv_len, stride_mh=0, stride_mm=0, stride_mn=1)
-        ints.update(stride_ib=kv_len // 64, stride_ih=0, stride_pb=kv_len // 64 + 1, stride_ph=0)
-    if rope:  # a [1, r] table shared by all positions (the only shape reference.rope_qk allows with Nq != Nk)
-        ints.update(stride_cb=0, stride_ch=0, stride_cn=0, stride_cd=1, stride_sb=0, stride_sh=0, stride_sn=0,
-                    stride_sd=1, rotary_dim=d)  # fmt: skip
-    ints.update(kv_heads=kv_heads, group=heads // kv_heads, q_len=q_len, kv_len=kv_len, head_dim=d, head_dim_v=d,
-                window=0, pos_offset=kv_len - q_len, vis_lo=0, vis_hi=kv_len, split_len=512, num_splits=8,
-                work_splits=8)  # fmt: skip
-    return ints
+def _forward() -> list[Representative]:
+    """The FA2 forward at its launcher's default config: D 64 and 128 with and without a mask tile and RoPE,
+    dropout with a mask or RoPE, D 256."""
+    features = [(d, masked, rope, False) for d in (64, 128) for masked in (False, True) for rope in (False, True)]
+    features += [(128, True, False, True), (128, False, True, True), (256, False, False, False),
+                 (256, False, True, False)]  # fmt: skip
+    entries = []
+    for d, masked, rope, dropout in features:
+        spec = _attention(_PREFILL, d, masked, d if rope else 0, dropout)
+        entries.append(Representative(f"attention_fwd_d{d}{_suffix(masked, rope, dropout)}", "attention", spec,
+                                      family_default(spec, "attention")))  # fmt: skip
+    return entries
 
 
-def decode_variants(head_dim: int = 128) -> list[KernelVariant]:
-    """Split-KV decode at its default configs, bf16: phase 1 for a group of 8 single-row queries (BLOCK_M 16) with
-    and without a mask tile / RoPE, for 64 packed rows (8 heads x 8 speculative tokens), and phase 2."""
-    from .attention_decode import COMBINE_WARPS, decode_config
-    from .attention_fwd import MASK_BOOL, MASK_NONE
-
-    bf16, fp32 = "*bf16", "*fp32"
-    pointers = dict(Q=bf16, K=bf16, V=bf16, Acc=fp32, Stat=fp32, Mask="*u8", Alibi=fp32, Cos=bf16, Sin=bf16,
-                    Rng="*i64", BlockIdx="*i32", BlockPrefix="*i32")  # fmt: skip
-    variants = []
-    for block_m, masked, rope in ((16, False, False), (16, True, False), (16, False, True), (64, False, False)):
-        block_n, warps, stages = decode_config(block_m, head_dim, rope)
-        consts = dict(
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True, USE_WINDOW=False,
-            MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False,
-            INPUT_PRECISION="tf32", UPCAST_DOT=False, ROPE_LAYOUT=0 if rope else -1, HAS_DROPOUT=False,
-            SKIP_TILES=masked,
-        )  # fmt: skip
-        name = f"attention_decode_d{head_dim}_m{block_m}{'_mask' if masked else ''}{'_rope' if rope else ''}"
-        ints = _decode_ints(block_m // 8, masked, rope) if head_dim == 128 else None
-        floats = ("qk_scale", "softcap_log2", "drop_p", "drop_scale")
-        variants.append(KernelVariant(name, _decode_split, pointers, floats, consts, warps, stages, ints))
-    combine = dict(Acc=fp32, Stat=fp32, Out=bf16, Lse=fp32)
-    ints = dict(stride_ob=64 * head_dim, stride_oh=head_dim, stride_om=head_dim, stride_od=1, num_q_heads=64,
-                q_len=1, head_dim_v=head_dim, num_splits=8, work_splits=8)  # fmt: skip
-    variants.append(KernelVariant(f"attention_decode_combine_d{head_dim}", _decode_combine, combine, (),
-                                  dict(BLOCK_S=8, BLOCK_DV=head_dim), COMBINE_WARPS, ints=ints))  # fmt: skip
-    return variants
+def _decode() -> list[Representative]:
+    """Split-KV decode at its default configs and 8 splits: phase 1 for 16 packed rows (8 heads x 2 speculative
+    tokens, BLOCK_M 16) with and without a mask tile / RoPE, for 64 (8 heads x 8 tokens), and phase 2 after a
+    single-token step."""
+    entries = []
+    for q_len, masked, rope in ((2, False, False), (2, True, False), (2, False, True), (8, False, False)):
+        spec = _attention(_DECODE, 128, masked, 128 if rope else 0, q_len=q_len)
+        name = f"attention_decode_d128_m{8 * q_len}{_suffix(masked, rope)}"
+        entries.append(Representative(name, "attention_decode", spec, _decode_config(spec)))
+    step = _attention(_DECODE)  # phase 2 after a single-token step
+    entries.append(Representative("attention_decode_combine_d128", "attention_decode", step, _decode_config(step), 1))
+    return entries
 
 
-def _attention_bwd_dkdv() -> Any:
-    from .attention_bwd import attention_bwd_dkdv_kernel
-
-    return attention_bwd_dkdv_kernel
+def _decode_config(spec: AttentionSpec) -> TileConfig:
+    return replace(family_default(spec, "attention_decode"), num_splits=_DECODE_SPLITS)
 
 
-def _attention_bwd_dq() -> Any:
-    from .attention_bwd import attention_bwd_dq_kernel
+def _backward() -> list[Representative]:
+    """The attention backward's dK/dV and dQ kernels, each at its launcher default: plain, RoPE (rotate-half, the
+    register-permutation epilogue), RoPE over 96 of 128 features (the tl.gather epilogue), dropout, and a
+    key-padding mask with its block lists (tile skipping)."""
+    from .families.attention_backward import ATTENTION_BACKWARD
 
-    return attention_bwd_dq_kernel
-
-
-def backward_ints(forward: dict[str, int]) -> dict[str, int]:
-    """Integer arguments of the attention backward kernels from the forward's (`_prefill_ints`): contiguous dO and
-    dQ strided like O and Q, dK and dV like K and V."""
-    ints = dict(forward)
-    for grad, like, dims in (("g", "o", "bhmd"), ("dq", "q", "bhmd"), ("dk", "k", "bhnd"), ("dv", "v", "bhnd")):
-        ints |= {f"stride_{grad}{dim}": forward[f"stride_{like}{dim}"] for dim in dims}
-    return ints
-
-
-def _key_padding_list_ints(q_blocks: int, kv_blocks: int, by_key: bool) -> dict[str, int]:
-    """Strides of a [B, 1, 1, N] key-padding mask's block list: [B, 1, 1, key blocks] shared by every query block
-    (counts [B, 1, 1, 2]), or by key ([B, 1, key blocks, query blocks], one list per key block; counts
-    [B, 1, key blocks, 2])."""
-    if by_key:
-        return dict(stride_ib=kv_blocks * q_blocks, stride_ih=0, stride_im=q_blocks, stride_nb=2 * kv_blocks,
-                    stride_nh=0, stride_nm=2)  # fmt: skip
-    return dict(stride_ib=kv_blocks, stride_ih=0, stride_im=0, stride_nb=2, stride_nh=0, stride_nm=0)
+    features = (("", 0, False, False), ("_rope", 128, False, False), ("_rope_gather", 96, False, False),
+                ("_dropout", 0, True, False), ("_mask", 0, False, True))  # fmt: skip
+    entries = []
+    for suffix, rope, dropout, masked in features:
+        spec = _attention(_PREFILL, 128, masked, rope, dropout)
+        configs = ATTENTION_BACKWARD.launcher_configs(spec)
+        for kernel, (kind, config) in enumerate(zip(("dkdv", "dq"), configs, strict=True)):
+            entries.append(Representative(f"attention_bwd_{kind}_d128{suffix}", "attention_backward", spec, config,
+                                          kernel))  # fmt: skip
+    return entries
 
 
-def attention_bwd_variants(head_dim: int = 128) -> list[KernelVariant]:
-    """Causal bf16 attention backward (dK/dV and dQ kernels) at `backward_config` with a Llama-like prefill's ints:
-    plain, RoPE (rotate-half, the register-permutation epilogue), RoPE with a non-power-of-two span (rotary dim 96:
-    the tl.gather epilogue), dropout, and a key-padding mask with its block lists (tile skipping)."""
-    from .attention_args import backward_config
-    from .attention_fwd import MASK_BOOL, MASK_NONE
-
-    bf16, fp32 = "*bf16", "*fp32"
-    pointers = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DQ=bf16, DK=bf16, DV=bf16, Lse=fp32, Delta=fp32, Mask="*u8",
-                    Alibi=fp32, Cos=bf16, Sin=bf16, Rng="*i64", BlockIdx="*i32", BlockCount="*i32")  # fmt: skip
-    floats = ("sm_scale", "qk_scale", "softcap_log2", "drop_p", "drop_scale")
-    variants = []
-    features = (  # (suffix, RoPE layout, SWAP_SPAN, dropout, mask)
-        ("", -1, 0, False, False), ("_rope", 0, head_dim, False, False), ("_rope_gather", 0, 0, False, False),
-        ("_dropout", -1, 0, True, False), ("_mask", -1, 0, False, True),
-    )  # fmt: skip
-    for suffix, layout, span, dropout, masked in features:
-        configs = backward_config(head_dim, masked, layout >= 0, dropout)
-        forward = _prefill_ints(head_dim, masked, layout >= 0)
-        if layout >= 0 and not span:
-            forward["rotary_dim"] = 3 * head_dim // 4
-        for kind, kernel, config in (("dkdv", _attention_bwd_dkdv, configs[0]), ("dq", _attention_bwd_dq, configs[1])):
-            consts = dict(
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim, CAUSAL=True,
-                USE_WINDOW=False, MASK_KIND=MASK_BOOL if masked else MASK_NONE, HAS_SOFTCAP=False, HAS_ALIBI=False,
-                INPUT_PRECISION="tf32", UPCAST_DOT=False, ROPE_LAYOUT=layout, SWAP_SPAN=span, HAS_DROPOUT=dropout,
-                SKIP_TILES=masked,
-            )  # fmt: skip
-            ints = backward_ints(forward)
-            if masked:
-                n = forward["q_len"]
-                ints |= _key_padding_list_ints(n // config.block_m, n // config.block_n, kind == "dkdv")
-            name = f"attention_bwd_{kind}_d{head_dim}{suffix}"
-            variants.append(
-                KernelVariant(name, kernel, pointers, floats, consts, config.num_warps, config.num_stages, ints)
-            )
-    return variants
-
-
-def default_variants() -> list[KernelVariant]:
-    """Representative specs of every family at the launch options their launchers use (bf16, Llama-like sizes)."""
-    bf16 = "*bf16"
-    variants = [
-        attention_variant(d, masked, rope) for d in (64, 128) for masked in (False, True) for rope in (False, True)
-    ]
-    variants += [
-        attention_variant(d, masked, rope, dropout=True) for d, masked, rope in ((128, True, False), (128, False, True))
-    ]
-    variants += [attention_variant(256, False, rope) for rope in (False, True)]
-    variants += decode_variants()
-    variants += attention_bwd_variants()
-    variants += norm_variants()
-    rope_ptrs = {"X": bf16, "COS": bf16, "SIN": bf16, "Y": bf16}
-    for layout, name in ((0, "rotate_half"), (1, "interleaved")):
-        consts = dict(BLOCK_ROWS=16, BLOCK_HALF=64, BLOCK_TAIL=64, LAYOUT=layout, BACKWARD=False, HAS_TAIL=True)
-        variants.append(KernelVariant(f"rope_{name}", _rope, rope_ptrs, (), consts, 4))
-    return variants
-
-
-def norm_variants(widths: tuple[int, ...] = (4096, 8192, 16384, 32768)) -> list[KernelVariant]:
+def _norms(widths: tuple[int, ...] = (4096, 8192, 16384, 32768)) -> list[Representative]:
     """bf16 RMSNorm (weight) and LayerNorm (weight, bias) with a residual add, forward and backward (16384 rows over
     132 programs), at the launcher's defaults for each width: whole rows up to `norm_kernels.MAX_ROW_BLOCK`, the
     chunked kernels beyond (named `..._chunk<columns>`). Width 4096 keeps the short names (`rms_norm_fwd`)."""
-    from .norm_kernels import default_row_block, default_warps, is_chunked
+    from .norm_kernels import default_row_block, is_chunked
 
-    fwd_ptrs = {n: "*bf16" for n in ("X", "RES", "W", "B", "Y", "SUM")} | {"MEAN": "*fp32", "RSTD": "*fp32"}
-    bwd_ptrs = {n: "*bf16" for n in ("G", "X", "W", "DX")} | {n: "*fp32" for n in ("MEAN", "RSTD", "DW_PARTIAL",
-                                                                                      "DB_PARTIAL")}  # fmt: skip
-    variants = []
+    entries = []
     for width in widths:
         block = default_row_block(width)
-        chunked = is_chunked(width, block)
-        size, warps = {"CHUNK" if chunked else "BLOCK": block}, default_warps(block, chunked)
-        suffix = "" if width == 4096 else f"_{width}" + (f"_chunk{block}" if chunked else "")
+        suffix = "" if width == 4096 else f"_{width}" + (f"_chunk{block}" if is_chunked(width, block) else "")
         for rms in (True, False):
-            kind = "rms" if rms else "layer"
-            fwd = size | dict(RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=True, EPS_MODE=0)
-            variants.append(KernelVariant(
-                f"{kind}_norm_fwd{suffix}", _norm_fwd_chunked if chunked else _norm_fwd, fwd_ptrs,
-                ("eps", "weight_offset", "norm_scale"), fwd, warps, ints={"width": width},
-            ))  # fmt: skip
-            ints = {"rows": 16384, "width": width, "rows_per_program": 125}
-            variants.append(KernelVariant(
-                f"{kind}_norm_bwd{suffix}", _norm_bwd_chunked if chunked else _norm_bwd, bwd_ptrs,
-                ("weight_offset", "eps", "norm_scale"), size | dict(RMS=rms, HAS_WEIGHT=True, EPS_MODE=0), warps,
-                ints=ints,
-            ))  # fmt: skip
-    return variants
+            spec = NormSpec("rmsnorm" if rms else "layernorm", width, (16384, width), "bfloat16", 1e-5,
+                            has_bias=not rms, residual=True, out_dtype="bfloat16")  # fmt: skip
+            for family, kind in (("norm", "fwd"), ("norm_backward", "bwd")):
+                entries.append(Representative(f"{'rms' if rms else 'layer'}_norm_{kind}{suffix}", family, spec,
+                                              family_default(spec, family)))  # fmt: skip
+    return entries
+
+
+def _ropes() -> list[Representative]:
+    """Standalone RoPE over 128 of 192 features (a rotated half and an unrotated tail of 64 each) of a [2, 32,
+    4096, 192] bf16 tensor [B, H, N, D], both layouts, at the launcher's default config."""
+    entries = []
+    for layout in ("rotate_half", "interleaved"):
+        spec = RopeSpec(layout, 128, 192, (2, 32, 4096, 192), "bfloat16")
+        entries.append(Representative(f"rope_{layout}", "rope", spec, family_default(spec, "rope")))
+    return entries
+
+
+def family_default(spec: Spec, family: str) -> TileConfig:
+    """The config the launcher of `family` uses for `spec` when given none."""
+    from .families import default_config
+
+    return default_config(spec, family)
+
+
+def representatives() -> list[Representative]:
+    """The kernels compile-check reports by default: representative Specs of every family (bf16, Llama-like sizes)
+    at the launch options their launchers use."""
+    return _forward() + _decode() + _backward() + _norms() + _ropes()
+
+
+def representative_variant(entry: Representative) -> KernelVariant:
+    """The compile-check variant of `entry`, built by its family record and given the entry's name."""
+    from .families import family_record
+
+    record = family_record(entry.family)
+    return replace(record.checked_variants(record.check(entry.spec), entry.config)[entry.kernel], name=entry.name)
+
+
+def default_variants() -> list[KernelVariant]:
+    """Every representative kernel, at the launch options its launcher uses (`representatives`)."""
+    return [representative_variant(entry) for entry in representatives()]
+
+
+def decode_variants() -> list[KernelVariant]:
+    """The split-KV decode kernels of `representatives`: phase 1 (BLOCK_M 16 plain, masked, RoPE; BLOCK_M 64),
+    then phase 2."""
+    return [representative_variant(entry) for entry in _decode()]
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

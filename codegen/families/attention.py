@@ -11,14 +11,13 @@ plan counts the list as if no tile is skipped and every visited tile loads the m
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from tilefuse.codegen import compile_check
 from tilefuse.codegen.attention_fwd import MAX_HEAD_DIM, pow2_block, scale_in_exp
 from tilefuse.codegen.attention_fwd import default_config as fwd_default
+from tilefuse.codegen.kernel_variant import KernelVariant, attention_fwd_kernel
 from tilefuse.codegen.launch_configs import LaunchKey, attention_key
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import AttentionSpec, kernel_mask_kind, rope_layout_code
@@ -93,13 +92,39 @@ def attention_ints(spec: AttentionSpec) -> dict[str, int]:
         "pos_offset": nk - nq if spec.align == "bottom_right" else 0,
     }  # fmt: skip
     if spec.mask != "none":
-        shape = tuple(int(s or 1) for s in spec.mask_shape) or (b, hq, nq, nk)
-        shape = (1,) * (4 - len(shape)) + shape
+        shape = mask_dims(spec)
         ints.update(_named("mb mh mm mn", _strides(shape, tuple(s == 1 for s in shape))))
-    if spec.rope:  # a [N, rotary_dim] table broadcast over batch and heads
-        table = _strides((1, 1, max(nq, nk), spec.rope.rotary_dim), (True, True, False, False))
+    if spec.rope:  # an [N, rotary_dim] table broadcast over batch and heads; [1, rotary_dim] when Nq != Nk (the
+        # only table reference.rope_qk broadcasts to both q and k then, e.g. decode)
+        rows = nq if nq == nk else 1
+        table = _strides((1, 1, rows, spec.rope.rotary_dim), (True, True, rows == 1, False))
         ints.update(_named("cb ch cn cd", table) | _named("sb sh sn sd", table))
     return ints
+
+
+def mask_dims(spec: AttentionSpec) -> tuple[int, ...]:
+    """The Spec's mask shape left-padded to 4 dims [B, H, Nq, Nk] (no shape recorded: a full mask)."""
+    b, hq, nq, nk = (int(d or 1) for d in (spec.batch, spec.q_heads, spec.q_len, spec.kv_len))
+    shape = tuple(int(s or 1) for s in spec.mask_shape) or (b, hq, nq, nk)
+    return (1,) * (4 - len(shape)) + shape
+
+
+def block_list_ints(spec: AttentionSpec, block_m: int, block_n: int, by_key: bool = False) -> dict[str, int]:
+    """Strides of the block list the launchers pass with a mask tensor (`attention_args.mask_block_list`: index
+    [Bm, Hm, outer, inner] and counts [Bm, Hm, outer, 2], contiguous, stride 0 where a dim has size 1). Outer blocks
+    are query blocks, one shared by all of them when neither the mask's rows nor causal/window depend on the query
+    block; by_key (the dK/dV kernel's list): key blocks, each listing query blocks. {} without a mask tensor."""
+    if spec.mask == "none":
+        return {}
+    mask_b, mask_h, mask_rows = mask_dims(spec)[:3]
+    q_blocks = -(-static("q_len", spec.q_len) // block_m)
+    kv_blocks = -(-static("kv_len", spec.kv_len) // block_n)
+    shared = mask_rows == 1 and not (spec.causal or spec.window)
+    outer, inner = (kv_blocks, q_blocks) if by_key else (1 if shared else q_blocks, kv_blocks)
+    broadcast = (mask_b == 1, mask_h == 1, outer == 1)
+    index = _strides((mask_b, mask_h, outer, inner), (*broadcast, False))[:3]
+    count = _strides((mask_b, mask_h, outer, 2), (*broadcast, False))[:3]
+    return _named("ib ih im", index) | _named("nb nh nm", count)
 
 
 def attention_consts(spec: AttentionSpec, blocks: tuple[int, ...]) -> dict[str, Any]:
@@ -249,17 +274,15 @@ class AttentionFamily(KernelFamily[AttentionSpec]):
             return [f"blocks {config.block_m}x{config.block_n} shrink to {blocks[0]}x{blocks[1]}"]
         return []
 
-    def variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[compile_check.KernelVariant, ...]:
-        base = compile_check.attention_variant(spec.head_dim, spec.mask != "none", spec.rope is not None)
+    def variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
         blocks = self.blocks(spec, config)
-        consts: dict[str, Any] = {k: False for k in base.constexprs if k.startswith("HAS_")}
-        consts.update(base.constexprs)
-        consts.update(attention_consts(spec, blocks))
+        consts = attention_consts(spec, blocks)
         consts["SCALE_IN_EXP"] = scale_in_exp(spec.scale, spec.softcap or 0.0, spec.alibi, consts["MASK_KIND"])
-        pointers = dict(base.pointers) | attention_pointers(spec, "Q K V Out")
-        return (dataclasses.replace(
-            base, name=launch_name(base.name, blocks, config), pointers=pointers, constexprs=consts,
-            num_warps=config.num_warps, num_stages=config.num_stages, ints=attention_ints(spec),
+        ints = attention_ints(spec) | block_list_ints(spec, blocks[0], blocks[1])
+        name = f"attention_fwd_d{spec.head_dim}{'_mask' if spec.mask != 'none' else ''}{'_rope' if spec.rope else ''}"
+        return (KernelVariant(
+            launch_name(name, blocks, config), attention_fwd_kernel, attention_pointers(spec, "Q K V Out", "Lse"),
+            ("qk_scale", "softcap_log2"), consts, config.num_warps, config.num_stages, ints,
         ),)  # fmt: skip
 
     def launch_key(self, spec: AttentionSpec) -> LaunchKey | None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from tilefuse.codegen import compile_check
 from tilefuse.codegen.attention_args import RopeArgs, backward_config, rope_swap_span
+from tilefuse.codegen.kernel_variant import KernelVariant, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import AttentionSpec, rope_layout_code
 
@@ -31,6 +31,7 @@ from .attention import (
     attention_consts,
     attention_ints,
     attention_pointers,
+    block_list_ints,
     launch_name,
     mask_bytes,
     pos_offset,
@@ -146,8 +147,14 @@ class AttentionBackwardFamily(AttentionFamily):
                num_stages=(1, 2, 3))  # fmt: skip
 
     def launcher_default(self, spec: AttentionSpec) -> TileConfig:
+        return self.launcher_configs(spec)[0]
+
+    def launcher_configs(self, spec: AttentionSpec) -> tuple[TileConfig, TileConfig]:
+        """The dK/dV and the dQ kernel's configs when the launcher is given none (each kernel has its own; a plan
+        of the family reads the dK/dV kernel's)."""
         masked, rope, dropout = spec.mask != "none", spec.rope is not None, bool(spec.dropout_p)
-        return TileConfig(*backward_config(max(spec.head_dim, spec.v_head_dim), masked, rope, dropout)[0])
+        dkdv, dq = backward_config(max(spec.head_dim, spec.v_head_dim), masked, rope, dropout)
+        return TileConfig(*dkdv), TileConfig(*dq)
 
     def dims(self, spec: AttentionSpec, config: TileConfig) -> BwdDims:
         block_m, block_n = self.blocks(spec, config)[:2]
@@ -193,7 +200,7 @@ class AttentionBackwardFamily(AttentionFamily):
         bm, bn, bd, bdv = self.blocks(spec, config)
         return self.smem_bytes(spec, config) + 4 * (bn * (bd + bdv) + 2 * bm * bn)
 
-    def variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[compile_check.KernelVariant, ...]:
+    def variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
         """The dK/dV and the dQ kernel, both at the plan's knobs (as the launcher runs them when given knobs); the
         small preprocess kernel is left out."""
         blocks = self.blocks(spec, config)
@@ -201,14 +208,24 @@ class AttentionBackwardFamily(AttentionFamily):
         rope = RopeArgs(None, None, (), (), spec.rope.rotary_dim if spec.rope else 0, layout)
         consts = attention_consts(spec, blocks) | {"SWAP_SPAN": rope_swap_span(rope)}
         pointers = attention_pointers(spec, "Q K V DO DQ DK DV", "Lse Delta")
-        ints = compile_check.backward_ints(attention_ints(spec))
+        ints = backward_ints(attention_ints(spec))
         floats = ("sm_scale", "qk_scale", "softcap_log2", "drop_p", "drop_scale")
-        kernels = (("dkdv", compile_check._attention_bwd_dkdv), ("dq", compile_check._attention_bwd_dq))
+        kernels = (("dkdv", attention_bwd_dkdv_kernel, True), ("dq", attention_bwd_dq_kernel, False))
         return tuple(
-            compile_check.KernelVariant(launch_name(f"attention_bwd_{kind}_d{spec.head_dim}", blocks, config), loader,
-                                        pointers, floats, consts, config.num_warps, config.num_stages, ints)
-            for kind, loader in kernels
+            KernelVariant(launch_name(f"attention_bwd_{kind}_d{spec.head_dim}", blocks, config), loader, pointers,
+                          floats, consts, config.num_warps, config.num_stages,
+                          ints | block_list_ints(spec, blocks[0], blocks[1], by_key))
+            for kind, loader, by_key in kernels
         )  # fmt: skip
+
+
+def backward_ints(forward: dict[str, int]) -> dict[str, int]:
+    """Integer arguments of the backward kernels from the forward's (`attention_ints`): contiguous dO and dQ strided
+    like O and Q, dK and dV like K and V."""
+    ints = dict(forward)
+    for grad, like, dims in (("g", "o", "bhmd"), ("dq", "q", "bhmd"), ("dk", "k", "bhnd"), ("dv", "v", "bhnd")):
+        ints |= {f"stride_{grad}{dim}": forward[f"stride_{like}{dim}"] for dim in dims}
+    return ints
 
 
 ATTENTION_BACKWARD = AttentionBackwardFamily()

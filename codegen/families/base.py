@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-from tilefuse.codegen.compile_check import KernelVariant
+from tilefuse.codegen.kernel_variant import KernelVariant
 from tilefuse.codegen.launch_configs import LaunchKey
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
@@ -176,6 +176,11 @@ class KernelFamily(Generic[S]):
         """The kernels a launch runs whose resources depend on the knobs, main kernel first, as compile-check
         variants with launch-like integer specialization."""
         raise NotImplementedError
+
+    def checked_variants(self, spec: S, config: TileConfig) -> tuple[KernelVariant, ...]:
+        """The kernels compile-check reports for a launch at `config`: `variants`, then any fixed helper kernel
+        whose resources the cost model leaves out (decode's phase 2)."""
+        return self.variants(spec, config)
 
     def launch_key(self, spec: S) -> LaunchKey | None:
         """The key a launch of `spec` looks its tuned config up by (codegen/launch_configs.py); None: no key."""

@@ -8,8 +8,10 @@ program per query row, `combine_grid`) loads the working splits' partials and st
 
 from __future__ import annotations
 
-from tilefuse.codegen import compile_check
+import triton
+
 from tilefuse.codegen.attention_decode import (
+    COMBINE_WARPS,
     MAX_DECODE_ROWS,
     SplitLayout,
     decode_config,
@@ -18,6 +20,7 @@ from tilefuse.codegen.attention_decode import (
     use_decode,
 )
 from tilefuse.codegen.attention_fwd import pow2_block
+from tilefuse.codegen.kernel_variant import KernelVariant, decode_combine_kernel, decode_split_kernel
 from tilefuse.codegen.reference import AttnFlags
 from tilefuse.codegen.tile_config import HEURISTIC_SPLITS, TileConfig
 from tilefuse.specs import AttentionSpec
@@ -32,6 +35,7 @@ from .attention import (
     group,
     launch_name,
     mask_bytes,
+    mask_dims,
     rope_row_bytes,
 )
 from .base import BLOCK_LIST_BYTES, F32_BYTES, RNG_BYTES, Costs, PlanCosts, is_static, itemsize, knobs, static
@@ -121,16 +125,46 @@ class DecodeFamily(AttentionFamily):
             return [f"num_splits={config.num_splits}: only {layout.work_splits} splits have key blocks"]
         return []
 
-    def variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[compile_check.KernelVariant, ...]:
+    def variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
         """Phase 1 (the split kernel; phase 2 is a fixed, small combine) at the plan's split layout."""
         layout, blocks = self.decode_layout(spec, config), self.blocks(spec, config)
         ints = attention_ints(spec) | {"kv_heads": int(spec.kv_heads or 1)} | layout._asdict()
+        ints |= self.kept_blocks_ints(spec, blocks[1])
         floats = ("qk_scale", "softcap_log2", "drop_p", "drop_scale")
         name = launch_name(f"attention_decode_d{spec.head_dim}", blocks, config) + f"_splits{layout.num_splits}"
-        return (compile_check.KernelVariant(
-            name, compile_check._decode_split, attention_pointers(spec, "Q K V", "Acc Stat"), floats,
+        return (KernelVariant(
+            name, decode_split_kernel, attention_pointers(spec, "Q K V", "Acc Stat"), floats,
             attention_consts(spec, blocks), config.num_warps, config.num_stages, ints,
         ),)  # fmt: skip
+
+    @staticmethod
+    def kept_blocks_ints(spec: AttentionSpec, block_n: int) -> dict[str, int]:
+        """Strides of the kept-block list the launcher passes with a mask tensor (`attention_args.mask_kept_blocks`:
+        index [Bm, Hkv or 1, key blocks] and prefix [Bm, Hkv or 1, key blocks + 1], stride 0 on size-1 dims)."""
+        if spec.mask == "none":
+            return {}
+        mask_b, mask_h = mask_dims(spec)[:2]
+        heads = int(spec.kv_heads or 1) if mask_h > 1 else 1
+        kv_blocks = -(-static("kv_len", spec.kv_len) // block_n)
+        ints: dict[str, int] = {}
+        for names, inner in (("ib ih", kv_blocks), ("pb ph", kv_blocks + 1)):
+            strides = (heads * inner if mask_b > 1 else 0, inner if heads > 1 else 0)
+            ints |= {f"stride_{n}": stride for n, stride in zip(names.split(), strides, strict=True)}
+        return ints
+
+    def combine_variant(self, spec: AttentionSpec, config: TileConfig) -> KernelVariant:
+        """Phase 2 (one program per query row) after a phase 1 at `config`: BLOCK_S covers its split count."""
+        layout, blocks = self.decode_layout(spec, config), self.blocks(spec, config)
+        ints = {k: v for k, v in attention_ints(spec).items() if k.startswith("stride_o")}
+        ints |= dict(num_q_heads=int(spec.q_heads or 1), q_len=int(spec.q_len or 1), head_dim_v=spec.v_head_dim,
+                     num_splits=layout.num_splits, work_splits=layout.work_splits)  # fmt: skip
+        pointers = attention_pointers(spec, "Out", "Acc Stat Lse")
+        consts = dict(BLOCK_S=triton.next_power_of_2(layout.num_splits), BLOCK_DV=blocks[3])
+        name = f"attention_decode_combine_d{spec.head_dim}_splits{layout.num_splits}"
+        return KernelVariant(name, decode_combine_kernel, pointers, (), consts, COMBINE_WARPS, ints=ints)
+
+    def checked_variants(self, spec: AttentionSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
+        return (*self.variants(spec, config), self.combine_variant(spec, config))
 
 
 DECODE = DecodeFamily()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tilefuse.codegen import compile_check
 from tilefuse.codegen import norm_kernels as kernels
+from tilefuse.codegen.kernel_variant import KernelVariant, norm_fwd_chunked_kernel, norm_fwd_kernel
 from tilefuse.codegen.launch_configs import LaunchKey, norm_key, shape_rows
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import NormSpec, eps_mode_code
@@ -88,15 +88,15 @@ class NormFamily(KernelFamily[NormSpec]):
             return {"CHUNK": block}, f"_c{block}"
         return {"BLOCK": block}, ""
 
-    def variants(self, spec: NormSpec, config: TileConfig) -> tuple[compile_check.KernelVariant, ...]:
+    def variants(self, spec: NormSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
         pointers = {n: pointer_type(spec.dtype) for n in ("X", "RES", "W", "B", "SUM")}
         pointers.update(Y=pointer_type(spec.out_dtype), MEAN="*fp32", RSTD="*fp32")
         size, suffix = self.size_consts(spec, config)
         consts = size | {"RMS": spec.norm == "rmsnorm", "HAS_WEIGHT": spec.has_weight, "HAS_BIAS": spec.has_bias,
                          "HAS_RESIDUAL": spec.residual, "EPS_MODE": eps_mode_code(spec.eps_mode)}  # fmt: skip
         name = f"{spec.norm}_fwd_width{spec.width}_w{config.num_warps}{suffix}"
-        kernel = compile_check._norm_fwd_chunked if self.norm_chunked(spec, config) else compile_check._norm_fwd
-        return (compile_check.KernelVariant(
+        kernel = norm_fwd_chunked_kernel if self.norm_chunked(spec, config) else norm_fwd_kernel
+        return (KernelVariant(
             name, kernel, pointers, ("eps", "weight_offset", "norm_scale"), consts, config.num_warps,
             ints={"width": spec.width},
         ),)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from tilefuse.codegen import compile_check
+from tilefuse.codegen.kernel_variant import KernelVariant, norm_bwd_chunked_kernel, norm_bwd_kernel
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import NormSpec, eps_mode_code
 
@@ -78,7 +78,7 @@ class NormBackwardFamily(NormFamily):
             return [f"num_splits={config.num_splits} programs for {rows} rows"]
         return reasons
 
-    def variants(self, spec: NormSpec, config: TileConfig) -> tuple[compile_check.KernelVariant, ...]:
+    def variants(self, spec: NormSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
         (programs,) = self.grid(spec, config)
         rows = spec_rows(spec)
         pointers = {n: pointer_type(spec.dtype) for n in ("G", "X", "W", "DX")}
@@ -88,8 +88,8 @@ class NormBackwardFamily(NormFamily):
                          "EPS_MODE": eps_mode_code(spec.eps_mode)}  # fmt: skip
         ints = {"rows": rows, "width": spec.width, "rows_per_program": -(-rows // programs)}
         name = f"{spec.norm}_bwd_width{spec.width}_w{config.num_warps}_p{programs}{suffix}"
-        kernel = compile_check._norm_bwd_chunked if self.norm_chunked(spec, config) else compile_check._norm_bwd
-        return (compile_check.KernelVariant(
+        kernel = norm_bwd_chunked_kernel if self.norm_chunked(spec, config) else norm_bwd_kernel
+        return (KernelVariant(
             name, kernel, pointers, ("weight_offset", "eps", "norm_scale"), consts, config.num_warps, ints=ints
         ),)  # fmt: skip
 

@@ -4,9 +4,11 @@ with the same knobs, so RoPE has no backward family."""
 
 from __future__ import annotations
 
+import math
+
 import triton
 
-from tilefuse.codegen import compile_check
+from tilefuse.codegen.kernel_variant import KernelVariant, rope_kernel
 from tilefuse.codegen.launch_configs import LaunchKey, rope_key, shape_rows
 from tilefuse.codegen.rope_kernels import DEFAULT_BLOCK_ROWS, DEFAULT_WARPS
 from tilefuse.codegen.tile_config import TileConfig
@@ -56,21 +58,29 @@ class RopeFamily(KernelFamily[RopeSpec]):
             return [f"block_m={config.block_m} rows per program for {rows} rows"]
         return []
 
-    def variants(self, spec: RopeSpec, config: TileConfig) -> tuple[compile_check.KernelVariant, ...]:
+    def variants(self, spec: RopeSpec, config: TileConfig) -> tuple[KernelVariant, ...]:
         block_rows, block_half, block_tail = self.blocks(spec, config)
         pointers = {n: pointer_type(spec.dtype) for n in ("X", "COS", "SIN", "Y")}
         consts = dict(
             BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, LAYOUT=rope_layout_code(spec.layout),
             BACKWARD=False, HAS_TAIL=spec.rotary_dim < spec.head_dim,
         )  # fmt: skip
-        rows = 1
-        for dim in spec.shape[:-1]:
-            rows *= int(dim or 1)
-        ints = {"rows": rows, "head_dim": spec.head_dim, "half": spec.rotary_dim // 2}
+        ints = self.launch_ints(spec)
         name = f"rope_{spec.layout}_d{spec.head_dim}_r{spec.rotary_dim}_rows{block_rows}_w{config.num_warps}"
-        return (compile_check.KernelVariant(
-            name, compile_check._rope, pointers, (), consts, config.num_warps, ints=ints
+        return (KernelVariant(
+            name, rope_kernel, pointers, (), consts, config.num_warps, ints=ints
         ),)  # fmt: skip
+
+    @staticmethod
+    def launch_ints(spec: RopeSpec) -> dict[str, int]:
+        """The launcher's integer arguments for x of `spec.shape` (leading dims padded to [B, H, N]) and an
+        [N, rotary_dim] cos/sin table broadcast over B and H (the Spec does not record the table's shape)."""
+        lead = (1,) * (4 - len(spec.shape)) + tuple(int(d or 1) for d in spec.shape[:-1])
+        ints = {"rows": math.prod(lead), "dim1": lead[1], "dim2": lead[2], "head_dim": spec.head_dim,
+                "half": spec.rotary_dim // 2}  # fmt: skip
+        for table in ("cos", "sin"):
+            ints |= {f"{table}_s{i}": stride for i, stride in enumerate((0, 0, spec.rotary_dim, 1))}
+        return ints
 
     def launch_key(self, spec: RopeSpec) -> LaunchKey | None:
         if not spec.shape:

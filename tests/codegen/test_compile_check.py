@@ -3,6 +3,7 @@ do not spill."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 from _sm90 import compile_in_child
@@ -38,6 +39,22 @@ def test_every_kernel_compiles_without_spills() -> None:
         for name in ("attention_fwd_d128", "attention_fwd_d128_mask"):
             clean, masked = by_name[name]["loop_instructions"]
             assert 0 < clean < masked, (arch, name, clean, masked)
+
+
+def test_the_default_kernels_come_from_the_family_records() -> None:
+    """Compile-check derives no constexpr itself: each kernel is a record's variant for a representative Spec, with
+    the launch-like ints a launch passes (a mask tensor's block-list strides included)."""
+    from tilefuse.codegen.compile_check import default_variants, representatives
+    from tilefuse.codegen.families import FAMILIES
+
+    entries, variants = representatives(), default_variants()
+    assert len({entry.name for entry in entries}) == len(variants) == 45
+    for entry, variant in zip(entries, variants, strict=True):
+        built = FAMILIES[entry.family].checked_variants(entry.spec, entry.config)[entry.kernel]
+        assert variant == dataclasses.replace(built, name=entry.name)
+        assert variant.ints, entry.name
+        masked = variant.constexprs.get("MASK_KIND", 0) != 0
+        assert masked == ("stride_ib" in variant.ints), entry.name
 
 
 SASS = """

@@ -57,3 +57,40 @@ def test_a_record_refuses_a_spec_of_another_kind() -> None:
         _ = TiledPlan(ROPE, TileConfig(), "norm").grid
     with pytest.raises(ValueError, match="kernel family"):
         _ = TiledPlan(ROPE, TileConfig(), "attention_fwd").grid  # the plan's old name of the FA2 forward is gone
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 200), (2, 4, 100, 200), (1, 4, 100, 200)])
+def test_block_list_strides_are_the_launchers(causal: bool, mask_shape: tuple[int, ...]) -> None:
+    """The mask block-list strides a record's variants carry are those of the lists the launchers build."""
+    import torch
+
+    from tilefuse.codegen.attention_args import mask_block_list, mask_kept_blocks
+    from tilefuse.codegen.families.attention import block_list_ints
+    from tilefuse.codegen.families.decode import DecodeFamily
+    from tilefuse.codegen.op_schema import AttnFlags
+
+    spec = AttentionSpec(2, 4, 2, 100, 200, 64, 64, "bfloat16", 0.125, causal, mask="boolean", mask_shape=mask_shape,
+                         gqa_group=2)  # fmt: skip
+    mask, flags = torch.ones(mask_shape, dtype=torch.bool), AttnFlags.from_spec(spec)
+    for block_m, block_n, by_key in ((32, 64, False), (64, 32, True), (128, 128, False)):
+        tiles = mask_block_list(mask, 100, 200, block_m, block_n, flags, by_key)
+        expected = dict(zip(["ib", "ih", "im", "nb", "nh", "nm"], tiles.strides(), strict=True))
+        assert block_list_ints(spec, block_m, block_n, by_key) == {f"stride_{k}": v for k, v in expected.items()}
+    kept = mask_kept_blocks(mask, 100, 200, 32, 2)
+    strides = dict(zip(["ib", "ih", "pb", "ph"], kept.strides(), strict=True))
+    assert DecodeFamily.kept_blocks_ints(spec, 32) == {f"stride_{k}": v for k, v in strides.items()}
+
+
+def test_rope_launch_ints_are_the_launchers() -> None:
+    """RoPE's variant carries the launcher's ints: rows and x's leading dims, and an [N, rotary_dim] table's
+    strides broadcast to them (`rope_kernels._launch`)."""
+    import torch
+
+    from tilefuse.codegen.families.rope import RopeFamily
+
+    spec = RopeSpec("rotate_half", 96, 128, (2, 8, 64, 128), "bfloat16")
+    table = torch.empty(64, 96).expand(2, 8, 64, 96).stride()
+    expected = {"rows": 2 * 8 * 64, "dim1": 8, "dim2": 64, "head_dim": 128, "half": 48}
+    expected |= {f"{t}_s{i}": stride for t in ("cos", "sin") for i, stride in enumerate(table)}
+    assert RopeFamily.launch_ints(spec) == expected
