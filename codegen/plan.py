@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tilefuse.codegen.attention_decode import SplitLayout
-from tilefuse.codegen.compile_check import KernelVariant
 from tilefuse.codegen.families import KernelFamily, family_record, kernel_family
 from tilefuse.codegen.families.attention import AttentionFamily
 from tilefuse.codegen.families.attention_backward import AttentionBackwardFamily, BackwardCosts
 from tilefuse.codegen.families.base import itemsize, static
 from tilefuse.codegen.families.decode import DecodeFamily
 from tilefuse.codegen.families.norm import NormFamily
+from tilefuse.codegen.kernel_variant import KernelVariant
 from tilefuse.codegen.tile_config import TileConfig
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec
 

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from tilefuse.codegen.compile_check import ARCHES, KernelVariant, compile_kernel, kernel_resources
+from tilefuse.codegen.compile_check import ARCHES, compile_kernel, kernel_resources
+from tilefuse.codegen.kernel_variant import KernelVariant
 from tilefuse.codegen.plan import TiledPlan
 
 from .cache import FeatureCache, default_cache
