@@ -74,6 +74,12 @@ def _strides(shape: tuple[int, ...], broadcast: tuple[bool, ...] | None = None) 
     return [0 if b else s for s, b in zip(strides, broadcast, strict=True)] if broadcast else strides
 
 
+def _expanded(shape: tuple[int, ...], full: tuple[int, ...]) -> list[int]:
+    """Strides of a contiguous tensor of `shape` expanded to `full` as the launchers do (Tensor.expand): stride 0
+    only where a dim of size 1 grows; a size-1 dim that stays 1 keeps its stride."""
+    return _strides(shape, tuple(s == 1 and f != 1 for s, f in zip(shape, full, strict=True)))
+
+
 def _named(names: str, strides: list[int]) -> dict[str, int]:
     return {f"stride_{n}": s for n, s in zip(names.split(), strides, strict=True)}
 
@@ -92,12 +98,11 @@ def attention_ints(spec: AttentionSpec) -> dict[str, int]:
         "pos_offset": nk - nq if spec.align == "bottom_right" else 0,
     }  # fmt: skip
     if spec.mask != "none":
-        shape = mask_dims(spec)
-        ints.update(_named("mb mh mm mn", _strides(shape, tuple(s == 1 for s in shape))))
+        ints.update(_named("mb mh mm mn", _expanded(mask_dims(spec), (b, hq, nq, nk))))
     if spec.rope:  # an [N, rotary_dim] table broadcast over batch and heads; [1, rotary_dim] when Nq != Nk (the
         # only table reference.rope_qk broadcasts to both q and k then, e.g. decode)
         rows = nq if nq == nk else 1
-        table = _strides((1, 1, rows, spec.rope.rotary_dim), (True, True, rows == 1, False))
+        table = _expanded((1, 1, rows, spec.rope.rotary_dim), (b, hq, nq, spec.rope.rotary_dim))
         ints.update(_named("cb ch cn cd", table) | _named("sb sh sn sd", table))
     return ints
 
