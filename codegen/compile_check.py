@@ -11,20 +11,60 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tilefuse.specs import AttentionSpec, NormSpec, RopeSpec, Spec
 
+from . import kernel_variant as kv
 from .kernel_variant import KernelVariant
 from .tile_config import TileConfig
 
-__all__ = ["ARCHES", "CompileResult", "KernelVariant", "Representative", "compile_check", "compile_kernel",
+__all__ = ["ARCHES", "CompileResult", "KernelVariant", "LoopMix", "Representative", "compile_check", "compile_kernel",
            "compile_variant", "decode_variants", "default_variants", "kernel_resources", "loop_instructions",
-           "representative_variant", "representatives"]  # fmt: skip
+           "loop_mix", "representative_variant", "representatives"]  # fmt: skip
 
 ARCHES = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
+
+
+@dataclass(frozen=True)
+class LoopMix:
+    """The static instruction mix of one loop body of a kernel's SASS, per warp and per iteration (a loop's body is
+    the code from a backward branch's target to the branch; an outer loop's counts include its inner loops once).
+
+    kind: "clean" / "masked" for the attention tile loops (the tiles causal/window/a block list keep whole run
+    without mask code, the diagonal/edge/listed-partial tiles with it; a single tile loop is "masked", and a tile
+    loop count the kernel's phases do not explain is "tile"), "outer" for a loop holding other loops (the backward
+    dK/dV's loop over the GQA group's q heads, the chunked norm backward's row loop), "other" for a loop of an
+    attention kernel without tensor-core work (summing the block lists), "rows" / "chunks" / "splits" for the
+    norm and decode-combine loops ("loop" for any other).
+    hgmma: HGMMA (wgmma, sm_90); hmma: HMMA (mma.sync); mufu: MUFU.* (ex2, rcp, tanh, ...); tma: UTMALDG and
+    UTMASTG; cp_async: LDGSTS.
+    barriers: the waits and fences: block barriers (BAR.*), cp.async group waits (DEPBAR), wgmma fences and waits
+    (WARPGROUP.ARRIVE, WARPGROUP.DEPBAR), mbarrier operations (SYNCS.*, TMA's), memory fences (MEMBAR, FENCE.*).
+    Not LDGDEPBAR (commits a cp.async group without waiting) nor BSSY/BSYNC/WARPSYNC (reconverge one warp).
+    flops: the tensor-core FLOPs one program does in one iteration, from the compiled BLOCK_M (M), BLOCK_N (N),
+    BLOCK_D (D) and BLOCK_DV (Dv): forward and decode K/V tile 2·M·N·(D + Dv) (QKᵀ, PV); backward dK/dV
+    2·M·N·(2·D + 2·Dv) (QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q); backward dQ 2·M·N·(2·D + Dv) (QKᵀ, dO·Vᵀ, dS·K); 0 for
+    outer loops (their tiles are the inner loops'), loops without tensor-core work and norm/RoPE/combine loops.
+    density: warp instructions per MFLOP of the loop's tensor-core work, instructions × num_warps / (flops / 1e6)
+    (every warp of the program issues the loop's instructions once per iteration); None where flops is 0.
+    Static counts: they do not weigh an instruction's latency or throughput, memory stalls, occupancy or trip
+    counts.
+    """
+
+    kind: str
+    instructions: int
+    hgmma: int
+    hmma: int
+    mufu: int
+    tma: int
+    cp_async: int
+    barriers: int
+    flops: int
+    density: float | None
 
 
 @dataclass(frozen=True)
@@ -39,6 +79,11 @@ class CompileResult:
     # SASS instructions in the body of each loop, in code order (a static proxy of per-iteration issue work: the
     # attention kernels' unmasked and masked tile loops show up as two entries)
     loop_instructions: tuple[int, ...] = ()
+    # The compiled launch config (block_m, block_n, num_warps, num_stages) and head dim of a representative kernel
+    # (None when compiled from a bare variant; head_dim None for norms)
+    config: dict[str, int] | None = None
+    head_dim: int | None = None
+    loops: tuple[LoopMix, ...] = ()  # the instruction mix of each loop, in the order of loop_instructions
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,18 +257,104 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
 
 
-def loop_instructions(sass: str) -> tuple[int, ...]:
-    """SASS instructions in each loop body of `cuobjdump -sass` text: every branch back to an earlier address closes
-    a loop from its target up to the branch, both included. Ordered by the branch's address; an outer loop counts
-    the loops inside it too."""
+class _Loop(NamedTuple):
+    start: int  # address of the backward branch's target
+    end: int  # address of the backward branch
+    body: list[str]  # the instructions (text after the address) from start to end, both included
+
+
+def _loops(sass: str) -> list[_Loop]:
+    """The loops of `cuobjdump -sass` text: every branch back to an earlier address closes a loop from its target up
+    to the branch. Ordered by the branch's address; an outer loop's body holds the loops inside it too."""
     instructions = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
-    bodies = []
+    loops = []
     for address, text in instructions:
         branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address:
             start = int(branch.group(1), 16)
-            bodies.append(sum(1 for a, _ in instructions if start <= a <= address))
-    return tuple(bodies)
+            loops.append(_Loop(start, address, [t for a, t in instructions if start <= a <= address]))
+    return loops
+
+
+def loop_instructions(sass: str) -> tuple[int, ...]:
+    """SASS instructions in each loop body of `cuobjdump -sass` text (`_loops`): ordered by the closing branch's
+    address; an outer loop counts the loops inside it too."""
+    return tuple(len(loop.body) for loop in _loops(sass))
+
+
+_OPCODE = re.compile(r"^(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_BARRIER_OPCODES = frozenset({"BAR", "DEPBAR", "WARPGROUP", "SYNCS", "MEMBAR", "FENCE"})  # LoopMix.barriers
+
+
+def _opcode(text: str) -> str:
+    """The opcode of one SASS instruction without predicate and modifiers ("@!P0 BAR.SYNC 0x0" gives "BAR")."""
+    match = _OPCODE.match(text)
+    return match.group(1) if match else ""
+
+
+def _counts(body: list[str]) -> dict[str, int]:
+    """The instruction and opcode-class counts of `LoopMix` for one loop body."""
+    ops = [_opcode(text) for text in body]
+    return {
+        "instructions": len(body),
+        "hgmma": ops.count("HGMMA"),
+        "hmma": ops.count("HMMA"),
+        "mufu": ops.count("MUFU"),
+        "tma": sum(op in ("UTMALDG", "UTMASTG") for op in ops),
+        "cp_async": ops.count("LDGSTS"),
+        "barriers": sum(op in _BARRIER_OPCODES for op in ops),
+    }
+
+
+# Tensor-core FLOPs of one tile-loop iteration from (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV), per kernel (`LoopMix`).
+_TILE_FLOPS: dict[Callable[[], Any], Callable[[int, int, int, int], int]] = {
+    kv.attention_fwd_kernel: lambda m, n, d, dv: 2 * m * n * (d + dv),
+    kv.decode_split_kernel: lambda m, n, d, dv: 2 * m * n * (d + dv),
+    kv.attention_bwd_dkdv_kernel: lambda m, n, d, dv: 2 * m * n * (2 * d + 2 * dv),
+    kv.attention_bwd_dq_kernel: lambda m, n, d, dv: 2 * m * n * (2 * d + dv),
+}
+# The kind of a loop holding no other loop, for kernels without tile loops.
+_LEAF_KIND = {kv.norm_fwd_kernel: "rows", kv.norm_bwd_kernel: "rows", kv.norm_fwd_chunked_kernel: "chunks",
+              kv.norm_bwd_chunked_kernel: "chunks", kv.decode_combine_kernel: "splits"}  # fmt: skip
+
+
+def _tile_kinds(variant: KernelVariant, tiles: int) -> list[str]:
+    """Kinds of an attention kernel's `tiles` tensor-core loops in code order: its phases (attention_fwd,
+    attention_bwd) compile a clean loop unless a data mask comes without a block list, then a masked one; decode
+    masks every tile."""
+    two_phases = variant.kernel is not kv.decode_split_kernel and (
+        variant.constexprs.get("MASK_KIND", 0) == 0 or bool(variant.constexprs.get("SKIP_TILES"))
+    )
+    expected = ["clean", "masked"] if two_phases else ["masked"]
+    return expected if tiles == len(expected) else ["tile"] * tiles
+
+
+def loop_mix(sass: str, variant: KernelVariant) -> tuple[LoopMix, ...]:
+    """The `LoopMix` of every loop of `sass` (the SASS of `variant`), in the order of `loop_instructions`."""
+    loops = _loops(sass)
+    counts = [_counts(loop.body) for loop in loops]
+    outer = [any(o is not loop and loop.start <= o.start and o.end <= loop.end for o in loops) for loop in loops]
+    flops_of = _TILE_FLOPS.get(variant.kernel)
+    tensor = [
+        flops_of is not None and not out and c["hgmma"] + c["hmma"] > 0 for c, out in zip(counts, outer, strict=True)
+    ]
+    tile_kinds = iter(_tile_kinds(variant, sum(tensor)))
+    tile_flops = 0
+    if flops_of is not None:
+        c = variant.constexprs
+        tile_flops = flops_of(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["BLOCK_DV"])
+    mixes = []
+    for count, out, is_tile in zip(counts, outer, tensor, strict=True):
+        if out:
+            kind = "outer"
+        elif is_tile:
+            kind = next(tile_kinds)
+        else:
+            kind = "other" if flops_of is not None else _LEAF_KIND.get(variant.kernel, "loop")
+        flops = tile_flops if is_tile else 0
+        density = count["instructions"] * variant.num_warps / (flops / 1e6) if flops else None
+        mixes.append(LoopMix(kind, flops=flops, density=density, **count))
+    return tuple(mixes)
 
 
 def compile_kernel(variant: KernelVariant, arch: str) -> Any:
@@ -259,21 +390,44 @@ def kernel_resources(kernel: Any) -> tuple[int | None, int, int]:
     return usage.get("REG"), usage.get("STACK", 0) + usage.get("LOCAL", 0), shared
 
 
-def compile_variant(variant: KernelVariant, arch: str) -> CompileResult:
-    """Compile one variant for `arch`; a compile error is a result (ok=False), not an exception."""
+def _config(variant: KernelVariant, entry: Representative) -> dict[str, int]:
+    """The launch config `variant` compiled with: block_m/block_n are its BLOCK_M/BLOCK_N where it has them (decode
+    packs the group's query rows into BLOCK_M), else the entry's TileConfig (whose knobs a family reads only in
+    part: a norm's block_n is its row block, RoPE's block_m its rows per program); num_warps/num_stages as
+    compiled."""
+    return {
+        "block_m": int(variant.constexprs.get("BLOCK_M", entry.config.block_m)),
+        "block_n": int(variant.constexprs.get("BLOCK_N", entry.config.block_n)),
+        "num_warps": variant.num_warps,
+        "num_stages": variant.num_stages,
+    }
+
+
+def compile_variant(variant: KernelVariant, arch: str, entry: Representative | None = None) -> CompileResult:
+    """Compile one variant for `arch`; a compile error is a result (ok=False), not an exception. With the
+    `entry` it was built from, the result also carries its config and head dim."""
+    described: dict[str, Any] = {}
+    if entry is not None:
+        described = {"config": _config(variant, entry), "head_dim": getattr(entry.spec, "head_dim", None)}
     try:
         kernel = compile_kernel(variant, arch)
         registers, spill, shared = kernel_resources(kernel)
-        loops = loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+        sass = _cuobjdump(kernel.asm["cubin"], "-sass")
+        loops, mix = loop_instructions(sass), loop_mix(sass, variant)
     except Exception as err:  # compile failures are data for the cost model
-        return CompileResult(variant.name, arch, False, error=f"{type(err).__name__}: {str(err)[:300]}")
-    return CompileResult(variant.name, arch, True, registers, spill, shared, loop_instructions=loops)
+        error = f"{type(err).__name__}: {str(err)[:300]}"
+        return CompileResult(variant.name, arch, False, error=error, **described)
+    return CompileResult(variant.name, arch, True, registers, spill, shared, loop_instructions=loops, loops=mix,
+                         **described)  # fmt: skip
 
 
 def compile_check(arch: str, variants: list[KernelVariant] | None = None) -> list[CompileResult]:
-    """Compile every variant for `arch` ("sm_80", "sm_90", ...)."""
+    """Compile every variant for `arch` ("sm_80", "sm_90", ...); by default the `representatives`, with their
+    configs and head dims."""
     if arch not in ARCHES:
         raise ValueError(f"arch={arch!r}; supported: {sorted(ARCHES)}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile-check cannot run with TRITON_INTERPRET=1: the interpreter replaces kernels")
-    return [compile_variant(v, arch) for v in (variants if variants is not None else default_variants())]
+    if variants is not None:
+        return [compile_variant(v, arch) for v in variants]
+    return [compile_variant(representative_variant(entry), arch, entry) for entry in representatives()]

@@ -166,11 +166,32 @@ def io_table(rows: Sequence[Any], title: str) -> Table:
 
 
 def compile_check_table(results: Sequence[Any], arch: str) -> Table:
-    """`tilefuse compile-check`: registers, spills, shared memory and loop sizes per kernel."""
-    columns = ("kernel", "ok", "registers", "spill bytes", "shared bytes", "SASS per loop", "error")
+    """`tilefuse compile-check`: registers, spills, shared memory and, one row per loop, its instruction mix (SASS
+    instructions per warp and iteration, HGMMA/HMMA, MUFU, LDGSTS/UTMALDG+UTMASTG, barriers) and density (warp
+    instructions per MFLOP of tensor-core work; `compile_check.LoopMix`)."""
+    columns = ("kernel", "ok", "config", "regs", "spill", "shared", "loop", "SASS", "hgmma/hmma", "mufu",
+               "cp.async/tma", "barriers", "instr/MFLOP", "error")  # fmt: skip
     table = new_table(f"tilefuse kernels compiled for {arch} (no GPU needed)", columns)
     for r in results:
-        loops = "/".join(map(str, r.loop_instructions))
-        table.add_row(r.name, "yes" if r.ok else "[red]no[/]", str(r.registers), str(r.spill_bytes),
-                      str(r.shared_bytes), loops, escape(r.error or ""))  # fmt: skip
+        head = (r.name, "yes" if r.ok else "[red]no[/]", _kernel_config(r), str(r.registers), str(r.spill_bytes),
+                str(r.shared_bytes))  # fmt: skip
+        rows = [_loop_cells(loop) for loop in r.loops] or [("-",) * 7]
+        for i, cells in enumerate(rows):
+            table.add_row(*(head if i == 0 else ("",) * len(head)), *cells, escape(r.error or "") if i == 0 else "")
     return table
+
+
+def _kernel_config(result: Any) -> str:
+    """The config of a compile-check result as "BLOCK_MxBLOCK_N w<warps> s<stages> d<head dim>", "-" without."""
+    c = getattr(result, "config", None)
+    if not c:
+        return "-"
+    head_dim = f" d{result.head_dim}" if result.head_dim else ""
+    return f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']}{head_dim}"
+
+
+def _loop_cells(loop: Any) -> tuple[str, ...]:
+    """The table cells of one `LoopMix`."""
+    density = f"{loop.density:.0f}" if loop.density is not None else "-"
+    return (loop.kind, str(loop.instructions), f"{loop.hgmma}/{loop.hmma}", str(loop.mufu),
+            f"{loop.cp_async}/{loop.tma}", str(loop.barriers), density)  # fmt: skip
