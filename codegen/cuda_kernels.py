@@ -24,7 +24,7 @@ def _norm_cuda(args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None]:
     return gpu.norm(args.x, args.weight, args.bias, args.residual, eps, args.weight_offset, rms, mode, args.norm_scale)
 
 
-def _norm_grads_cuda(grad: Tensor, args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+def _norm_grads_cuda(grad: Tensor, args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     mode = eps_mode_name(args.eps_mode)
     return gpu.norm_backward(grad, args.x, args.weight, float(args.eps), args.weight_offset, rms, mode, args.norm_scale)
 

@@ -48,7 +48,8 @@ AttentionGradKernel = Callable[
     [Tensor, AttnInputs, AttnFlags, Tensor, Tensor, Sequence[bool], Tensor | None], ref.AttnGrads
 ]
 NormKernel = Callable[[NormArgs, bool], tuple[Tensor, Tensor | None]]  # (args, rms) -> (y, x + residual or None)
-NormGradKernel = Callable[[Tensor, NormArgs, bool], tuple[Tensor, Tensor | None, Tensor]]  # -> (dx, dweight, dbias)
+# -> (dx, dweight or None, dbias or None: RMSNorm has no bias)
+NormGradKernel = Callable[[Tensor, NormArgs, bool], tuple[Tensor, Tensor | None, Tensor | None]]
 
 
 def define(op: OpSignature, impl: Callable[..., Any]) -> CustomOpDef:
@@ -305,12 +306,14 @@ def norm_backward_impl(kernel: NormGradKernel) -> Callable[..., tuple[Tensor, ..
         call = NORM_BACKWARD.bind(args, kwargs)
         x = call["x"]
         dx, dweight, dbias = kernel(call["grad"], pick(NormArgs, call), call["rms"])
-        return _contiguous(dx, dweight if dweight is not None else x.new_empty((0,)), dbias.to(x.dtype))
+        # The schema returns a dbias tensor of the width; RMSNorm has no bias, so its slot is zeros (no kernel work).
+        dbias = dbias.to(x.dtype) if dbias is not None else x.new_zeros(x.shape[-1:])
+        return _contiguous(dx, dweight if dweight is not None else x.new_empty((0,)), dbias)
 
     return norm_backward
 
 
-def _norm_grads_cpu(grad: Tensor, args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+def _norm_grads_cpu(grad: Tensor, args: NormArgs, rms: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     x, weight, eps, mode = args.x, args.weight, float(args.eps), eps_mode_name(args.eps_mode)
     _, mean, rstd = ref.norm_forward(x, weight, None, eps, args.weight_offset, rms, mode, args.norm_scale)
     return ref.norm_backward(grad, x, weight, mean, rstd, args.weight_offset, rms, eps, mode, args.norm_scale)

@@ -150,7 +150,7 @@ def norm(
 def norm_backward(
     grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, rms: bool,
     eps_mode: str = "mean_square", norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     from .norm_kernels import norm_backward_triton
 
     _, mean, rstd = ref.norm_forward(x, weight, None, eps, weight_offset, rms, eps_mode, norm_scale)

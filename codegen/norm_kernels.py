@@ -112,7 +112,8 @@ def norm_backward_kernel(  # type: ignore[no-untyped-def]
             mean = tl.load(MEAN + row, mask=row < rows, other=0.0)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         dw_acc += g * xhat
-        db_acc += g
+        if not RMS:  # RMSNorm has no bias: its dbias is never accumulated (RMS is constexpr: the branch folds away)
+            db_acc += g
         gw = g * w
         gain = norm_scale * norm_scale
         if EPS_MODE != 0:  # the gain depends on the row's norm: recompute its mean square
@@ -124,7 +125,8 @@ def norm_backward_kernel(  # type: ignore[no-untyped-def]
         tl.store(DX + offsets, (dx * rstd).to(DX.dtype.element_ty), mask=mask)
     # One partial row per program; the launcher sums them (deterministic, no atomics).
     tl.store(DW_PARTIAL + pid * width + cols, dw_acc, mask=col_mask)
-    tl.store(DB_PARTIAL + pid * width + cols, db_acc, mask=col_mask)
+    if not RMS:
+        tl.store(DB_PARTIAL + pid * width + cols, db_acc, mask=col_mask)
 
 
 @triton.jit
@@ -216,7 +218,7 @@ def norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
     """`norm_backward_kernel` for rows wider than a register block: per row, pass 1 accumulates the two row dot
     products chunk by chunk, pass 2 re-reads the row, stores dx and adds the row's dweight/dbias terms into this
     program's partial rows in global memory (read-modify-write per chunk; the launcher zeroes them, and a program
-    only ever touches its own row, so no atomics)."""
+    only ever touches its own row, so no atomics). RMSNorm has no dbias: DB_PARTIAL is then None and untouched."""
     pid = tl.program_id(0).to(tl.int64)
     first = pid * rows_per_program
     for row in range(first, tl.minimum(first + rows_per_program, rows)):
@@ -256,7 +258,8 @@ def norm_backward_chunked_kernel(  # type: ignore[no-untyped-def]
             partial = pid * width + cols  # this program's own partial rows
             if HAS_WEIGHT:
                 tl.store(DW_PARTIAL + partial, tl.load(DW_PARTIAL + partial, mask=mask) + g * xhat, mask=mask)
-            tl.store(DB_PARTIAL + partial, tl.load(DB_PARTIAL + partial, mask=mask) + g, mask=mask)
+            if not RMS:  # RMSNorm has no bias gradient
+                tl.store(DB_PARTIAL + partial, tl.load(DB_PARTIAL + partial, mask=mask) + g, mask=mask)
 
 
 def _check_tensor(name: str, t: Tensor, device: torch.device, width: int | None = None) -> None:
@@ -423,8 +426,9 @@ def norm_backward_triton(
     eps: float = 0.0,
     eps_mode: str = "mean_square",
     norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32), parameter grads reduced over all rows.
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dx in x.dtype, dweight in weight.dtype or None, dbias in fp32 or None for RMSNorm, which has no bias),
+    parameter grads reduced over all rows.
     `programs` slices the rows (each program writes one partial dweight/dbias row; None: one per SM), `num_warps`
     and `block` as in the forward; `eps` is read only by eps_mode clamp_norm and add_norm."""
     mode = eps_mode_code(eps_mode)
@@ -445,7 +449,7 @@ def norm_backward_triton(
     rows_per_program = triton.cdiv(rows, programs)
     dx = torch.empty_like(x2)
     dw_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
-    db_partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
+    db_partial = None if rms else torch.zeros(programs, width, dtype=torch.float32, device=x.device)
     block = row_block(width, block)
     if rows > 0:
         kernel, sizes = (norm_backward_chunked_kernel, dict(CHUNK=block)) if is_chunked(width, block) else (
@@ -457,4 +461,4 @@ def norm_backward_triton(
             num_warps=_warps(num_warps, width, block),
         )  # fmt: skip
     dweight = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
-    return dx.view(x.shape), dweight, db_partial.sum(dim=0)
+    return dx.view(x.shape), dweight, db_partial.sum(dim=0) if db_partial is not None else None

@@ -354,15 +354,16 @@ def norm_out_dtype(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tor
 def norm_backward(
     grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, weight_offset: float, rms: bool,
     eps: float = 0.0, eps_mode: str = "mean_square", norm_scale: float = 1.0,
-) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
-    """(dx, dweight, dbias) reduced over all leading dims; eps matters only with eps_mode clamp_norm / add_norm."""
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """(dx, dweight, dbias) reduced over all leading dims; dweight is None without a weight, dbias None for RMSNorm
+    (it has no bias). eps matters only with eps_mode clamp_norm / add_norm."""
     ct = mean.dtype
     g = grad.to(ct)
     centered = x.to(ct) - mean
     xhat = centered * rstd
     lead = tuple(range(g.dim() - 1))
     dweight = (g * xhat).sum(dim=lead) if weight is not None else None
-    dbias = g.sum(dim=lead)
+    dbias = g.sum(dim=lead) if not rms else None
     gw = g * (weight.to(ct) + weight_offset) if weight is not None else g
     width = x.shape[-1]
     proj = (gw * xhat).sum(dim=-1, keepdim=True) / width * projection_gain(centered, eps, eps_mode, norm_scale)

@@ -19,6 +19,27 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_LEADING_DIMS = 3  # [B, H, N] before the feature dim
 DEFAULT_BLOCK_ROWS = 16  # rows (one head vector each) per program
 DEFAULT_WARPS = 4
+MAX_ROWS = 2**31 - 1  # row indices (rows + BLOCK_ROWS) are int32 in the kernel
+
+
+@triton.jit
+def _load_pairs(  # type: ignore[no-untyped-def]
+    ROW, stride, mask, pair_mask, half,
+    BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, LAYOUT: tl.constexpr,
+):  # fmt: skip
+    """The rotated features of BLOCK_ROWS rows (ROW: [BLOCK_ROWS, 1] row pointers) as two fp32 [BLOCK_ROWS,
+    BLOCK_HALF] tiles, feature j paired with j + half (layout 0) or 2j with 2j+1 (layout 1). Layout 1 loads the
+    row's 2·half features in one contiguous tile and splits the pairs in registers: two stride-2 gathers would
+    not vectorize."""
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    if LAYOUT == 0:
+        v1 = tl.load(ROW + j * stride, mask=mask, other=0.0).to(tl.float32)
+        v2 = tl.load(ROW + (j + half) * stride, mask=mask, other=0.0).to(tl.float32)
+    else:
+        k = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        tile = tl.load(ROW + k * stride, mask=pair_mask, other=0.0).to(tl.float32)
+        v1, v2 = tl.split(tl.reshape(tile, [BLOCK_ROWS, BLOCK_HALF, 2]))
+    return v1, v2
 
 
 @triton.jit
@@ -29,36 +50,39 @@ def rope_kernel(  # type: ignore[no-untyped-def]  # triton kernels are untyped
     BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     LAYOUT: tl.constexpr, BACKWARD: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # 64-bit: rows * head_dim > 2^31
+    # Row indices are 32-bit (the launcher keeps rows + BLOCK_ROWS under 2^31): a 64-bit div/mod is a long
+    # software routine on the GPU, a 32-bit one a few integer instructions. Element offsets are 64-bit
+    # (rows * head_dim, and a cos/sin table as large as x, may pass 2^31).
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row < rows
-    # Split the flat row into [B, H, N] so cos/sin are read through their own (possibly zero) strides.
-    n = row % dim2
-    h = (row // dim2) % dim1
-    b = row // (dim1 * dim2)
+    # Split the flat row into [B, H, N] (two divisions) so cos/sin are read through their own (possibly zero) strides.
+    bh = row // dim2
+    n = (row - bh * dim2).to(tl.int64)
+    b = bh // dim1
+    h = (bh - b * dim1).to(tl.int64)
+    b = b.to(tl.int64)
     cos_row = (b * cos_s0 + h * cos_s1 + n * cos_s2)[:, None]
     sin_row = (b * sin_s0 + h * sin_s1 + n * sin_s2)[:, None]
-    x_row = (row * head_dim)[:, None]
+    x_row = (row.to(tl.int64) * head_dim)[:, None]
     j = tl.arange(0, BLOCK_HALF)
-    if LAYOUT == 0:
-        first, second = j, j + half
-    else:
-        first, second = 2 * j, 2 * j + 1
-    first, second = first[None, :], second[None, :]
     mask = row_mask[:, None] & (j < half)[None, :]
-    x1 = tl.load(X + x_row + first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_row + second, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(COS + cos_row + first * cos_s3, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cos_row + second * cos_s3, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + sin_row + first * sin_s3, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + sin_row + second * sin_s3, mask=mask, other=0.0).to(tl.float32)
+    pair_mask = row_mask[:, None] & (tl.arange(0, 2 * BLOCK_HALF) < 2 * half)[None, :]
+    x1, x2 = _load_pairs(X + x_row, 1, mask, pair_mask, half, BLOCK_ROWS, BLOCK_HALF, LAYOUT)
+    c1, c2 = _load_pairs(COS + cos_row, cos_s3, mask, pair_mask, half, BLOCK_ROWS, BLOCK_HALF, LAYOUT)
+    s1, s2 = _load_pairs(SIN + sin_row, sin_s3, mask, pair_mask, half, BLOCK_ROWS, BLOCK_HALF, LAYOUT)
     if BACKWARD:  # dx = dy·cos - R(dy·sin), R antisymmetric
         out1 = x1 * c1 + x2 * s2
         out2 = x2 * c2 - x1 * s1
     else:  # y = x·cos + R(x)·sin
         out1 = x1 * c1 - x2 * s1
         out2 = x2 * c2 + x1 * s2
-    tl.store(Y + x_row + first, out1.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Y + x_row + second, out2.to(Y.dtype.element_ty), mask=mask)
+    out1, out2 = out1.to(Y.dtype.element_ty), out2.to(Y.dtype.element_ty)
+    if LAYOUT == 0:
+        tl.store(Y + x_row + j[None, :], out1, mask=mask)
+        tl.store(Y + x_row + half + j[None, :], out2, mask=mask)
+    else:  # interleave the pairs back into one contiguous store
+        pairs = tl.reshape(tl.join(out1, out2), [BLOCK_ROWS, 2 * BLOCK_HALF])
+        tl.store(Y + x_row + tl.arange(0, 2 * BLOCK_HALF)[None, :], pairs, mask=pair_mask)
     if HAS_TAIL:
         tail = 2 * half + tl.arange(0, BLOCK_TAIL)[None, :]
         tail_mask = row_mask[:, None] & (tail < head_dim)
@@ -121,6 +145,8 @@ def _launch(src: Tensor, cos: Tensor, sin: Tensor, layout: int, rotary_dim: int,
     rows = src_c.numel() // head_dim if head_dim else 0
     if rows == 0:
         return out
+    if rows > MAX_ROWS - block_rows:
+        raise ValueError(f"x has {rows} rows; the kernel's 32-bit row indices allow {MAX_ROWS - block_rows}")
     half, tail = rotary_dim // 2, head_dim - rotary_dim
     emit.launch(
         rope_kernel, (triton.cdiv(rows, block_rows),),

@@ -222,7 +222,7 @@ def _norm_case(spec: NormSpec, kind: str, device: str) -> KernelCase:
             )
             return tuple(t for t in (dx, dweight, dbias) if t is not None)
 
-        names = ("dx", "dweight", "dbias") if weight is not None else ("dx", "dbias")
+        names = tuple(n for n, t in zip(("dx", "dweight", "dbias"), golden, strict=True) if t is not None)
         return KernelCase(backward, expected, names, _tolerance(spec.dtype, True))
     residual = rand.normal(*shape) if spec.residual else None
     total = x.float() + residual.float() if residual is not None else x.float()

@@ -43,23 +43,23 @@ class NormBackwardFamily(NormFamily):
 
     def costs(self, spec: NormSpec, config: TileConfig) -> NormBwdCosts:
         """A program loads the weight once, then per row dy (in `spec.out_dtype`), x, fp32 rstd (+ mean for
-        LayerNorm), and stores dx; at the end it stores one fp32 partial dweight and dbias row each (the torch sum
-        after it is not counted). Chunked rows read dy, x and the weight in both passes of every row and add each
-        row into the fp32 partial dbias (and, with a weight, dweight) row: a read and a write of it per row instead
-        of one final store. FLOPs per element: x̂ (2), dW and dB sums (3), g·w (1), the row dot (2), dx (2)
-        [+ 2 LayerNorm centering]."""
+        LayerNorm), and stores dx; at the end it stores one fp32 partial dweight row and, for LayerNorm, one partial
+        dbias row (RMSNorm has no bias; the torch sum after them is not counted). Chunked rows read dy, x and the
+        weight in both passes of every row and add each row into the fp32 partial dbias (LayerNorm) and, with a
+        weight, dweight row: a read and a write of it per row instead of one final store. FLOPs per element: x̂ (2),
+        dW and dB sums (3; 2 for RMSNorm), g·w (1), the row dot (2), dx (2) [+ 2 LayerNorm centering]."""
         rows = spec_rows(spec)
         grid = max(1, min(rows, config.num_splits or DEFAULT_NORM_BWD_PROGRAMS))
         es, width, layer = _kernel_itemsize(spec.dtype), spec.width, spec.norm == "layernorm"
         per_row = width * (_kernel_itemsize(spec.out_dtype) + es) + F32_BYTES * (1 + layer)
         weight = width * es if spec.has_weight else 0
-        flops = (10 + 2 * layer) * width * rows
+        flops = (9 + 3 * layer) * width * rows
         if self.norm_chunked(spec, config):
-            partials = width * F32_BYTES * (1 + spec.has_weight)
+            partials = width * F32_BYTES * (layer + spec.has_weight)
             read = rows * (2 * (per_row + weight) - F32_BYTES * (1 + layer) + partials)
             return NormBwdCosts((grid,), read, rows * (width * es + partials), flops)
         read = rows * per_row + grid * weight
-        write = rows * width * es + grid * 2 * width * F32_BYTES
+        write = rows * width * es + grid * (1 + layer) * width * F32_BYTES
         return NormBwdCosts((grid,), read, write, flops)
 
     def grid(self, spec: NormSpec, config: TileConfig) -> tuple[int, ...]:

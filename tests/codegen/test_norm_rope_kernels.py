@@ -132,6 +132,17 @@ def test_an_unknown_eps_mode_is_refused_everywhere() -> None:
             refusal()
 
 
+def test_rms_norm_backward_op_returns_a_zero_dbias_of_the_width() -> None:
+    """RMSNorm has no bias: the kernel and reference give dbias None, and tilefuse::norm_backward's schema slot
+    (a width-long tensor) holds zeros; LayerNorm's is still the sum of the gradient over the rows."""
+    gen = torch.Generator().manual_seed(3)
+    x, grad, weight = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
+    _, _, dbias = custom_ops.norm_backward(grad, x, weight, EPS, 0.0, True)
+    assert dbias.shape == (8,) and dbias.dtype == x.dtype and not dbias.any()
+    _, _, layer_dbias = custom_ops.norm_backward(grad, x, weight, EPS, 0.0, False)
+    torch.testing.assert_close(layer_dbias, grad.sum(dim=0))
+
+
 def _check_norm(variant: tuple[bool, float, bool, bool, bool], rows: int, width: int, dtype: torch.dtype,
                 block: int | None = None, programs: int | None = None,
                 placement: tuple[float, str, float] = (EPS, "mean_square", 1.0),
@@ -168,7 +179,10 @@ def _check_norm(variant: tuple[bool, float, bool, bool, bool], rows: int, width:
     golden = ref.norm_backward(grad.double(), eager_in.double(), _double(weight), golden_mean, golden_rstd, offset,
                                rms, eps, mode, norm_scale)  # fmt: skip
     _assert_close(dx, eager[0], golden[0], 3)
-    _assert_close(dbias, eager[2], golden[2], 3)
+    assert (dbias is None) == rms and (eager[2] is None) == rms  # RMSNorm has no bias, hence no dbias
+    if dbias is not None:
+        assert eager[2] is not None and golden[2] is not None
+        _assert_close(dbias, eager[2], golden[2], 3)
     assert (dweight is None) == (weight is None)
     if dweight is not None:
         assert eager[1] is not None and golden[1] is not None
@@ -295,6 +309,17 @@ def test_rope_rejects_bad_arguments(layout: int, rotary_dim: int, cos_shape: tup
     cos = torch.ones(cos_shape)
     with pytest.raises(ValueError, match=message):
         rope_forward_triton(x, cos, cos, layout, rotary_dim)
+
+
+def test_rope_refuses_rows_past_its_32_bit_row_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's row indices are int32: the launcher refuses rows + BLOCK_ROWS past MAX_ROWS (lowered here)."""
+    x, cos = torch.ones(2, 5, 16), torch.ones(5, 16)
+    monkeypatch.setattr("tilefuse.codegen.rope_kernels.MAX_ROWS", 10 + 16 - 1)
+    with pytest.raises(ValueError, match="32-bit row"):
+        rope_forward_triton(x, cos, cos, ref.ROPE_ROTATE_HALF, 16, block_rows=16)
+    monkeypatch.setattr("tilefuse.codegen.rope_kernels.MAX_ROWS", 10 + 16)
+    assert torch.equal(rope_forward_triton(x, cos, cos, ref.ROPE_ROTATE_HALF, 16, block_rows=16),
+                       ref.rope_forward(x, cos, cos, ref.ROPE_ROTATE_HALF, 16))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- Hopper compile
