@@ -7,6 +7,7 @@ autograd, CUDA kernels) and the calls the passes and `tilefuse.ops` build all co
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,9 +120,14 @@ _Record = TypeVar("_Record", bound=tuple[Any, ...])
 def pick(record: type[_Record], values: Mapping[str, Any]) -> _Record:
     """The `record` (a NamedTuple) of a bound op call's values by field name; a field the op does not take reads as
     its default (None without one)."""
-    named: Any = record  # a NamedTuple class: its fields and their defaults
-    defaults: dict[str, Any] = named._field_defaults
-    return record(**{name: values.get(name, defaults.get(name)) for name in named._fields})
+    named: Any = record  # a NamedTuple class: _make skips keyword binding (this runs on every op call)
+    return named._make([values.get(name, default) for name, default in _field_defaults(record)])
+
+
+@functools.cache
+def _field_defaults(record: type[tuple[Any, ...]]) -> tuple[tuple[str, Any], ...]:
+    named: Any = record
+    return tuple((name, named._field_defaults.get(name)) for name in named._fields)
 
 
 def attention_records(values: Mapping[str, Any]) -> tuple[AttnInputs, AttnFlags]:
@@ -164,7 +170,7 @@ class OpSignature:
     signature: inspect.Signature
     outputs: int
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(self.signature.parameters)
 
@@ -184,10 +190,26 @@ class OpSignature:
         return f"({params}) -> {returns}"
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Every argument of a call by name, defaults filled in (the dispatcher drops trailing defaults)."""
+        """Every argument of a call by name, defaults filled in (the dispatcher drops trailing defaults).
+
+        Runs on every op call: the usual positional call is zipped with the names (a few µs), anything else goes
+        through inspect.Signature.bind (~25 µs), which also raises the errors."""
+        params = self._params
+        if not kwargs and len(args) <= len(params):
+            values = dict(zip(self.names, args, strict=False))
+            for param in params[len(args) :]:
+                if param.default is inspect.Parameter.empty:
+                    break  # a required argument is missing: let Signature.bind say which
+                values[param.name] = param.default
+            else:
+                return values
         bound = self.signature.bind(*args, **(kwargs or {}))
         bound.apply_defaults()
         return dict(bound.arguments)
+
+    @functools.cached_property
+    def _params(self) -> tuple[inspect.Parameter, ...]:
+        return tuple(self.signature.parameters.values())
 
     def by_name(self, per_arg: Sequence[Any]) -> dict[str, Any]:
         """A value per argument (e.g. autograd's `needs_input_grad`) keyed by the argument's name; trailing
